@@ -1,0 +1,103 @@
+"""Image and text towers of a CLIP model, shared by the open_clip and transformers families.
+
+The families differ only in how weights load, how text is tokenised and which method
+runs the forward pass; the CPU/GPU split, the uint8 transfer, the token policy and the
+normalisation live here once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from encoders.base import Encoder, InputError, Limits, Modality, Prepared
+from encoders.device import ImageToDevice, tokens_to_device
+from encoders.tokens import check_text, fit_tokens
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+Forward = Callable[[torch.Tensor], torch.Tensor]
+
+
+def square_uint8(image: Image.Image, size: int) -> torch.Tensor:
+    """Resize the short side to ``size`` (bicubic) and centre-crop: CLIP's standard view.
+    Returns uint8 CHW so the host-to-device copy stays small."""
+    if not isinstance(image, Image.Image):
+        raise InputError(f"expected a decoded PIL image, got {type(image).__name__}")
+    image = image.convert("RGB")
+    w, h = image.size
+    scale = size / min(w, h)
+    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+    image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    image = image.crop((left, top, left + size, top + size))
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).contiguous()
+
+
+class ClipImageEncoder(Encoder[Image.Image]):
+    modality = Modality.IMAGE
+
+    def __init__(
+        self, model: str, dim: int, image_size: int, forward: Forward, to_device: ImageToDevice, max_pixels: int
+    ) -> None:
+        self.model, self.dim = model, dim
+        self.limits = Limits(image_size=image_size, max_pixels=max_pixels)
+        self._forward, self._to_device = forward, to_device
+
+    def preprocess(self, item: Image.Image) -> Prepared:
+        w, h = getattr(item, "size", (0, 0))
+        if self.limits.max_pixels and w * h > self.limits.max_pixels:
+            raise InputError(f"image has {w * h} pixels, more than the limit of {self.limits.max_pixels}")
+        return Prepared(square_uint8(item, self.limits.image_size or 224))
+
+    @torch.inference_mode()
+    def encode(self, batch: Sequence[Prepared]) -> np.ndarray:
+        x = self._to_device([p.data for p in batch])
+        return F.normalize(self._forward(x).float(), dim=-1).cpu().numpy()
+
+
+@dataclass(frozen=True)
+class TextTokens:
+    """How a family tokenises: content ids for a string, and its special/pad ids."""
+
+    encode: Callable[[str], list[int]]
+    sot: int
+    eot: int
+    pad: int
+    context_length: int
+
+
+class ClipTextEncoder(Encoder[str]):
+    modality = Modality.TEXT
+
+    def __init__(
+        self, model: str, dim: int, tokens: TextTokens, forward: Forward, device: torch.device, policy: str
+    ) -> None:
+        self.model, self.dim = model, dim
+        self.limits = Limits(max_tokens=tokens.context_length)
+        self._tokens, self._forward, self._device, self.policy = tokens, forward, device, policy
+
+    def preprocess(self, item: str) -> Prepared:
+        text = check_text(item)
+        ids, info = fit_tokens(
+            self._tokens.encode(text),
+            limit=self._tokens.context_length,
+            specials=2,
+            policy=self.policy,
+            model=self.model,
+        )
+        return Prepared([self._tokens.sot, *ids, self._tokens.eot], info)
+
+    @torch.inference_mode()
+    def encode(self, batch: Sequence[Prepared]) -> np.ndarray:
+        ids = torch.full((len(batch), self._tokens.context_length), self._tokens.pad, dtype=torch.long)
+        for row, p in enumerate(batch):
+            ids[row, : len(p.data)] = torch.tensor(p.data)
+        out = self._forward(tokens_to_device(ids, self._device))
+        return F.normalize(out.float(), dim=-1).cpu().numpy()

@@ -1,0 +1,57 @@
+"""Run-time device and precision choice, and the host-to-device path for image batches.
+
+Images cross PCIe as uint8 (4x less traffic than float32) from pinned memory with a
+non-blocking copy, and are scaled and normalised on the device in the model's dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def pick_device(preference: str = "auto") -> torch.device:
+    if preference != "auto":
+        device = torch.device(preference)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"device {preference!r} requested but CUDA is not available on this machine")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
+    """fp32 on CPU (half precision is slower there); bf16 on CUDA where supported, else fp16."""
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return torch.float32
+    if precision == "bf16" or (precision == "auto" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return torch.float16
+
+
+class ImageToDevice:
+    """uint8 NCHW host batch -> normalised tensor on the device, in the model's dtype."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.device, self.dtype = device, dtype
+        self.mean = torch.tensor(mean, device=device, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+        self.std = torch.tensor(std, device=device, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+
+    def __call__(self, images: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+        batch = images if isinstance(images, torch.Tensor) else torch.stack(list(images))
+        if batch.dtype != torch.uint8:
+            raise TypeError(f"image batches must be uint8, got {batch.dtype}")
+        if self.device.type == "cuda":
+            batch = batch.pin_memory().to(self.device, non_blocking=True)
+        x = (batch.float() - self.mean) / self.std
+        return x.to(self.dtype)
+
+
+def tokens_to_device(ids: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cuda":
+        return ids.pin_memory().to(device, non_blocking=True)
+    return ids

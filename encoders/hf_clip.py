@@ -1,0 +1,49 @@
+"""CLIP models through transformers (``openai/clip-vit-base-patch32`` style names, or a
+local folder saved with ``save_pretrained``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
+
+from encoders.base import Encoder, Modality
+from encoders.clip import OPENAI_MEAN, OPENAI_STD, ClipImageEncoder, ClipTextEncoder, TextTokens
+from encoders.device import ImageToDevice
+from encoders.registry import ModelSpec
+
+
+def _pooled(out: object) -> torch.Tensor:
+    """transformers 5 returns a model output whose pooler_output holds the projection."""
+    return out.pooler_output if hasattr(out, "pooler_output") else out  # type: ignore[return-value]
+
+
+def load(
+    spec: ModelSpec, weights: Path | None, device: torch.device, dtype: torch.dtype, policy: str, max_pixels: int
+) -> dict[Modality, Encoder]:
+    path = str(weights)
+    model = CLIPModel.from_pretrained(path).to(device=device, dtype=dtype).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    try:
+        processor = CLIPImageProcessor.from_pretrained(path)
+        mean, std, size = processor.image_mean, processor.image_std, processor.crop_size["height"]
+    except OSError:  # a folder without preprocessor_config.json: CLIP's defaults
+        mean, std, size = OPENAI_MEAN, OPENAI_STD, model.config.vision_config.image_size
+    tokens = TextTokens(
+        lambda text: tok(text, add_special_tokens=False)["input_ids"],
+        tok.bos_token_id,
+        tok.eos_token_id,
+        tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+        model.config.text_config.max_position_embeddings,
+    )
+    dim = model.config.projection_dim
+    return {
+        Modality.IMAGE: ClipImageEncoder(
+            spec.name, dim, size, lambda x: _pooled(model.get_image_features(pixel_values=x)),
+            ImageToDevice(device, dtype, mean, std), max_pixels,
+        ),
+        Modality.TEXT: ClipTextEncoder(
+            spec.name, dim, tokens, lambda ids: _pooled(model.get_text_features(input_ids=ids)), device, policy
+        ),
+    }  # fmt: skip

@@ -1,0 +1,54 @@
+"""CLIP models through open_clip: built-in architectures with pretrained tags, local
+open_clip folders (how demo-clip ships), and random weights for speed tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import open_clip
+import torch
+
+from encoders.base import Encoder, Modality
+from encoders.clip import ClipImageEncoder, ClipTextEncoder, TextTokens
+from encoders.device import ImageToDevice
+from encoders.registry import ModelSpec
+
+
+def create(spec: ModelSpec, weights: Path | None) -> torch.nn.Module:
+    """``weights``: the provisioned checkpoint file (hub) or folder (shipped/local)."""
+    if spec.source == "random":
+        return open_clip.create_model(spec.ref, pretrained=None)
+    if spec.source == "hub":
+        return open_clip.create_model(spec.ref, pretrained=str(weights))
+    return open_clip.create_model(f"local-dir:{weights}")
+
+
+def tokenizer_for(spec: ModelSpec, weights: Path | None) -> TextTokens:
+    name = spec.ref if spec.source in ("hub", "random") else f"local-dir:{weights}"
+    tok = open_clip.get_tokenizer(name)
+    if isinstance(tok, open_clip.SimpleTokenizer):
+        return TextTokens(tok.encode, tok.sot_token_id, tok.eot_token_id, 0, tok.context_length)
+    hf = tok.tokenizer  # open_clip.HFTokenizer wraps a transformers tokenizer
+    return TextTokens(
+        lambda text: hf(text, add_special_tokens=False)["input_ids"],
+        hf.bos_token_id if hf.bos_token_id is not None else hf.cls_token_id,
+        hf.eos_token_id if hf.eos_token_id is not None else hf.sep_token_id,
+        hf.pad_token_id or 0,
+        tok.context_length,
+    )
+
+
+def load(
+    spec: ModelSpec, weights: Path | None, device: torch.device, dtype: torch.dtype, policy: str, max_pixels: int
+) -> dict[Modality, Encoder]:
+    model = create(spec, weights).to(device=device, dtype=dtype).eval()
+    pp = open_clip.get_model_preprocess_cfg(model)
+    size = pp["size"] if isinstance(pp["size"], int) else pp["size"][0]
+    tokens = tokenizer_for(spec, weights)
+    with torch.inference_mode():  # architectures expose their width differently; one token tells
+        dim = int(model.encode_text(torch.zeros(1, tokens.context_length, dtype=torch.long, device=device)).shape[-1])
+    to_device = ImageToDevice(device, dtype, pp["mean"], pp["std"])
+    return {
+        Modality.IMAGE: ClipImageEncoder(spec.name, dim, size, model.encode_image, to_device, max_pixels),
+        Modality.TEXT: ClipTextEncoder(spec.name, dim, tokens, model.encode_text, device, policy),
+    }

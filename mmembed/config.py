@@ -1,0 +1,43 @@
+"""All configuration in one typed place.
+
+Every field can be set by an environment variable (``MMEMBED_`` + the field name in
+capitals, e.g. ``MMEMBED_MODELS_DIR``) or passed explicitly; the Serve config YAML feeds
+the same fields. Nothing else in the project reads the environment.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+TokenPolicy = Literal["truncate", "error"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MMEMBED_", extra="ignore")
+
+    data_dir: Path = Field(default=Path("~/.mmembed"), description="Root for models, vectors and objects.")
+    models_dir: Path | None = Field(default=None, description="Where all model weights live; default DATA_DIR/models.")
+    device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N | mps")
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        default="auto", description="auto: bf16 on CUDA where supported, else fp16 on CUDA, fp32 on CPU."
+    )
+    allow_downloads: bool = Field(
+        default=True, description="Fetch hub weights on first use. Off: a missing model is an error naming the fix."
+    )
+    token_policy: TokenPolicy = Field(default="truncate", description="Over-long text: truncate (reported) or error.")
+    max_image_pixels: int = Field(default=64_000_000, description="Decompression-bomb guard for decoded images.")
+    max_image_bytes: int = Field(default=50_000_000, description="Largest encoded image accepted.")
+
+    @property
+    def models_path(self) -> Path:
+        return (self.models_dir or self.data_dir / "models").expanduser()
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

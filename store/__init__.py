@@ -1,0 +1,1 @@
+"""Where vectors and blobs go: Qdrant, object storage, the embedding cache (upcoming)."""

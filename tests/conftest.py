@@ -1,0 +1,41 @@
+"""Shared fixtures. Tests never download: hubs are off and mmembed's downloads disabled,
+so every model comes from the repository or from PyPI wheels, as on a user's
+air-gapped machine."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("MPLCONFIGDIR", "/tmp/mmembed-mpl")
+
+from encoders import LoadedModel, load
+from mmembed.config import Settings
+
+SHIPPED_DEMO_CLIP = Path(__file__).resolve().parents[1] / "encoders" / "weights" / "demo-clip"
+
+
+@pytest.fixture(scope="session")
+def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    """One models directory for the whole run, provisioned from offline sources only."""
+    return Settings(data_dir=tmp_path_factory.mktemp("mmembed-data"), allow_downloads=False)
+
+
+@pytest.fixture(scope="session")
+def demo_clip(settings: Settings) -> LoadedModel:
+    return load("demo-clip", settings)
+
+
+@pytest.fixture(scope="session")
+def minilm(settings: Settings) -> LoadedModel:
+    return load("all-MiniLM-L6-v2", settings)
+
+
+@pytest.fixture(scope="session")
+def vit_b32(settings: Settings) -> LoadedModel:
+    """The real ViT-B-32 architecture with untrained weights (no CLIP weights exist offline)."""
+    return load("ViT-B-32@random", settings)

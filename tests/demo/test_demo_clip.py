@@ -1,0 +1,71 @@
+"""The shipped demo-clip: its training code runs, and the checkpoint in the repository
+retrieves held-out scenes as well as its report says."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from encoders import LoadedModel, load
+from mmembed.config import Settings
+from mmembed.demo import world
+from mmembed.demo.report import TARGET_R5, evaluate
+from mmembed.demo.train_clip import MODEL_CONFIG, PairBatches, soft_clip_loss, train
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_checkpoint_is_small_and_in_open_clip_format() -> None:
+    folder = ROOT / "encoders" / "weights" / "demo-clip"
+    weights = folder / "open_clip_model.safetensors"
+    assert weights.stat().st_size < 25 * 1024 * 1024
+    config = json.loads((folder / "open_clip_config.json").read_text())
+    assert config["model_cfg"] == json.loads(json.dumps(MODEL_CONFIG))
+
+
+def test_held_out_recall_meets_the_target_and_matches_the_committed_report() -> None:
+    measured = evaluate(ROOT / "encoders" / "weights" / "demo-clip", n=1000)
+    committed = json.loads((ROOT / "docs" / "demo-clip-report.json").read_text())["metrics"]
+    assert measured["text_to_image_R@5"] >= TARGET_R5
+    for key in ("text_to_image_R@1", "text_to_image_R@5", "text_to_image_R@10", "image_to_text_R@1"):
+        assert measured[key] == pytest.approx(committed[key], abs=0.01), key
+
+
+def test_short_queries_find_matching_scenes(demo_clip: LoadedModel) -> None:
+    import random
+
+    rng = random.Random(99)
+    scenes = [world.random_scene(rng) for _ in range(200)]
+    images = demo_clip.encoder("image").encode_items([world.render(s, rng) for s in scenes])
+    matrix = np.stack([r.vector for r in images])
+    for query, spec in [("red circle", world.Spec("circle", "red")), ("blue square", world.Spec("square", "blue"))]:
+        [q] = demo_clip.encoder("text").encode_items([query])
+        top = np.argsort(-(matrix @ q.vector))[:5]
+        hits = sum(world.Query((spec,), exact=False).matches(scenes[i]) for i in top)
+        assert hits >= 4, (query, [scenes[i].caption() for i in top])
+
+
+def test_batches_pair_each_scene_with_a_near_duplicate() -> None:
+    images, tokens, positives = next(iter(PairBatches(8, seed=1, context_length=32)))
+    assert images.shape == (8, 3, 64, 64) and str(images.dtype) == "torch.uint8"
+    assert tokens.shape == (8, 32)
+    assert positives.diagonal().all()  # every caption describes its own scene
+
+
+def test_soft_loss_prefers_the_right_pairing() -> None:
+    import torch
+
+    emb = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    pos = torch.eye(4, dtype=torch.bool)
+    right = soft_clip_loss(emb, emb, torch.tensor(10.0), pos)
+    wrong = soft_clip_loss(emb, emb.roll(1, 0), torch.tensor(10.0), pos)
+    assert right < wrong
+
+
+def test_training_writes_a_loadable_checkpoint(tmp_path: Path, settings: Settings) -> None:
+    report = train(tmp_path / "ckpt", steps=2, batch_size=8, eval_every=2, eval_n=20, threads=1)
+    assert 0.0 <= float(report["text_to_image_R@5"]) <= 1.0
+    model = load(f"local-dir:{tmp_path / 'ckpt'}", settings)
+    [vec] = model.encoder("text").encode_items(["a red circle"])
+    assert vec.vector is not None and vec.vector.shape == (128,)

@@ -1,0 +1,30 @@
+import pytest
+import torch
+from torchvision.transforms.functional import normalize
+
+from encoders.clip import OPENAI_MEAN, OPENAI_STD
+from encoders.device import ImageToDevice, pick_device, pick_dtype
+
+
+def test_device_is_chosen_at_run_time() -> None:
+    expected = "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")
+    assert pick_device("auto").type == expected
+    assert pick_device("cpu").type == "cpu"
+    assert pick_dtype(torch.device("cpu")) == torch.float32
+    assert pick_dtype(torch.device("cpu"), "bf16") == torch.bfloat16
+    assert pick_dtype(torch.device("cuda"), "fp16") == torch.float16
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised on a machine without CUDA")
+def test_asking_for_missing_cuda_is_clear() -> None:
+    with pytest.raises(RuntimeError, match="CUDA is not available"):
+        pick_device("cuda")
+
+
+def test_uint8_batches_are_normalised_on_the_device() -> None:
+    images = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    out = ImageToDevice(torch.device("cpu"), torch.float32, OPENAI_MEAN, OPENAI_STD)(list(images))
+    reference = normalize(images.float() / 255.0, list(OPENAI_MEAN), list(OPENAI_STD))
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=0)
+    with pytest.raises(TypeError, match="uint8"):
+        ImageToDevice(torch.device("cpu"), torch.float32, OPENAI_MEAN, OPENAI_STD)(images.float())

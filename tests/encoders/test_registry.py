@@ -1,0 +1,35 @@
+import pytest
+
+from encoders import CATALOGUE, Modality, UnknownModel, resolve
+
+
+def test_catalogue_names_resolve_to_themselves() -> None:
+    for name, spec in CATALOGUE.items():
+        assert resolve(name) is spec
+    assert resolve("ViT-L-14").tag == "laion2b_s32b_b82k"
+    assert resolve("ViT-H-14").dim == 1024
+
+
+def test_open_forms() -> None:
+    spec = resolve("ViT-B-32@openai")
+    assert (spec.family, spec.source, spec.ref, spec.tag) == ("open_clip", "hub", "ViT-B-32", "openai")
+    assert resolve("ViT-B-32@random").source == "random"
+    assert resolve("openai/clip-vit-large-patch14").family == "hf_clip"
+    assert resolve("sentence-transformers/all-mpnet-base-v2").family == "sentence_transformers"
+    assert resolve("local-dir:/models/x").source == "local"
+    whisper = resolve("whisper-large-v3")
+    assert (whisper.family, whisper.ref, whisper.modalities) == ("whisper", "large-v3", (Modality.AUDIO,))
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("no-such-model", "unknown model 'no-such-model'"),
+        ("ViT-Q-99@openai", "unknown open_clip architecture 'ViT-Q-99'"),
+        ("ViT-B-32@nonexistent", "has no pretrained tag 'nonexistent'"),
+        ("whisper-enormous", "unknown model"),
+    ],
+)
+def test_unknown_names_are_clear_errors(name: str, message: str) -> None:
+    with pytest.raises(UnknownModel, match=message):
+        resolve(name)

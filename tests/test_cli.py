@@ -1,0 +1,69 @@
+"""The `mmembed` console script, run as a user runs it (a subprocess, its own data dir)."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+
+def _run(data_dir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    env = os.environ | {"MMEMBED_DATA_DIR": str(data_dir), "COLUMNS": "200", "MMEMBED_ALLOW_DOWNLOADS": "false"}
+    exe = Path(sys.executable).parent / "mmembed"
+    result = subprocess.run([str(exe), *args], env=env, capture_output=True, text=True, timeout=600)
+    if check:
+        assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cli-data")
+
+
+def test_quickstart_provisions_renders_embeds_and_searches(data_dir: Path) -> None:
+    out = _run(data_dir, "quickstart").stdout
+    for model in ("demo-clip", "all-MiniLM-L6-v2", "whisper-base"):
+        assert f"pulled {model}" in out
+    assert re.search(r"embedded 60/60 images .* with demo-clip \(128-d", out), out
+    captions = {
+        json.loads(line)["file"]: json.loads(line)["objects"]
+        for line in (data_dir / "demo-images" / "captions.jsonl").read_text().splitlines()
+    }
+    hits = re.search(r"query 'red circle': (scene-\d+\.jpg)", out)
+    assert hits, out
+    assert any(o["colour"] == "red" and o["shape"] == "circle" for o in captions[hits.group(1)])
+    vectors = data_dir / "embeddings" / "demo-clip" / "vectors.npy"
+    assert vectors.stat().st_size > 60 * 128 * 4
+
+
+def test_models_list_and_verify_offline(data_dir: Path) -> None:
+    _run(data_dir, "models", "pull")
+    listing = _run(data_dir, "models", "list").stdout
+    assert re.search(r"demo-clip .*shipped \(offline\).* yes", listing), listing
+    assert re.search(r"ViT-H-14 .* hub .* no", listing), listing
+    verified = _run(data_dir, "models", "verify").stdout
+    assert verified.count("ok ") == 3, verified
+
+
+def test_embed_skips_bad_files_and_names_them(data_dir: Path, tmp_path: Path) -> None:
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(tmp_path / "good.png")
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (tmp_path / "empty.png").write_bytes(b"")
+    result = _run(data_dir, "embed", str(tmp_path), "--out", str(tmp_path / "out"), "--workers", "0")
+    assert "embedded 1/3 images" in result.stdout
+    assert re.search(r"skipped broken\.jpg: (not_an_image|truncated_image)", result.stdout), result.stdout
+    assert "skipped empty.png: empty_image" in result.stdout
+    items = [json.loads(line) for line in (tmp_path / "out" / "items.jsonl").read_text().splitlines()]
+    assert sorted(i["path"] for i in items) == ["broken.jpg", "empty.png", "good.png"]
+
+
+def test_unknown_and_unavailable_models_exit_with_the_reason(data_dir: Path, tmp_path: Path) -> None:
+    unknown = _run(data_dir, "embed", str(tmp_path), "--model", "ViT-Z-1", check=False)
+    assert unknown.returncode == 1 and "unknown model 'ViT-Z-1'" in unknown.stdout
+    offline = _run(data_dir, "models", "pull", "ViT-L-14", check=False)
+    assert offline.returncode == 1 and "mmembed models pull ViT-L-14" in offline.stdout
