@@ -134,11 +134,6 @@ class Encoder(ABC, Generic[T]):
                 results[i].vector = vec
         return results
 
-    def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "model": self.model, "modality": str(self.modality), "dim": self.dim} | {
-            k: v for k, v in vars(self.limits).items() if v is not None
-        }
-
 
 def l2_normalise(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)

@@ -19,7 +19,14 @@ def create(spec: ModelSpec, weights: Path | None) -> torch.nn.Module:
     if spec.source == "random":
         return open_clip.create_model(spec.ref, pretrained=None)
     if spec.source == "hub":
-        return open_clip.create_model(spec.ref, pretrained=str(weights))
+        # Loading from the provisioned file loses what the tag implies; restore it from the tag's config.
+        tag = open_clip.get_pretrained_cfg(spec.ref, spec.tag or "")
+        return open_clip.create_model(
+            spec.ref,
+            pretrained=str(weights),
+            force_quick_gelu=bool(tag.get("quick_gelu", False)),
+            force_preprocess_cfg={k: tag[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in tag},
+        )
     return open_clip.create_model(f"local-dir:{weights}")
 
 

@@ -13,7 +13,7 @@ import json
 import re
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -80,34 +80,45 @@ def _file_hashes(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): _sha256(p) for p in sorted(root.rglob("*")) if p.is_file() and p.name != MARKER}
 
 
-def pull(name: str, settings: Settings | None = None, force: bool = False) -> Path:
-    """Provision one model into the models directory; returns its weights path."""
+def pull(name: str, settings: Settings | None = None, force: bool = False, from_path: Path | None = None) -> Path:
+    """Provision one model into the models directory; returns its weights path.
+
+    ``from_path`` adopts weights already on this machine (a checkpoint file or a hub
+    snapshot folder copied from a machine with internet) instead of downloading them."""
     settings = settings or get_settings()
     spec = resolve(name)
     if spec.source in ("random", "local"):
         return weights_path(spec, settings) or model_dir(spec, settings)
-    if is_provisioned(spec, settings) and not force:
+    if is_provisioned(spec, settings) and not force and from_path is None:
         return weights_path(spec, settings)  # type: ignore[return-value]
-    if spec.source == "hub" and not settings.allow_downloads:
+    if spec.source == "hub" and from_path is None and not settings.allow_downloads:
         raise ModelNotAvailable(_missing_message(spec, settings))
     target = model_dir(spec, settings)
     if target.exists():
         shutil.rmtree(target)
     target.mkdir(parents=True)
     try:
-        relative = _fetch(spec, target)
-    except EncoderError:
-        raise
+        relative = _adopt(Path(from_path), target) if from_path else _fetch(spec, target)
     except Exception as exc:  # network, hub and file errors all end the same way for the user
         shutil.rmtree(target, ignore_errors=True)
+        if isinstance(exc, EncoderError):
+            raise
         raise ModelNotAvailable(f"{_missing_message(spec, settings)}. Cause: {type(exc).__name__}: {exc}") from exc
     marker = {
         "name": spec.name, "family": spec.family, "source": spec.source, "ref": spec.ref, "tag": spec.tag,
         "weights": relative, "pulled_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "files": _file_hashes(target),
+        "adopted_from": str(from_path) if from_path else None, "files": _file_hashes(target),
     }  # fmt: skip
     (target / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
     return target / relative
+
+
+def _adopt(source: Path, target: Path) -> str:
+    if source.is_dir():
+        shutil.copytree(source, target / source.name)
+    else:
+        shutil.copy2(source, target / source.name)
+    return source.name
 
 
 def _fetch(spec: ModelSpec, target: Path) -> str:
@@ -148,7 +159,6 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     weights: Path | None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def encoder(self, modality: Modality | str) -> Encoder:
         modality = Modality(modality)

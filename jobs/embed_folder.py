@@ -64,14 +64,20 @@ class EmbedSummary:
 
 
 def embed_folder(
-    folder: Path, encoder: Encoder, out_dir: Path, batch_size: int = 32, workers: int = 1, progress: bool = True
+    folder: Path,
+    encoder: Encoder,
+    out_dir: Path,
+    limits: DecodeLimits | None = None,
+    batch_size: int = 32,
+    workers: int = 1,
+    progress: bool = True,
 ) -> EmbedSummary:
     """Writes ``vectors.npy`` (float32, one row per embedded file) and ``items.jsonl``
     (path and row of every file, or its error) under ``out_dir``."""
     files = list_images(folder)
     out_dir.mkdir(parents=True, exist_ok=True)
     loader = DataLoader(
-        ImageFiles(files, encoder, DecodeLimits(max_pixels=encoder.limits.max_pixels or 64_000_000)),
+        ImageFiles(files, encoder, limits or DecodeLimits()),
         batch_size=batch_size,
         num_workers=workers,
         collate_fn=list,

@@ -57,13 +57,18 @@ def models_list() -> None:
 def models_pull(
     names: Annotated[list[str] | None, typer.Argument(help="Model names; none: every offline model.")] = None,
     force: Annotated[bool, typer.Option(help="Fetch again even if present.")] = False,
+    from_path: Annotated[
+        Path | None, typer.Option("--from", help="Adopt a checkpoint file or snapshot folder already on disk.")
+    ] = None,
 ) -> None:
-    """Put weights into the models directory (hub models need internet; the rest do not)."""
+    """Put weights into the models directory (hub models need internet, or --from a copy)."""
     from encoders import EncoderError, pull
 
+    if from_path and (not names or len(names) != 1):
+        _fail(ValueError("--from needs exactly one model name"))
     for name in names or OFFLINE_MODELS:
         try:
-            path = pull(name, get_settings(), force=force)
+            path = pull(name, get_settings(), force=force, from_path=from_path)
         except EncoderError as exc:
             _fail(exc)
         console.print(f"[green]pulled[/green] {name} -> {path}")
@@ -141,6 +146,7 @@ def embed(
     """Embed every image in a folder; writes vectors.npy and items.jsonl."""
     from encoders import EncoderError, Modality, load
     from jobs.embed_folder import embed_folder
+    from loaders import DecodeLimits
 
     settings = get_settings()
     try:
@@ -148,7 +154,8 @@ def embed(
     except EncoderError as exc:
         _fail(exc)
     out = out or settings.data_dir.expanduser() / "embeddings" / loaded.spec.name
-    summary = embed_folder(folder, loaded.encoder(Modality.IMAGE), out, batch_size, workers)
+    limits = DecodeLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
+    summary = embed_folder(folder, loaded.encoder(Modality.IMAGE), out, limits, batch_size, workers)
     console.print(
         f"embedded {summary.embedded}/{summary.files} images from {folder} with {model} "
         f"({summary.dim}-d, {loaded.device}, {summary.images_per_second:.1f} images/s) -> {out}"

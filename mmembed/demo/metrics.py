@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from PIL import Image
 
+from encoders.base import l2_normalise
 from mmembed.demo import world
 
 EncodeImages = Callable[[Sequence[Image.Image]], np.ndarray]
@@ -57,8 +58,8 @@ def retrieval_report(
     scenes = [s for s, _ in pool]
     sigs = [s.signature for s in scenes]
     captions = [s.caption() for s in scenes]
-    img = _normalise(encode_images([im for _, im in pool]))
-    txt = _normalise(encode_texts(captions))
+    img = l2_normalise(encode_images([im for _, im in pool]))
+    txt = l2_normalise(encode_texts(captions))
     same = np.array([[a == b for b in sigs] for a in sigs])
     sim = txt @ img.T  # rows: captions, columns: images
     order = np.argsort(-sim, axis=1)
@@ -69,7 +70,7 @@ def retrieval_report(
     best_text = np.argmax(sim.T, axis=1)  # for each image, the best caption
     report["image_to_text_R@1"] = float(np.mean([same[j, best_text[j]] for j in range(n)]))
 
-    short_q = _normalise(encode_texts(list(SHORT_QUERIES)))
+    short_q = l2_normalise(encode_texts(list(SHORT_QUERIES)))
     top5 = np.argsort(-(short_q @ img.T), axis=1)[:, :5]
     precisions = [
         np.mean([parse_short_query(q).matches(scenes[j]) for j in top5[i]]) for i, q in enumerate(SHORT_QUERIES)
@@ -78,8 +79,3 @@ def retrieval_report(
     rng = random.Random(seed)
     report["random_R@5"] = float(np.mean([same[i, rng.sample(range(n), 5)].any() for i in range(n)]))
     return report
-
-
-def _normalise(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)

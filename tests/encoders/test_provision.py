@@ -59,3 +59,33 @@ def test_failed_download_is_a_clear_error_and_leaves_nothing(tmp_path: Path) -> 
 def test_missing_local_path(settings: Settings, tmp_path: Path) -> None:
     with pytest.raises(ModelNotAvailable, match="does not exist"):
         load(f"local-dir:{tmp_path / 'nothing'}", settings)
+
+
+def test_hub_weights_adopted_from_a_copy_load_offline_with_the_tags_settings(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """The path a published checkpoint takes after `pull`: ViT-B-32@openai needs QuickGELU,
+    which loading from a file would silently drop. (Random weights stand in for OpenAI's.)"""
+    import numpy as np
+    import open_clip
+    import torch
+    from PIL import Image
+
+    torch.manual_seed(0)
+    reference = open_clip.create_model("ViT-B-32", force_quick_gelu=True).eval()
+    checkpoint = tmp_path / "open_clip_pytorch_model.bin"
+    torch.save({k: v.half() for k, v in reference.state_dict().items()}, checkpoint)
+    reference.load_state_dict(torch.load(checkpoint, weights_only=True))
+
+    weights = pull("ViT-B-32@openai", settings, from_path=checkpoint)
+    assert weights == model_dir(resolve("ViT-B-32@openai"), settings) / checkpoint.name
+    assert verify("ViT-B-32@openai", settings)["dims"] == {"image": 512, "text": 512}
+    [ours] = load("ViT-B-32@openai", settings).encoder("text").encode_items(["a photo of a cat"])
+    with torch.inference_mode():
+        expected = reference.encode_text(open_clip.get_tokenizer("ViT-B-32")(["a photo of a cat"]))
+    expected = torch.nn.functional.normalize(expected, dim=-1)[0].numpy()
+    np.testing.assert_allclose(ours.vector, expected, atol=1e-5)
+    [image] = (
+        load("ViT-B-32@openai", settings).encoder("image").encode_items([Image.new("RGB", (300, 200), (9, 99, 199))])
+    )
+    assert image.ok and image.vector.shape == (512,)
