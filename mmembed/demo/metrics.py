@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -47,7 +48,7 @@ def parse_short_query(text: str) -> world.Query:
 
 def retrieval_report(
     encode_images: EncodeImages, encode_texts: EncodeTexts, n: int = 1000, seed: int = 1234, size: int = 64
-) -> dict[str, float | int]:
+) -> dict[str, Any]:
     """Text-to-image Recall@1/5/10 with full captions, image-to-text Recall@1, and
     precision@5 of short queries, on n held-out scenes.
 
@@ -63,7 +64,7 @@ def retrieval_report(
     same = np.array([[a == b for b in sigs] for a in sigs])
     sim = txt @ img.T  # rows: captions, columns: images
     order = np.argsort(-sim, axis=1)
-    report: dict[str, float | int] = {"n_pairs": n}
+    report: dict[str, Any] = {"n_pairs": n}
     for k in (1, 5, 10):
         hits = [same[i, order[i, :k]].any() for i in range(n)]
         report[f"text_to_image_R@{k}"] = float(np.mean(hits))
@@ -76,6 +77,7 @@ def retrieval_report(
         np.mean([parse_short_query(q).matches(scenes[j]) for j in top5[i]]) for i, q in enumerate(SHORT_QUERIES)
     ]
     report["short_query_P@5"] = float(np.mean(precisions))
+    report["short_query_P@5_by_query"] = {q: float(p) for q, p in zip(SHORT_QUERIES, precisions, strict=True)}
     rng = random.Random(seed)
     report["random_R@5"] = float(np.mean([same[i, rng.sample(range(n), 5)].any() for i in range(n)]))
     return report

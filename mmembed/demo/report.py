@@ -5,22 +5,23 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from encoders import Modality, load
-from mmembed.demo.metrics import SHORT_QUERIES, retrieval_report
+from mmembed.demo.metrics import retrieval_report
 
 REPORT_DIR = Path("docs")
 TARGET_R5 = 0.90
 
 
-def evaluate(weights: Path, n: int = 1000) -> dict[str, float | int]:
+def evaluate(weights: Path, n: int = 1000) -> dict[str, Any]:
     model = load(f"local-dir:{weights.resolve()}")
     image, text = model.encoder(Modality.IMAGE), model.encoder(Modality.TEXT)
     return retrieval_report(lambda ims: image.encode(list(map(image.preprocess, ims))),
                             lambda ts: text.encode(list(map(text.preprocess, ts))), n=n)  # fmt: skip
 
 
-def write_report(weights: Path, n: int = 1000, out_dir: Path = REPORT_DIR) -> dict[str, float | int]:
+def write_report(weights: Path, n: int = 1000, out_dir: Path = REPORT_DIR) -> dict[str, Any]:
     report = evaluate(weights, n)
     config = json.loads((weights / "open_clip_config.json").read_text())
     training = {k: v for k, v in config.get("training", {}).items() if k != "eval_during_training"}
@@ -39,12 +40,24 @@ def write_report(weights: Path, n: int = 1000, out_dir: Path = REPORT_DIR) -> di
         "",
         "| metric | value |",
         "|---|---|",
-        *[f"| {k} | {v:.3f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in report.items()],
+        *[
+            f"| {k} | {v:.3f} |" if isinstance(v, float) else f"| {k} | {v} |"
+            for k, v in report.items()
+            if not isinstance(v, dict)
+        ],
         "",
         f"Target: text-to-image Recall@5 >= {TARGET_R5}: this checkpoint {verdict} it.",
         "",
-        f"short_query_P@5 is the mean precision@5 of these typed queries: {', '.join(repr(q) for q in SHORT_QUERIES)}.",
-        "random_R@5 is what five random scenes would score.",
+        "short_query_P@5 is the mean precision@5 of typed queries over the same 1,000 scenes (a retrieved",
+        "scene is right when it contains what the query names):",
+        "",
+        "| query | P@5 |",
+        "|---|---|",
+        *[f"| {q} | {p:.1f} |" for q, p in report["short_query_P@5_by_query"].items()],
+        "",
+        "Colour-and-shape queries work; queries that name a position, or two objects at once, are the",
+        "weak spot of this small model (it places an object's position less reliably than its colour and",
+        "shape). random_R@5 is what five random scenes would score.",
         "",
         f"Training: {json.dumps(training)}",
         "",

@@ -4,12 +4,10 @@ retrieves held-out scenes as well as its report says."""
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from encoders import LoadedModel, load
+from encoders import load
 from mmembed.config import Settings
-from mmembed.demo import world
 from mmembed.demo.report import TARGET_R5, evaluate
 from mmembed.demo.train_clip import MODEL_CONFIG, PairBatches, soft_clip_loss, train
 
@@ -30,20 +28,10 @@ def test_held_out_recall_meets_the_target_and_matches_the_committed_report() -> 
     assert measured["text_to_image_R@5"] >= TARGET_R5
     for key in ("text_to_image_R@1", "text_to_image_R@5", "text_to_image_R@10", "image_to_text_R@1"):
         assert measured[key] == pytest.approx(committed[key], abs=0.01), key
-
-
-def test_short_queries_find_matching_scenes(demo_clip: LoadedModel) -> None:
-    import random
-
-    rng = random.Random(99)
-    scenes = [world.random_scene(rng) for _ in range(200)]
-    images = demo_clip.encoder("image").encode_items([world.render(s, rng) for s in scenes])
-    matrix = np.stack([r.vector for r in images])
-    for query, spec in [("red circle", world.Spec("circle", "red")), ("blue square", world.Spec("square", "blue"))]:
-        [q] = demo_clip.encoder("text").encode_items([query])
-        top = np.argsort(-(matrix @ q.vector))[:5]
-        hits = sum(world.Query((spec,), exact=False).matches(scenes[i]) for i in top)
-        assert hits >= 4, (query, [scenes[i].caption() for i in top])
+    # Short colour-and-shape queries: at least 4 of the top 5 scenes contain what was asked for.
+    by_query = measured["short_query_P@5_by_query"]
+    for query in ("red circle", "blue square", "green triangle", "yellow star", "purple cross", "black square"):
+        assert by_query[query] >= 0.8, (query, by_query[query])
 
 
 def test_batches_pair_each_scene_with_a_near_duplicate() -> None:
