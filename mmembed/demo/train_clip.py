@@ -28,14 +28,14 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, IterableDataset
 
+from encoders.clip import OPENAI_MEAN as MEAN
+from encoders.clip import OPENAI_STD as STD
 from mmembed.demo import metrics, world
 
 log = logging.getLogger(__name__)
 
 MODEL_NAME = "demo-clip"
 IMAGE_SIZE = 64
-MEAN = (0.48145466, 0.4578275, 0.40821073)
-STD = (0.26862954, 0.26130258, 0.27577711)
 
 # open_clip's own config format; registered with open_clip.add_model_config at load time.
 MODEL_CONFIG: dict = {
