@@ -30,14 +30,15 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from encoders.clip import OPENAI_MEAN as MEAN
 from encoders.clip import OPENAI_STD as STD
+from encoders.clip import square_uint8
+from encoders.device import ImageToDevice
 from mmembed.demo import metrics, world
 
 log = logging.getLogger(__name__)
 
-MODEL_NAME = "demo-clip"
 IMAGE_SIZE = 64
 
-# open_clip's own config format; registered with open_clip.add_model_config at load time.
+# open_clip's own config format; saved as open_clip_config.json, loaded with open_clip's local-dir: schema.
 MODEL_CONFIG: dict = {
     "embed_dim": 128,
     "init_logit_scale": math.log(30.0),
@@ -80,11 +81,8 @@ def create_model() -> open_clip.CLIP:
     return open_clip.CLIP(**MODEL_CONFIG)
 
 
-def normalise(images: torch.Tensor) -> torch.Tensor:
-    """uint8 NCHW -> normalised float (on whichever device the tensor already is)."""
-    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1)
-    return (images.float() / 255.0 - mean) / std
+# The same uint8 -> normalised float step the serving encoders use.
+to_model_input = ImageToDevice(torch.device("cpu"), torch.float32, MEAN, STD)
 
 
 def soft_clip_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -100,8 +98,7 @@ def soft_clip_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, po
 def encode_images(model: open_clip.CLIP, images: Sequence[Image.Image], batch: int = 256) -> np.ndarray:
     out = []
     for i in range(0, len(images), batch):
-        arr = np.stack([np.asarray(im.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE))) for im in images[i : i + batch]])
-        x = normalise(torch.from_numpy(arr).permute(0, 3, 1, 2))
+        x = to_model_input([square_uint8(im, IMAGE_SIZE) for im in images[i : i + batch]])
         out.append(F.normalize(model.encode_image(x), dim=-1).numpy())
     return np.concatenate(out)
 
@@ -176,7 +173,7 @@ def train(
             break
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
-        img = F.normalize(model.encode_image(normalise(images)), dim=-1)
+        img = F.normalize(model.encode_image(to_model_input(images)), dim=-1)
         txt = F.normalize(model.encode_text(tokens), dim=-1)
         loss = soft_clip_loss(img, txt, model.logit_scale.exp(), pos)
         opt.zero_grad(set_to_none=True)
