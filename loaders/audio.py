@@ -157,8 +157,8 @@ def _ffmpeg(input_args: list[str], stdin: bytes | None, limits: AudioLimits, kin
     ffmpeg = shutil.which("ffmpeg")
     if ffmpeg is None:
         raise RuntimeError("ffmpeg is not installed; audio needs it (apt-get install ffmpeg)")
-    cmd = [ffmpeg, "-nostdin", "-hide_banner", "-loglevel", "error", "-threads", "0", *input_args,
-           "-t", f"{limits.max_seconds + 0.5:.3f}", "-f", "s16le", "-ac", "1", "-ar", str(SAMPLE_RATE), "pipe:1"]  # fmt: skip
+    output = ["-t", f"{limits.max_seconds + 0.5:.3f}", "-f", "s16le", "-ac", "1", "-ar", str(SAMPLE_RATE), "pipe:1"]
+    cmd = [ffmpeg, "-nostdin", "-hide_banner", "-loglevel", "error", "-threads", "0", *input_args, *output]
     run = subprocess.run(cmd, input=stdin, capture_output=True, timeout=60 + limits.max_seconds / 10, check=False)
     if run.returncode != 0:
         reason = run.stderr.decode(errors="replace").strip().splitlines()

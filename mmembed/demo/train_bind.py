@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from encoders import Modality, load
 from encoders.bind import BindHead, HeadConfig, pad_frames, save_head

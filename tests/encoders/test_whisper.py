@@ -59,8 +59,8 @@ def test_noise_without_words_is_no_speech(whisper_base: LoadedModel):
 def test_audio_over_30_seconds_is_windowed(whisper_base: LoadedModel):
     first, second = speak("my brother lives in a small house"), speak("the children played football")
     gap = np.zeros(int((31.0 - first.seconds) * 16_000), np.float32)
-    [result] = whisper_base.encoder(Modality.AUDIO).encode_items([AudioClip(np.concatenate([first.samples, gap,
-                                                                                              second.samples]))])  # fmt: skip
+    clip = AudioClip(np.concatenate([first.samples, gap, second.samples]))
+    [result] = whisper_base.encoder(Modality.AUDIO).encode_items([clip])
     text = result.info["transcript"].lower()
     assert "brother" in text and "football" in text
     late = [s for s in result.info["segments"] if "football" in s["text"].lower()]
