@@ -18,7 +18,7 @@ from encoders.base import (
     TooManyTokens,
     UnknownModel,
 )
-from encoders.provision import LoadedModel, is_provisioned, load, pull, verify
+from encoders.provision import LoadedModel, is_provisioned, load, pull, register_model, verify
 from encoders.registry import CATALOGUE, ModelSpec, resolve
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "is_provisioned",
     "load",
     "pull",
+    "register_model",
     "resolve",
     "verify",
 ]

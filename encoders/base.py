@@ -67,11 +67,13 @@ class UnknownModel(EncoderError):
 @dataclass(frozen=True)
 class Limits:
     """What one item may be. ``max_tokens`` counts start/end tokens; ``image_size`` is the
-    square side the model sees; ``max_pixels`` caps decoded images before resizing."""
+    square side the model sees; ``max_pixels`` caps decoded images before resizing;
+    ``max_seconds`` caps audio clips."""
 
     max_tokens: int | None = None
     image_size: int | None = None
     max_pixels: int | None = None
+    max_seconds: float | None = None
 
 
 @dataclass

@@ -13,6 +13,7 @@ import json
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -23,7 +24,7 @@ import torch
 
 from encoders.base import Encoder, EncoderError, Modality, ModelNotAvailable
 from encoders.device import pick_device, pick_dtype
-from encoders.registry import ModelSpec, resolve
+from encoders.registry import CATALOGUE, ModelSpec, resolve
 from loaders.audio import AudioLimits, Pcm
 from mmembed.config import Settings, get_settings
 
@@ -202,6 +203,8 @@ def load(name: str, settings: Settings | None = None) -> LoadedModel:
         text = load(spec.parts[0], settings).encoder(Modality.TEXT)
         encoders = load_speech_encoder(spec.name, weights, text, device, audio_limits(settings),  # type: ignore[arg-type]
                                        settings.whisper_beam_size, settings.whisper_language)  # fmt: skip
+    elif spec.family == "custom":
+        encoders = CUSTOM_LOADERS[spec.name](spec, weights, device, dtype, settings)
     else:  # bind: a trained head over a frozen backbone, in a frozen joint space
         from encoders.bind import load_bind
         from encoders.whisper_family import WhisperFeatures, load_whisper
@@ -210,10 +213,29 @@ def load(name: str, settings: Settings | None = None) -> LoadedModel:
         features = WhisperFeatures(load_whisper(backbone, device), device)  # type: ignore[arg-type]
         space = load(spec.parts[1], settings).encoders
         encoders = load_bind(spec.name, weights, features, space, audio_limits(settings))  # type: ignore[arg-type]
-    for enc in encoders.values():
-        if spec.dim is not None and enc.dim != spec.dim:
-            raise EncoderError(f"model {spec.name!r} produced {enc.dim}-d vectors, the catalogue says {spec.dim}")
+    dims = {str(m): e.dim for m, e in encoders.items()}
+    if len(set(dims.values())) > 1:
+        raise EncoderError(f"model {spec.name!r}: a joint model's encoders must share one vector size, got {dims}")
+    if spec.dim is not None and set(dims.values()) - {spec.dim}:
+        raise EncoderError(f"model {spec.name!r} produced vectors of sizes {dims}, the catalogue says {spec.dim}")
     return LoadedModel(spec, encoders, device, dtype, weights)
+
+
+Loader = Callable[[ModelSpec, Path | None, torch.device, torch.dtype, Settings], dict[Modality, Encoder]]
+CUSTOM_LOADERS: dict[str, Loader] = {}
+
+
+def register_model(spec: ModelSpec, loader: Loader) -> None:
+    """Add a model this project does not ship a family for, such as a real ImageBind
+    checkpoint (one Encoder per modality, all the same ``dim``), under a new name.
+    ``spec.family`` must be "custom"; ``spec.source`` is usually "local" (``ref`` is the
+    weights path handed to the loader) or "random" (the loader needs no files)."""
+    if spec.family != "custom":
+        raise EncoderError(f"register_model takes family='custom' specs, got {spec.family!r}")
+    if spec.name in CATALOGUE:
+        raise EncoderError(f"model {spec.name!r} is already registered")
+    CATALOGUE[spec.name] = spec
+    CUSTOM_LOADERS[spec.name] = loader
 
 
 def audio_limits(settings: Settings) -> AudioLimits:

@@ -15,7 +15,7 @@ from typing import Literal
 
 from encoders.base import Modality, UnknownModel
 
-Family = Literal["open_clip", "hf_clip", "sentence_transformers", "whisper", "bind"]
+Family = Literal["open_clip", "hf_clip", "sentence_transformers", "whisper", "bind", "custom"]
 Source = Literal["shipped", "wheel", "hub", "local", "random"]
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -102,6 +102,8 @@ def resolve(name: str) -> ModelSpec:
     - ``ARCH@TAG``: any open_clip architecture and pretrained tag (``ViT-B-32@openai``);
       ``ARCH@random`` gives untrained weights for speed tests;
     - ``local-dir:/path``: an open_clip folder (open_clip_config.json + weights);
+    - ``bind-dir:/path``: a bind head folder (bind_config.json + head.safetensors), e.g.
+      one just trained by ``mmembed demo train-bind``;
     - ``sentence-transformers/NAME`` or ``st:ORG/NAME``: a sentence-transformers model;
     - ``ORG/NAME`` with "clip" in it, or ``hf-clip:/path``: a transformers CLIP model;
     - ``whisper-SIZE``: an openai-whisper model size (tiny ... large-v3), transcripts
@@ -119,6 +121,8 @@ def resolve(name: str) -> ModelSpec:
                          dim=OPEN_CLIP_DIMS.get(arch))  # fmt: skip
     if name.startswith("local-dir:"):
         return ModelSpec(name, "open_clip", "local", name.removeprefix("local-dir:"))
+    if name.startswith("bind-dir:"):
+        return replace(CATALOGUE["bind"], name=name, source="local", ref=name.removeprefix("bind-dir:"))
     if name.startswith("hf-clip:"):
         return ModelSpec(name, "hf_clip", "local", name.removeprefix("hf-clip:"))
     if name.startswith(("sentence-transformers/", "st:")):
@@ -132,7 +136,7 @@ def resolve(name: str) -> ModelSpec:
                          licence="MIT", parts=("all-MiniLM-L6-v2",))  # fmt: skip
     raise UnknownModel(
         f"unknown model {name!r}: use one of {', '.join(CATALOGUE)}, an open_clip 'ARCH@TAG', "
-        "'local-dir:/path', 'hf-clip:/path', 'sentence-transformers/NAME' or 'whisper-SIZE' "
+        "'local-dir:/path', 'bind-dir:/path', 'hf-clip:/path', 'sentence-transformers/NAME' or 'whisper-SIZE' "
         "(see `mmembed models list`)"
     )
 

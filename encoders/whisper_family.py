@@ -153,7 +153,7 @@ class WhisperSpeechEncoder(Encoder[AudioInput]):
     ) -> None:
         self.model, self.speech, self.text, self.device = model, speech, text, device
         self.dim, self.audio_limits = text.dim, audio_limits
-        self.limits = Limits(max_tokens=text.limits.max_tokens)
+        self.limits = Limits(max_tokens=text.limits.max_tokens, max_seconds=audio_limits.max_seconds)
         self.beam_size, self.language = beam_size, language
         self._tokenizer = get_tokenizer(speech.is_multilingual, num_languages=speech.num_languages, task="transcribe")
 

@@ -27,7 +27,7 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_quickstart_provisions_renders_embeds_and_searches(data_dir: Path) -> None:
     out = _run(data_dir, "quickstart").stdout
-    for model in ("demo-clip", "all-MiniLM-L6-v2", "whisper-base"):
+    for model in ("demo-clip", "all-MiniLM-L6-v2", "whisper-base", "bind"):
         assert f"pulled {model}" in out
     assert re.search(r"embedded 60/60 images .* with demo-clip \(128-d", out), out
     captions = {
@@ -47,7 +47,7 @@ def test_models_list_and_verify_offline(data_dir: Path) -> None:
     assert re.search(r"demo-clip .*shipped \(offline\).* yes", listing), listing
     assert re.search(r"ViT-H-14 .* hub .* no", listing), listing
     verified = _run(data_dir, "models", "verify").stdout
-    assert verified.count("ok ") == 3, verified
+    assert verified.count("ok ") == 4, verified
 
 
 def test_embed_skips_bad_files_and_names_them(data_dir: Path, tmp_path: Path) -> None:
@@ -67,3 +67,14 @@ def test_unknown_and_unavailable_models_exit_with_the_reason(data_dir: Path, tmp
     assert unknown.returncode == 1 and "unknown model 'ViT-Z-1'" in unknown.stdout
     offline = _run(data_dir, "models", "pull", "ViT-L-14", check=False)
     assert offline.returncode == 1 and "mmembed models pull ViT-L-14" in offline.stdout
+
+
+def test_transcribe_prints_timed_segments_and_names_bad_files(data_dir: Path, tmp_path: Path) -> None:
+    from mmembed.demo.speech import espeak_wav
+
+    (tmp_path / "hello.wav").write_bytes(espeak_wav("the coffee in this restaurant is very good"))
+    (tmp_path / "notes.txt").write_text("not audio")
+    out = _run(data_dir, "transcribe", str(tmp_path / "hello.wav"), str(tmp_path / "notes.txt")).stdout
+    assert re.search(r"hello\.wav \(en, \d\.\d s\)", out), out
+    assert re.search(r"\[\s*0\.00 ->\s+\d\.\d\d\] .*restaurant", out, flags=re.IGNORECASE), out
+    assert re.search(r"notes\.txt.*: unsupported_format", out), out

@@ -17,6 +17,7 @@ import logging
 import math
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -104,6 +105,17 @@ def embed(head: BindHead, feats: list[torch.Tensor], batch: int = 128) -> torch.
     return torch.cat(out)
 
 
+def length_batches(feats: list[torch.Tensor], batch_size: int, rng: np.random.Generator) -> Iterator[torch.Tensor]:
+    """Endless batches of clips of similar length (sorted with jitter, then shuffled), so
+    padding to the longest clip in a batch wastes little compute."""
+    lengths = np.array([f.shape[0] for f in feats], dtype=np.float64)
+    while True:
+        order = np.argsort(lengths * rng.uniform(0.8, 1.25, len(lengths)))
+        chunks = [order[i : i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
+        for k in rng.permutation(len(chunks)):
+            yield torch.from_numpy(chunks[k])
+
+
 def train_bind(
     out_dir: Path,
     data: BindData = BindData(),
@@ -146,9 +158,10 @@ def train_bind(
         lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (steps - warmup))),
     )
     rng = np.random.default_rng(data.seed)
+    batches = length_batches(train_feats, batch_size, rng)
     started, report = time.time(), {}
     for step in range(steps):
-        idx = torch.from_numpy(rng.choice(len(texts), batch_size, replace=False))
+        idx = next(batches)
         audio = head(*pad_frames([train_feats[i].float() for i in idx]))
         words = targets[text_id[idx]]
         positives = text_id[idx][:, None] == text_id[idx][None, :]

@@ -9,7 +9,7 @@ from encoders.base import EncoderError
 from encoders.provision import MARKER, model_dir
 from mmembed.config import Settings
 
-OFFLINE = ["demo-clip", "all-MiniLM-L6-v2", "whisper-base"]
+OFFLINE = ["demo-clip", "all-MiniLM-L6-v2", "whisper-base", "bind"]
 
 
 @pytest.mark.parametrize("name", OFFLINE)
@@ -30,6 +30,16 @@ def test_verify_reports_dimensions_from_a_real_forward_pass(settings: Settings) 
     whisper = verify("whisper-base", settings)
     assert whisper["dims"]["n_audio_state"] == 512
     assert whisper["encoder_output"] == [1, 1500, 512]
+    assert verify("bind", settings)["dims"] == {"audio": 128, "text": 128, "image": 128}
+
+
+def test_a_composite_model_provisions_its_parts(tmp_path: Path) -> None:
+    fresh = Settings(data_dir=tmp_path, allow_downloads=False)
+    pull("bind", fresh)
+    for part in ("bind", "whisper-base", "demo-clip"):
+        assert (fresh.models_path / part / MARKER).is_file()
+    assert not (fresh.models_path / "all-MiniLM-L6-v2").exists()  # only what bind is made of
+    assert model_dir(resolve("whisper-base+demo-clip"), fresh) == fresh.models_path / "whisper-base"
 
 
 def test_verify_detects_changed_files(settings: Settings, tmp_path: Path) -> None:

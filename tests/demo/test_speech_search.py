@@ -1,0 +1,32 @@
+"""Speech search end to end in Python: a spoken "red circle" finds red circles among
+rendered demo scenes through both audio paths (bind, and the Whisper transcript)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from encoders import LoadedModel, Modality, load
+from mmembed.config import Settings
+from mmembed.demo import world
+from mmembed.demo.speech import speak
+
+
+@pytest.fixture(scope="module")
+def gallery(demo_clip: LoadedModel) -> tuple[list[world.Scene], np.ndarray]:
+    pool = world.eval_set(300, seed=77)
+    vectors = demo_clip.encoder(Modality.IMAGE).encode_items([im for _, im in pool])
+    return [s for s, _ in pool], np.stack([r.vector for r in vectors])
+
+
+@pytest.mark.parametrize("model", ["bind", "whisper-base+demo-clip"])
+def test_spoken_red_circle_finds_red_circles(settings: Settings, gallery, model: str):
+    scenes, images = gallery
+    red_circle = world.Query((world.Spec("circle", "red"),), exact=False)
+    assert sum(red_circle.matches(s) for s in scenes) >= 10  # enough to fill a top 5
+    [result] = load(model, settings).encoder(Modality.AUDIO).encode_items([speak("a red circle")])
+    assert result.ok, result.error
+    top5 = np.argsort(-(images @ result.vector))[:5]
+    assert all(red_circle.matches(scenes[j]) for j in top5), [scenes[j].caption() for j in top5]
+    if model.startswith("whisper"):
+        assert "red circle" in result.info["transcript"].lower()
