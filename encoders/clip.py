@@ -77,11 +77,22 @@ class ClipTextEncoder(Encoder[str]):
     modality = Modality.TEXT
 
     def __init__(
-        self, model: str, dim: int, tokens: TextTokens, forward: Forward, device: torch.device, policy: str
+        self,
+        model: str,
+        dim: int,
+        tokens: TextTokens,
+        forward: Forward,
+        device: torch.device,
+        policy: str,
+        pad_to_longest: bool = False,
     ) -> None:
+        """``pad_to_longest``: the forward accepts any length up to the context and pools at
+        the end token under a causal mask, so trailing padding changes nothing and a batch
+        is cut to its longest text instead of the full context (77 tokens for CLIP)."""
         self.model, self.dim = model, dim
         self.limits = Limits(max_tokens=tokens.context_length)
         self._tokens, self._forward, self._device, self.policy = tokens, forward, device, policy
+        self.pad_to_longest = pad_to_longest
 
     def preprocess(self, item: str) -> Prepared:
         text = check_text(item)
@@ -96,7 +107,8 @@ class ClipTextEncoder(Encoder[str]):
 
     @torch.inference_mode()
     def encode(self, batch: Sequence[Prepared]) -> np.ndarray:
-        ids = torch.full((len(batch), self._tokens.context_length), self._tokens.pad, dtype=torch.long)
+        width = max(len(p.data) for p in batch) if self.pad_to_longest else self._tokens.context_length
+        ids = torch.full((len(batch), width), self._tokens.pad, dtype=torch.long)
         for row, p in enumerate(batch):
             ids[row, : len(p.data)] = torch.tensor(p.data)
         out = self._forward(tokens_to_device(ids, self._device))

@@ -44,6 +44,7 @@ def load(
             ImageToDevice(device, dtype, mean, std), max_pixels,
         ),
         Modality.TEXT: ClipTextEncoder(
-            spec.name, dim, tokens, lambda ids: _pooled(model.get_text_features(input_ids=ids)), device, policy
+            spec.name, dim, tokens, lambda ids: _pooled(model.get_text_features(input_ids=ids)), device, policy,
+            pad_to_longest=True,  # position ids follow the input length; causal mask, end-token pooling
         ),
     }  # fmt: skip

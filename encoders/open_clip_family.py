@@ -7,6 +7,7 @@ from pathlib import Path
 
 import open_clip
 import torch
+from open_clip.transformer import text_global_pool
 
 from encoders.base import Encoder, Modality
 from encoders.clip import ClipImageEncoder, ClipTextEncoder, TextTokens
@@ -57,5 +58,29 @@ def load(
     to_device = ImageToDevice(device, dtype, pp["mean"], pp["std"])
     return {
         Modality.IMAGE: ClipImageEncoder(spec.name, dim, size, model.encode_image, to_device, max_pixels),
-        Modality.TEXT: ClipTextEncoder(spec.name, dim, tokens, model.encode_text, device, policy),
+        Modality.TEXT: text_encoder(spec.name, dim, tokens, model, device, policy),
     }
+
+
+def text_encoder(
+    name: str, dim: int, tokens: TextTokens, model: torch.nn.Module, device: torch.device, policy: str
+) -> ClipTextEncoder:
+    """open_clip pads every text to the full context; for CLIPs whose causal text tower
+    pools at the end token, run only as many positions as the batch's longest text."""
+    if not (
+        isinstance(model, open_clip.CLIP) and model.attn_mask is not None and model.text_pool_type in ("argmax", "eos")
+    ):
+        return ClipTextEncoder(name, dim, tokens, model.encode_text, device, policy)
+
+    def forward(ids: torch.Tensor) -> torch.Tensor:
+        n = ids.shape[1]
+        cast = model.transformer.get_cast_dtype()
+        x = model.token_embedding(ids).to(cast) + model.positional_embedding[:n].to(cast)
+        x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:n, :n]))
+        x = text_global_pool(x, ids, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
+        projection = model.text_projection
+        if projection is None:
+            return x
+        return projection(x) if isinstance(projection, torch.nn.Linear) else x @ projection
+
+    return ClipTextEncoder(name, dim, tokens, forward, device, policy, pad_to_longest=True)

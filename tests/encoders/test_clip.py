@@ -79,3 +79,35 @@ def test_pixel_limit_is_enforced_per_item(settings: Settings) -> None:
 def test_unknown_modality_is_clear(demo_clip: LoadedModel) -> None:
     with pytest.raises(Exception, match="has no audio encoder"):
         demo_clip.encoder("audio")
+
+
+TEXTS = ["red", "a large red circle in the top left and a small blue square in the bottom right"]
+
+
+@pytest.mark.parametrize("fixture", ["demo_clip", "vit_b32"])
+def test_text_batches_stop_at_the_longest_text_with_the_same_vectors(request: pytest.FixtureRequest, fixture: str):
+    """Cutting trailing padding is exact for a causal tower that pools at the end token."""
+    text = request.getfixturevalue(fixture).encoder(Modality.TEXT)
+    prepared = [text.preprocess(t) for t in TEXTS]
+    assert text.pad_to_longest
+    trimmed = text.encode(prepared)
+    text.pad_to_longest = False
+    try:
+        full = text.encode(prepared)
+    finally:
+        text.pad_to_longest = True
+    assert np.allclose(trimmed, full, atol=1e-5)
+
+
+def test_trimmed_text_forward_equals_open_clips_encode_text(demo_clip: LoadedModel) -> None:
+    import open_clip
+
+    reference_model = open_clip.create_model(f"local-dir:{demo_clip.weights}").eval()
+    text = demo_clip.encoder(Modality.TEXT)
+    prepared = [text.preprocess(t) for t in TEXTS]
+    ids = torch.zeros((len(TEXTS), text.limits.max_tokens or 0), dtype=torch.long)
+    for row, p in enumerate(prepared):
+        ids[row, : len(p.data)] = torch.tensor(p.data)
+    with torch.inference_mode():
+        reference = torch.nn.functional.normalize(reference_model.encode_text(ids).float(), dim=-1).numpy()
+    assert np.allclose(text.encode(prepared), reference, atol=1e-5)
