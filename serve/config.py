@@ -1,0 +1,60 @@
+"""What the server runs, in one typed place: which models, how each batches, its
+replicas and accelerator share. The Serve config YAML carries these same fields as the
+application's arguments, so `mmembed serve` and `serve run/deploy` read one file."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field, model_validator
+
+
+class BatchConfig(BaseModel):
+    max_batch_size: int = Field(default=32, ge=1, description="Most items in one forward pass.")
+    batch_wait_timeout_s: float = Field(default=0.01, ge=0, description="How long a batch waits to fill.")
+    # Caps by cost, besides the count: a batch of 32 long texts or long clips is not a batch of 32 short ones.
+    max_batch_tokens: int | None = Field(default=4096, ge=1, description="Text: tokens in one batch.")
+    max_batch_audio_seconds: float | None = Field(default=240.0, gt=0, description="Audio: seconds in one batch.")
+
+
+class ModelConfig(BaseModel):
+    name: str = Field(description="A registry name (see `mmembed models list`).")
+    batch: BatchConfig = BatchConfig()
+    num_cpus: float = Field(default=1.0, ge=0)
+    num_gpus: float = Field(default=0.0, ge=0, description="GPU share per replica; fractions pack models on one GPU.")
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=1, ge=1)
+    target_ongoing_requests: float = Field(default=32, gt=0, description="Autoscaling target per replica.")
+    max_queued_requests: int = Field(default=512, ge=1, description="Beyond this the caller gets 429 + Retry-After.")
+
+    @model_validator(mode="after")
+    def _replicas(self) -> ModelConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"{self.name}: min_replicas {self.min_replicas} > max_replicas {self.max_replicas}")
+        return self
+
+    @property
+    def max_ongoing_requests(self) -> int:
+        """Twice the batch size: a full batch can form while the previous one runs.
+        Fewer than ``max_batch_size`` would silently cap every batch below its setting."""
+        return 2 * self.batch.max_batch_size
+
+    def deployment_options(self) -> dict:
+        options: dict = {
+            "name": deployment_name(self.name),
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
+            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+        }
+        if self.min_replicas == self.max_replicas:
+            options["num_replicas"] = self.max_replicas
+        else:
+            options["autoscaling_config"] = {
+                "min_replicas": self.min_replicas,
+                "max_replicas": self.max_replicas,
+                "target_ongoing_requests": self.target_ongoing_requests,
+            }
+        return options
+
+
+def deployment_name(model: str) -> str:
+    """Serve deployment names allow no '/' or ':'; registry names can have both."""
+    return "encoder-" + "".join(c if c.isalnum() or c in "-_." else "_" for c in model)

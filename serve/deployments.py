@@ -1,0 +1,134 @@
+"""One Ray Serve deployment per model, batching concurrent requests with ``@serve.batch``.
+
+A request's items are preprocessed (decoded, resized, tokenised) in a worker thread of
+the replica, then each item joins its modality's batch queue. The batch handler only
+stacks ready items and runs the forward pass, also in a thread, so the event loop keeps
+admitting and preprocessing the next requests while the model runs: the accelerator
+never waits for a JPEG decoder, and preprocessing never waits for the accelerator.
+
+Batches are capped by count and by cost (tokens, seconds of audio) through
+``batch_size_fn``. Every result carries the size of the batch it ran in, how long it
+queued and how long the forward pass took, which the ingress turns into metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ray import serve
+
+from encoders import Encoder, InputError, ItemResult, LoadedModel, Modality, Prepared, load
+from serve.config import BatchConfig, ModelConfig
+
+
+@dataclass
+class Queued:
+    prepared: Prepared
+    slots: float  # share of one batch: max(1 item, this item's cost over the per-item cost budget)
+    enqueued: float
+
+
+def batch_slots(items: list[Queued]) -> int:
+    """The batch size Serve compares with max_batch_size: the count, or the cost in
+    per-item budgets when that is larger."""
+    return max(len(items), math.ceil(sum(q.slots for q in items) - 1e-9))
+
+
+def item_cost(modality: Modality, prepared: Prepared, batch: BatchConfig) -> float:
+    """This item's share of a batch's cost budget, in items (1.0 = an average item).
+    Capped at a whole batch: an item over the budget runs alone instead of failing."""
+    cost = 1.0
+    if modality == Modality.TEXT and batch.max_batch_tokens:
+        cost = len(prepared.data) / (batch.max_batch_tokens / batch.max_batch_size)
+    elif modality == Modality.AUDIO and batch.max_batch_audio_seconds:
+        cost = float(prepared.info.get("seconds", 0.0)) / (batch.max_batch_audio_seconds / batch.max_batch_size)
+    return min(cost, float(batch.max_batch_size))
+
+
+def result_dict(result: ItemResult) -> dict[str, Any]:
+    error = None if result.error is None else {"code": result.error.code, "message": str(result.error)}
+    return {"vector": result.vector, "error": error, "info": result.info}
+
+
+class EncoderDeployment:
+    """Serve deployment for one model (all its modalities). Built by ``build_encoder``."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = ModelConfig.model_validate(config)
+        self.model: LoadedModel = load(self.config.name)
+        batch = self.config.batch
+        for handler in (self._batch_text, self._batch_image, self._batch_audio):
+            handler.set_max_batch_size(batch.max_batch_size)
+            handler.set_batch_wait_timeout_s(batch.batch_wait_timeout_s)
+        self._handlers = {
+            Modality.TEXT: self._batch_text,
+            Modality.IMAGE: self._batch_image,
+            Modality.AUDIO: self._batch_audio,
+        }
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.model.spec.name,
+            "device": str(self.model.device),
+            "dtype": str(self.model.dtype).removeprefix("torch."),
+            "encoders": {
+                str(m): {"name": e.name, "dim": e.dim, "limits": vars(e.limits)} for m, e in self.model.encoders.items()
+            },
+        }
+
+    async def encode(self, modality: str, items: Sequence[Any]) -> list[dict[str, Any]]:
+        """Per-item results in input order; a bad item never fails the others."""
+        encoder = self.model.encoder(modality)
+        prepared = await asyncio.to_thread(_preprocess_all, encoder, items)
+        handler = self._handlers[encoder.modality]
+        now = time.perf_counter()
+        pending = [
+            handler(Queued(p, item_cost(encoder.modality, p, self.config.batch), now))
+            for p in prepared
+            if isinstance(p, Prepared)
+        ]
+        encoded = iter(await asyncio.gather(*pending))
+        return [result_dict(ItemResult(error=p)) if isinstance(p, InputError) else next(encoded) for p in prepared]
+
+    async def _run(self, modality: Modality, batch: list[Queued]) -> list[dict[str, Any]]:
+        started = time.perf_counter()
+        encoder = self.model.encoder(modality)
+        results = await asyncio.to_thread(encoder.encode_prepared, [q.prepared for q in batch])
+        encode_ms = (time.perf_counter() - started) * 1000
+        out = []
+        for q, r in zip(batch, results, strict=True):
+            r.info = r.info | {"batch_size": len(batch), "queue_ms": (started - q.enqueued) * 1000,
+                               "encode_ms": encode_ms}  # fmt: skip
+            out.append(result_dict(r))
+        return out
+
+    @serve.batch(batch_size_fn=batch_slots)
+    async def _batch_text(self, batch: list[Queued]) -> list[dict[str, Any]]:
+        return await self._run(Modality.TEXT, batch)
+
+    @serve.batch(batch_size_fn=batch_slots)
+    async def _batch_image(self, batch: list[Queued]) -> list[dict[str, Any]]:
+        return await self._run(Modality.IMAGE, batch)
+
+    @serve.batch(batch_size_fn=batch_slots)
+    async def _batch_audio(self, batch: list[Queued]) -> list[dict[str, Any]]:
+        return await self._run(Modality.AUDIO, batch)
+
+
+def _preprocess_all(encoder: Encoder, items: Sequence[Any]) -> list[Prepared | InputError]:
+    out: list[Prepared | InputError] = []
+    for item in items:
+        try:
+            out.append(encoder.preprocess(item))
+        except InputError as exc:
+            out.append(exc)
+    return out
+
+
+def build_encoder(config: ModelConfig) -> serve.Application:
+    return serve.deployment(EncoderDeployment).options(**config.deployment_options()).bind(config.model_dump())
