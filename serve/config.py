@@ -58,3 +58,22 @@ class ModelConfig(BaseModel):
 def deployment_name(model: str) -> str:
     """Serve deployment names allow no '/' or ':'; registry names can have both."""
     return "encoder-" + "".join(c if c.isalnum() or c in "-_." else "_" for c in model)
+
+
+DEFAULT_MODELS = ("demo-clip", "all-MiniLM-L6-v2", "whisper-base", "bind")
+
+
+class ServeConfig(BaseModel):
+    """The application's arguments in the Serve config YAML (``applications[].args``)."""
+
+    models: list[ModelConfig] = Field(default_factory=lambda: [ModelConfig(name=n) for n in DEFAULT_MODELS])
+    max_body_bytes: int = Field(default=64_000_000, ge=1, description="Larger requests get 413.")
+    max_items_per_request: int = Field(default=256, ge=1, description="Larger requests get 413.")
+    retry_after_s: int = Field(default=1, ge=1, description="Retry-After on 429 when a model's queue is full.")
+
+    @model_validator(mode="after")
+    def _unique(self) -> ServeConfig:
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"a model is listed twice: {names}")
+        return self

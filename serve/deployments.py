@@ -23,6 +23,8 @@ from typing import Any
 from ray import serve
 
 from encoders import Encoder, InputError, ItemResult, LoadedModel, Modality, Prepared, load
+from loaders.images import DecodeLimits, ImageDecodeError, decode_image
+from mmembed.config import get_settings
 from serve.config import BatchConfig, ModelConfig
 
 
@@ -60,7 +62,9 @@ class EncoderDeployment:
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = ModelConfig.model_validate(config)
-        self.model: LoadedModel = load(self.config.name)
+        settings = get_settings()
+        self.model: LoadedModel = load(self.config.name, settings)
+        self.image_limits = DecodeLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
         batch = self.config.batch
         for handler in (self._batch_text, self._batch_image, self._batch_audio):
             handler.set_max_batch_size(batch.max_batch_size)
@@ -84,7 +88,7 @@ class EncoderDeployment:
     async def encode(self, modality: str, items: Sequence[Any]) -> list[dict[str, Any]]:
         """Per-item results in input order; a bad item never fails the others."""
         encoder = self.model.encoder(modality)
-        prepared = await asyncio.to_thread(_preprocess_all, encoder, items)
+        prepared = await asyncio.to_thread(_preprocess_all, encoder, items, self.image_limits)
         handler = self._handlers[encoder.modality]
         now = time.perf_counter()
         pending = [
@@ -120,11 +124,16 @@ class EncoderDeployment:
         return await self._run(Modality.AUDIO, batch)
 
 
-def _preprocess_all(encoder: Encoder, items: Sequence[Any]) -> list[Prepared | InputError]:
+def _preprocess_all(encoder: Encoder, items: Sequence[Any], limits: DecodeLimits) -> list[Prepared | InputError]:
+    """Images arrive as bytes (smaller over the wire than pixels) and are decoded here."""
     out: list[Prepared | InputError] = []
     for item in items:
         try:
+            if encoder.modality == Modality.IMAGE and isinstance(item, bytes):
+                item = decode_image(item, limits)
             out.append(encoder.preprocess(item))
+        except ImageDecodeError as exc:
+            out.append(InputError(str(exc), code=exc.code))
         except InputError as exc:
             out.append(exc)
     return out

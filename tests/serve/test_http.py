@@ -1,0 +1,122 @@
+"""The HTTP API on a real Ray Serve: every endpoint, the official openai client, error codes."""
+
+from __future__ import annotations
+
+import base64
+import io
+import socket
+
+import httpx
+import numpy as np
+import pytest
+from openai import OpenAI
+from PIL import Image
+from ray import serve
+
+from encoders import LoadedModel, Modality
+from mmembed.demo.speech import espeak_wav
+from serve.app import build_app
+
+MODELS = [
+    {"name": "demo-clip", "batch": {"max_batch_size": 8}},
+    {"name": "all-MiniLM-L6-v2"},
+    {"name": "bind", "batch": {"max_batch_size": 4}},
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def api(ray_cluster) -> str:
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app({"models": MODELS, "max_body_bytes": 2_000_000}), name="mmembed", route_prefix="/")
+    yield f"http://127.0.0.1:{port}"
+    serve.delete("mmembed")
+
+
+def _png(colour: tuple[int, int, int]) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), colour).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_health_readiness_and_models(api: str):
+    assert httpx.get(f"{api}/healthz").json() == {"status": "ok"}
+    ready = httpx.get(f"{api}/readyz", timeout=30).json()
+    assert ready["status"] == "ready" and set(ready["models"]) == {"demo-clip", "all-MiniLM-L6-v2", "bind"}
+    models = {m["name"]: m for m in httpx.get(f"{api}/models", timeout=30).json()["data"]}
+    assert models["demo-clip.image"]["dim"] == 128 and models["demo-clip.image"]["limits"]["image_size"] == 64
+    assert models["all-MiniLM-L6-v2.text"]["limits"]["max_tokens"] == 256
+    assert models["bind.audio"]["limits"]["max_seconds"] == 600
+
+
+def test_openai_client_round_trip(api: str, minilm: LoadedModel):
+    client = OpenAI(base_url=f"{api}/v1", api_key="unused")
+    texts = ["a red circle", "the weather is nice today"]
+    response = client.embeddings.create(model="all-MiniLM-L6-v2", input=texts)  # the client asks for base64
+    local = minilm.encoder(Modality.TEXT).encode_items(texts)
+    for item, mine in zip(response.data, local, strict=True):
+        assert np.allclose(item.embedding, mine.vector, atol=1e-5)
+    assert response.usage.prompt_tokens == sum(r.info["tokens"] for r in local)
+    floats = client.embeddings.create(model="all-MiniLM-L6-v2", input="a red circle", encoding_format="float")
+    assert np.allclose(floats.data[0].embedding, local[0].vector, atol=1e-5)
+
+
+def test_embeddings_accept_image_data_uris(api: str, demo_clip: LoadedModel):
+    uri = "data:image/png;base64," + base64.b64encode(_png((220, 30, 30))).decode()
+    body = {"model": "demo-clip", "input": ["a red circle", uri], "encoding_format": "float"}
+    data = httpx.post(f"{api}/v1/embeddings", json=body, timeout=60).json()["data"]
+    [local] = demo_clip.encoder(Modality.IMAGE).encode_items([Image.open(io.BytesIO(_png((220, 30, 30))))])
+    assert np.allclose(data[1]["embedding"], local.vector, atol=1e-5)
+    assert len(data[0]["embedding"]) == 128
+
+
+def test_native_image_endpoints_return_good_items_beside_bad_ones(api: str):
+    good = base64.b64encode(_png((30, 70, 220))).decode()
+    body = {"model": "demo-clip", "items": [good, base64.b64encode(b"not an image").decode()]}
+    data = httpx.post(f"{api}/encode/image", json=body, timeout=60).json()["data"]
+    assert len(data[0]["embedding"]) == 128 and data[1]["error"]["code"] == "not_an_image"
+    files = [("files", ("a.png", _png((1, 2, 3)), "image/png")), ("files", ("b.png", _png((9, 9, 9)), "image/png"))]
+    upload = httpx.post(f"{api}/encode/image/upload", params={"model": "demo-clip"}, files=files, timeout=60)
+    assert [len(d["embedding"]) for d in upload.json()["data"]] == [128, 128]
+
+
+def test_audio_endpoint(api: str):
+    wav = base64.b64encode(espeak_wav("a red circle")).decode()
+    data = httpx.post(f"{api}/encode/audio", json={"model": "bind", "items": [wav]}, timeout=120).json()["data"]
+    assert len(data[0]["embedding"]) == 128 and data[0]["info"]["seconds"] > 0.5
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "code"),
+    [
+        ("/v1/embeddings", {"model": "nope", "input": "x"}, 404, "model_not_found"),
+        ("/v1/embeddings", {"model": "all-MiniLM-L6-v2", "input": ["ok", ""]}, 422, "empty_input"),
+        ("/v1/embeddings", {"model": "all-MiniLM-L6-v2", "input": [[1, 2, 3]]}, 422, "token_arrays_unsupported"),
+        ("/v1/embeddings", {"model": "demo-clip", "input": "x", "dimensions": 64}, 422, "dimensions_unsupported"),
+        ("/v1/embeddings", {"model": "all-MiniLM-L6-v2"}, 422, "invalid_request"),
+        ("/encode/image", {"model": "demo-clip", "items": ["%%%"]}, 422, "invalid_base64"),
+        ("/encode/audio", {"model": "all-MiniLM-L6-v2", "items": ["AAAA"]}, 422, "unsupported_modality"),
+    ],
+)
+def test_errors_are_json_with_stable_codes(api: str, path: str, body: dict, status: int, code: str):
+    response = httpx.post(f"{api}{path}", json=body, timeout=60)
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["code"] == code
+
+
+def test_bodies_over_the_limit_get_413(api: str):
+    response = httpx.post(f"{api}/encode/text", json={"model": "all-MiniLM-L6-v2", "texts": ["x" * 3_000_000]})
+    assert response.status_code == 413 and response.json()["error"]["code"] == "body_too_large"
+
+
+def test_metrics_count_items_and_batch_sizes(api: str):
+    httpx.post(f"{api}/encode/text", json={"model": "all-MiniLM-L6-v2", "texts": ["metrics probe"]}, timeout=60)
+    text = httpx.get(f"{api}/metrics").text
+    assert 'mmembed_items_total{modality="text",model="all-MiniLM-L6-v2"}' in text
+    assert "mmembed_batch_size_bucket" in text and "mmembed_queue_wait_seconds" in text
