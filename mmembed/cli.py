@@ -221,6 +221,47 @@ def embed(
             console.print(f"query {q!r}: " + ", ".join(f"{p} ({s:.2f})" for p, s in hits))
 
 
+@app.command("serve")
+def serve_command(
+    config: Annotated[Path | None, typer.Option(help="Serve config YAML (the file `serve run` takes).")] = None,
+    address: Annotated[str | None, typer.Option(help="Join this Ray cluster instead of starting one.")] = None,
+    host: Annotated[str | None, typer.Option(help="Override http_options.host.")] = None,
+    port: Annotated[int | None, typer.Option(help="Override http_options.port.")] = None,
+) -> None:
+    """Start Ray (or join --address), deploy the encoders behind the HTTP API, and serve until Ctrl-C."""
+    import signal
+    import threading
+
+    import ray
+    import yaml
+    from ray import serve
+
+    from serve.app import build_app
+
+    spec = yaml.safe_load(config.read_text()) if config else {}
+    http = spec.get("http_options", {}) | {k: v for k, v in (("host", host), ("port", port)) if v is not None}
+    http = {"host": "127.0.0.1", "port": 8000} | http
+    apps = spec.get("applications") or [{}]
+    try:
+        context = ray.init(address=address, dashboard_host="127.0.0.1", include_dashboard=address is None)
+        serve.start(http_options=http)
+        serve.run(build_app(apps[0].get("args")), name=apps[0].get("name", "mmembed"), route_prefix="/")
+    except Exception as exc:  # a model that fails to load, a port in use: say which and stop
+        _fail(exc)
+    url = f"http://{http['host']}:{http['port']}"
+    dashboard = context.dashboard_url or "127.0.0.1:8265"
+    console.print(f"mmembed API: {url}  (OpenAPI docs: {url}/docs, OpenAI base_url: {url}/v1)")
+    console.print(f"Ray dashboard: http://{dashboard}")
+    console.print("serving; Ctrl-C to stop")
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop.wait()
+    console.print("shutting down")
+    serve.shutdown()
+    ray.shutdown()
+
+
 @app.command("quickstart")
 def quickstart() -> None:
     """The main job on embedded defaults: provision the offline models, render the demo

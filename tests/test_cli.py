@@ -78,3 +78,38 @@ def test_transcribe_prints_timed_segments_and_names_bad_files(data_dir: Path, tm
     assert re.search(r"hello\.wav \(en, \d\.\d s\)", out), out
     assert re.search(r"\[\s*0\.00 ->\s+\d\.\d\d\] .*restaurant", out, flags=re.IGNORECASE), out
     assert re.search(r"notes\.txt.*: unsupported_format", out), out
+
+
+def test_serve_starts_ray_serves_http_and_stops_cleanly_on_ctrl_c(data_dir: Path, tmp_path: Path) -> None:
+    import signal
+    import socket
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = tmp_path / "serve.yaml"
+    config.write_text("applications:\n  - name: mmembed\n    import_path: serve.app:build_app\n"
+                      "    args:\n      models:\n        - name: demo-clip\n")  # fmt: skip
+    env = os.environ | {"MMEMBED_DATA_DIR": str(data_dir), "MMEMBED_ALLOW_DOWNLOADS": "false", "COLUMNS": "200"}
+    exe = Path(sys.executable).parent / "mmembed"
+    proc = subprocess.Popen([str(exe), "serve", "--config", str(config), "--port", str(port)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        lines = []
+        for line in proc.stdout:  # type: ignore[union-attr]
+            lines.append(line)
+            if "Ctrl-C to stop" in line:
+                break
+        out = "".join(lines)
+        assert f"mmembed API: http://127.0.0.1:{port}" in out and "Ray dashboard: http://127.0.0.1:" in out, out
+        body = {"model": "demo-clip", "input": "a red circle", "encoding_format": "float"}
+        response = httpx.post(f"http://127.0.0.1:{port}/v1/embeddings", json=body, timeout=60)
+        assert len(response.json()["data"][0]["embedding"]) == 128
+    finally:
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "shutting down" in rest, rest
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
