@@ -146,8 +146,16 @@ class Ingress:
 
     async def _describe(self, model: str) -> dict[str, Any]:
         if model not in self.described:
-            self.described[model] = await self._handle(model).describe.remote()
+            self.described[model] = await self._call(model, "describe")
         return self.described[model]
+
+    async def _call(self, model: str, method: str, *args: Any) -> Any:
+        """Every call into a model deployment: a full queue there is a 429, not a 503 page."""
+        try:
+            return await getattr(self._handle(model), method).remote(*args)
+        except BackPressureError as exc:
+            retry = str(self.config.retry_after_s)
+            raise ApiError(429, "overloaded", f"model {model!r} is at capacity; retry", {"Retry-After": retry}) from exc
 
     def _handle(self, model: str) -> DeploymentHandle:
         if model not in self.encoders:
@@ -162,11 +170,7 @@ class Ingress:
         described = await self._describe(model)
         if modality not in described["encoders"]:
             raise ApiError(422, "unsupported_modality", f"model {model!r} does not encode {modality}")
-        try:
-            results = await self._handle(model).encode.remote(modality, items)
-        except BackPressureError as exc:
-            retry = str(self.config.retry_after_s)
-            raise ApiError(429, "overloaded", f"model {model!r} is at capacity; retry", {"Retry-After": retry}) from exc
+        results = await self._call(model, "encode", modality, items)
         self.metrics.observe(model, modality, results)
         return results
 

@@ -120,3 +120,50 @@ def test_metrics_count_items_and_batch_sizes(api: str):
     text = httpx.get(f"{api}/metrics").text
     assert 'mmembed_items_total{modality="text",model="all-MiniLM-L6-v2"}' in text
     assert "mmembed_batch_size_bucket" in text and "mmembed_queue_wait_seconds" in text
+
+
+def test_concurrent_http_requests_share_batches(api: str):
+    import asyncio
+
+    async def burst() -> list[dict]:
+        async with httpx.AsyncClient(timeout=120) as client:
+            requests = [client.post(f"{api}/encode/text", json={"model": "demo-clip", "texts": [f"a red star {i}"]})
+                        for i in range(24)]  # fmt: skip
+            return [r.json()["data"][0] for r in await asyncio.gather(*requests)]
+
+    sizes = [d["info"]["batch_size"] for d in asyncio.run(burst())]
+    assert max(sizes) > 1 and max(sizes) <= 8, sizes  # demo-clip's max_batch_size above
+
+
+def test_langchain_openai_embeddings_work_unchanged(api: str, minilm: LoadedModel):
+    from langchain_openai import OpenAIEmbeddings
+
+    embeddings = OpenAIEmbeddings(model="all-MiniLM-L6-v2", base_url=f"{api}/v1", api_key="unused",
+                                  check_embedding_ctx_length=False)  # fmt: skip
+    vectors = embeddings.embed_documents(["a red circle", "a blue square"])
+    query = embeddings.embed_query("a red circle")
+    local = minilm.encoder(Modality.TEXT).encode_items(["a red circle", "a blue square"])
+    assert np.allclose(vectors[0], local[0].vector, atol=1e-5) and np.allclose(vectors[1], local[1].vector, atol=1e-5)
+    assert np.allclose(query, local[0].vector, atol=1e-5)
+
+
+def test_a_full_queue_answers_429_with_retry_after(ray_cluster, api: str):
+    import asyncio
+
+    tight = {"models": [{"name": "demo-clip", "batch": {"max_batch_size": 1}, "max_queued_requests": 1}]}
+    serve.run(build_app(tight), name="tight", route_prefix="/tight")
+    image = base64.b64encode(_png((200, 10, 10))).decode()
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=120) as client:
+            body = {"model": "demo-clip", "items": [image]}
+            return list(await asyncio.gather(*(client.post(f"{api}/tight/encode/image", json=body) for _ in range(40))))
+
+    try:
+        responses = asyncio.run(burst())
+    finally:
+        serve.delete("tight")
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) == {200, 429}, statuses  # some served, the overflow refused; never a 5xx or a hang
+    refused = next(r for r in responses if r.status_code == 429)
+    assert refused.headers["Retry-After"] == "1" and refused.json()["error"]["code"] == "overloaded"
