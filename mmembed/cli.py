@@ -251,7 +251,7 @@ def serve_command(
     url = f"http://{http['host']}:{http['port']}"
     dashboard = context.dashboard_url or "127.0.0.1:8265"
     console.print(f"mmembed API: {url}  (OpenAPI docs: {url}/docs, OpenAI base_url: {url}/v1)")
-    console.print(f"Ray dashboard: http://{dashboard}")
+    console.print(f"Ray dashboard: http://{dashboard}  (sign-in token: `ray get-auth-token`, or ~/.ray/auth_token)")
     console.print("serving; Ctrl-C to stop")
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
