@@ -27,6 +27,7 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
+from loaders.fetch import FetchError, FetchLimits, fetch
 from serve.config import ServeConfig
 
 app = FastAPI(title="mmembed", description="Multi-modal embeddings: text, images and audio.")
@@ -64,6 +65,11 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
 class EmbeddingsRequest(BaseModel):
     input: str | list[str] | list[int] | list[list[int]]
     model: str
+    modality: Literal["text", "image", "audio"] = Field(
+        default="text",
+        description="How to read the inputs; image/audio inputs are URLs, data URIs or base64. "
+        "Data URIs are recognised whatever this says.",
+    )
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None
     user: str | None = None
@@ -76,7 +82,7 @@ class EncodeTextRequest(BaseModel):
 
 class EncodeMediaRequest(BaseModel):
     model: str
-    items: list[str] = Field(min_length=1, description="base64 bytes or data URIs")
+    items: list[str] = Field(min_length=1, description="http(s) URLs, data URIs or base64 bytes")
 
 
 class Metrics:
@@ -106,16 +112,17 @@ class Metrics:
             self.encode.labels(model, modality).observe(info["encode_ms"] / 1000)
 
 
-def _classify(text: str) -> tuple[str, Any]:
-    """An OpenAI input string is text, unless it is an image or audio data URI."""
-    if m := DATA_URI.match(text):
-        return m["kind"], _b64(m["data"], "input")
-    return "text", text
-
-
-def _bytes_of(item: str, where: str) -> bytes:
-    m = DATA_URI.match(item)
-    return _b64(m["data"] if m else item, where)
+async def _media(item: str, kind: str, where: str, limits: FetchLimits) -> bytes | dict[str, str]:
+    """The bytes an item names, or its error (so one bad URL fails only its own item)."""
+    try:
+        if item.startswith(("http://", "https://")):
+            return await fetch(item, kind, limits)
+        m = DATA_URI.match(item)
+        return _b64(m["data"] if m else item, where)
+    except FetchError as exc:
+        return {"code": exc.code, "message": f"{where}: {exc}"}
+    except ApiError as exc:
+        return {"code": exc.code, "message": exc.message}
 
 
 def _b64(data: str, where: str) -> bytes:
@@ -141,6 +148,7 @@ class Ingress:
     def __init__(self, encoders: dict[str, DeploymentHandle], config: dict[str, Any]) -> None:
         self.encoders, self.config = encoders, ServeConfig.model_validate(config)
         app.state.max_body_bytes = self.config.max_body_bytes
+        self.fetch_limits = FetchLimits(max_bytes=self.config.max_body_bytes)
         self.metrics = Metrics()
         self.described: dict[str, dict[str, Any]] = {}
 
@@ -187,15 +195,23 @@ class Ingress:
             raise ApiError(422, "token_arrays_unsupported", message)
         groups: dict[str, list[tuple[int, Any]]] = {}
         for index, text in enumerate(inputs):
-            modality, item = _classify(text)
-            groups.setdefault(modality, []).append((index, item))
+            m = DATA_URI.match(text)
+            modality = m["kind"] if m else body.modality
+            groups.setdefault(modality, []).append((index, text))
         described = await self._describe(body.model)
         for modality in groups:
             dim = described["encoders"].get(modality, {}).get("dim")
             if body.dimensions is not None and dim is not None and body.dimensions != dim:
                 raise ApiError(422, "dimensions_unsupported",
                                f"model {body.model!r} gives {dim}-d vectors and cannot shorten them")  # fmt: skip
-        outcomes = await asyncio.gather(*(self._encode(body.model, m, [i for _, i in g]) for m, g in groups.items()))
+        outcomes = await asyncio.gather(
+            *(
+                self._encode(body.model, m, [i for _, i in g])
+                if m == "text"
+                else self._encode_media(body.model, m, [i for _, i in g])
+                for m, g in groups.items()
+            )
+        )
         data: list[dict[str, Any]] = [{}] * len(inputs)
         tokens = 0
         for (modality, group), results in zip(groups.items(), outcomes, strict=True):
@@ -216,8 +232,7 @@ class Ingress:
 
     @app.post("/encode/image")
     async def encode_image(self, body: EncodeMediaRequest) -> dict[str, Any]:
-        items = [_bytes_of(i, f"items[{n}]") for n, i in enumerate(body.items)]
-        return self._native(body.model, "image", await self._encode(body.model, "image", items))
+        return self._native(body.model, "image", await self._encode_media(body.model, "image", body.items))
 
     @app.post("/encode/image/upload")
     async def encode_image_upload(self, model: str, files: Annotated[list[UploadFile], File()]) -> dict[str, Any]:
@@ -226,8 +241,17 @@ class Ingress:
 
     @app.post("/encode/audio")
     async def encode_audio(self, body: EncodeMediaRequest) -> dict[str, Any]:
-        items = [_bytes_of(i, f"items[{n}]") for n, i in enumerate(body.items)]
-        return self._native(body.model, "audio", await self._encode(body.model, "audio", items))
+        return self._native(body.model, "audio", await self._encode_media(body.model, "audio", body.items))
+
+    async def _encode_media(self, model: str, modality: str, items: list[str]) -> list[dict[str, Any]]:
+        """Fetch or decode every item's bytes concurrently; items that fail here keep their
+        error and the rest are encoded."""
+        resolved = await asyncio.gather(
+            *(_media(item, modality, f"items[{n}]", self.fetch_limits) for n, item in enumerate(items))
+        )
+        good = [r for r in resolved if isinstance(r, bytes)]
+        encoded = iter(await self._encode(model, modality, good) if good else [])
+        return [next(encoded) if isinstance(r, bytes) else {"vector": None, "error": r, "info": {}} for r in resolved]
 
     def _native(self, model: str, modality: str, results: list[dict[str, Any]]) -> dict[str, Any]:
         """Good items come back even when others fail; a request where every item failed is a 422."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import io
-import socket
 
 import httpx
 import numpy as np
@@ -24,18 +23,10 @@ MODELS = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def api(ray_cluster) -> str:
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+def api(ray_cluster: int) -> str:
     serve.run(build_app({"models": MODELS, "max_body_bytes": 2_000_000}), name="mmembed", route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
+    yield f"http://127.0.0.1:{ray_cluster}"
     serve.delete("mmembed")
 
 
@@ -167,3 +158,42 @@ def test_a_full_queue_answers_429_with_retry_after(ray_cluster, api: str):
     assert set(statuses) == {200, 429}, statuses  # some served, the overflow refused; never a 5xx or a hang
     refused = next(r for r in responses if r.status_code == 429)
     assert refused.headers["Retry-After"] == "1" and refused.json()["error"]["code"] == "overloaded"
+
+
+@pytest.fixture(scope="module")
+def media_site() -> str:
+    """A real local HTTP server with one image, one web page, and nothing else."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    png = _png((220, 30, 30))
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body, ctype = {"/red.png": (png, "image/png"), "/page": (b"<html></html>", "text/html")}.get(
+                self.path, (b"", "")
+            )
+            self.send_response(200 if body else 404)
+            self.send_header("Content-Type", ctype or "text/plain")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_media_by_url_each_failure_its_own_code(api: str, media_site: str, demo_clip: LoadedModel):
+    items = [f"{media_site}/red.png", f"{media_site}/page", f"{media_site}/missing", "http://127.0.0.1:9/none"]
+    data = httpx.post(f"{api}/encode/image", json={"model": "demo-clip", "items": items}, timeout=60).json()["data"]
+    [local] = demo_clip.encoder(Modality.IMAGE).encode_items([Image.open(io.BytesIO(_png((220, 30, 30))))])
+    assert np.allclose(data[0]["embedding"], local.vector, atol=1e-5)
+    assert [d["error"]["code"] for d in data[1:]] == ["url_wrong_type", "url_status", "url_unreachable"]
+    body = {"model": "demo-clip", "modality": "image", "input": [f"{media_site}/red.png"], "encoding_format": "float"}
+    embedded = httpx.post(f"{api}/v1/embeddings", json=body, timeout=60).json()["data"][0]["embedding"]
+    assert np.allclose(embedded, local.vector, atol=1e-5)
