@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -236,14 +237,16 @@ def serve_command(
     import yaml
     from ray import serve
 
-    from serve.app import build_app
+    from serve.app import build_app, logical_cpus
 
     spec = yaml.safe_load(config.read_text()) if config else {}
     http = spec.get("http_options", {}) | {k: v for k, v in (("host", host), ("port", port)) if v is not None}
     http = {"host": "127.0.0.1", "port": 8000} | http
     apps = spec.get("applications") or [{}]
     try:
-        context = ray.init(address=address, dashboard_host="127.0.0.1", include_dashboard=address is None)
+        cpus = None if address else logical_cpus(apps[0].get("args"), os.cpu_count() or 1)
+        local = address is None
+        context = ray.init(address=address, num_cpus=cpus, dashboard_host="127.0.0.1", include_dashboard=local)
         serve.start(http_options=http)
         serve.run(build_app(apps[0].get("args")), name=apps[0].get("name", "mmembed"), route_prefix="/")
     except Exception as exc:  # a model that fails to load, a port in use: say which and stop

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from ray import serve
@@ -20,3 +21,12 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     config = ServeConfig.model_validate(args or {})
     encoders = {m.name: build_encoder(m) for m in config.models}
     return Ingress.bind(encoders, config.model_dump())
+
+
+def logical_cpus(args: dict[str, Any] | None, physical: int) -> int:
+    """CPUs to give a local Ray so the configured replicas can all start: Serve reserves one
+    CPU per replica by default, and five small models must not wait for a bigger machine.
+    They are logical reservations; each replica's torch threads follow its ``num_cpus``."""
+    config = ServeConfig.model_validate(args or {})
+    needed = 1 + sum(m.num_cpus * max(m.min_replicas, 1) for m in config.models)  # 1: the ingress
+    return max(physical, math.ceil(needed))
