@@ -1,0 +1,162 @@
+"""Serving throughput: the HTTP server against the raw forward pass and a naive server.
+
+One run, one machine, side by side (ViT-B-32 architecture, random weights: the compute
+of the published ones):
+  (a) ceiling: the batched forward pass in this process on pre-decoded tensors (images),
+      and a batch-32 text forward padded to the longest text;
+  (b) the server over HTTP: 256 JPEGs of about 640x480 as base64 (and 256 captions), one
+      item per request, at client concurrency 1, 8 and 32;
+  (c) a naive server: the same stack with max_batch_size 1, so each request runs alone.
+Reports items/s and p50/p99 latency, with ratios against (a) and (c).
+
+    python bench/serve_throughput.py [--model ViT-B-32@random] [--out bench/results/serve_throughput.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import os
+import platform
+import random
+import socket
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import ray
+import torch
+from PIL import Image
+from ray import serve
+
+from encoders import Modality, load
+from mmembed.config import Settings
+from mmembed.demo import world
+from serve.app import build_app
+
+N_ITEMS = 256
+CONCURRENCY = (1, 8, 32)
+
+
+def jpegs(n: int) -> list[bytes]:
+    rng = random.Random(0)
+    out = []
+    for _ in range(n):
+        image = world.render(world.random_scene(rng), rng, size=640).crop((0, 80, 640, 560))
+        buf = io.BytesIO()
+        image.save(buf, "JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def ceiling(model: str, images: list[bytes], texts: list[str]) -> dict[str, float]:
+    loaded = load(model, Settings(allow_downloads=False))
+    image, text = loaded.encoder(Modality.IMAGE), loaded.encoder(Modality.TEXT)
+    prepared = [image.preprocess(Image.open(io.BytesIO(b)).convert("RGB")) for b in images[:64]]
+    out: dict[str, float] = {}
+    for bs in (1, 32):
+        batch = prepared[:bs]
+        image.encode(batch)
+        started, done = time.perf_counter(), 0
+        while done < 64:
+            image.encode(batch)
+            done += bs
+        out[f"images_per_s@{bs}"] = done / (time.perf_counter() - started)
+    tokens = [text.preprocess(t) for t in texts[:32]]
+    text.encode(tokens)
+    started = time.perf_counter()
+    for _ in range(4):
+        text.encode(tokens)
+    out["texts_per_s@32"] = 128 / (time.perf_counter() - started)
+    started = time.perf_counter()
+    for t in tokens[:16]:
+        text.encode([t])
+    out["text_forward_ms@1"] = (time.perf_counter() - started) / 16 * 1000
+    started = time.perf_counter()
+    for p in prepared[:8]:
+        image.encode([p])
+    out["image_forward_ms@1"] = (time.perf_counter() - started) / 8 * 1000
+    return out
+
+
+async def load_test(url: str, path: str, bodies: list[dict], concurrency: int) -> dict[str, float]:
+    limit = asyncio.Semaphore(concurrency)
+    latencies: list[float] = []
+
+    async def one(client: httpx.AsyncClient, body: dict) -> None:
+        async with limit:
+            started = time.perf_counter()
+            response = await client.post(f"{url}{path}", json=body)
+            response.raise_for_status()
+            latencies.append((time.perf_counter() - started) * 1000)
+
+    async with httpx.AsyncClient(timeout=600) as client:
+        await one(client, bodies[0])  # warm-up
+        latencies.clear()
+        started = time.perf_counter()
+        await asyncio.gather(*(one(client, b) for b in bodies))
+        elapsed = time.perf_counter() - started
+    return {"per_s": len(bodies) / elapsed, "p50_ms": float(np.percentile(latencies, 50)),
+            "p99_ms": float(np.percentile(latencies, 99))}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="ViT-B-32@random")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "serve_throughput.json")
+    args = parser.parse_args()
+
+    images = jpegs(N_ITEMS)
+    rng = random.Random(1)
+    texts = [world.render_query(world.training_query(world.random_scene(rng), rng), rng) for _ in range(N_ITEMS)]
+    results: dict[str, object] = {"model": args.model, "items": N_ITEMS,
+                                  "jpeg_kb_mean": round(sum(map(len, images)) / len(images) / 1024, 1)}  # fmt: skip
+    results["ceiling"] = ceiling(args.model, images, texts)
+    print("ceiling", json.dumps(results["ceiling"]), flush=True)
+
+    cpus = os.cpu_count() or 2
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    url = f"http://127.0.0.1:{port}"
+    servers = {
+        "batched": {"max_batch_size": 32, "batch_wait_timeout_s": 0.01, "max_batch_tokens": None},
+        "naive": {"max_batch_size": 1, "batch_wait_timeout_s": 0.0, "max_batch_tokens": None},
+    }
+    image_bodies = [{"model": args.model, "items": [base64.b64encode(b).decode()]} for b in images]
+    text_bodies = [{"model": args.model, "texts": [t]} for t in texts]
+    for name, batch in servers.items():
+        model = {"name": args.model, "batch": batch, "num_cpus": cpus, "max_queued_requests": 10_000}
+        serve.run(build_app({"models": [model]}), name=name, route_prefix=f"/{name}")
+        for concurrency in CONCURRENCY:
+            for kind, path, bodies in (("image", "/encode/image", image_bodies), ("text", "/encode/text", text_bodies)):
+                figures = asyncio.run(load_test(url, f"/{name}{path}", bodies, concurrency))
+                results[f"{name}_{kind}@{concurrency}"] = {k: round(v, 2) for k, v in figures.items()}
+                print(name, kind, concurrency, json.dumps(results[f"{name}_{kind}@{concurrency}"]), flush=True)
+        serve.delete(name)
+    serve.shutdown()
+    ray.shutdown()
+
+    ceil = results["ceiling"]
+    results["ratios"] = {
+        "images@32_vs_ceiling": round(results["batched_image@32"]["per_s"] / ceil["images_per_s@32"], 2),
+        "images@32_vs_naive": round(results["batched_image@32"]["per_s"] / results["naive_image@32"]["per_s"], 2),
+        "texts@32_vs_ceiling": round(results["batched_text@32"]["per_s"] / ceil["texts_per_s@32"], 2),
+        "image_p50@1_minus_forward_ms": round(results["batched_image@1"]["p50_ms"] - ceil["image_forward_ms@1"], 1),
+        "text_p50@1_minus_forward_ms": round(results["batched_text@1"]["p50_ms"] - ceil["text_forward_ms@1"], 1),
+    }  # type: ignore[index]
+    results["machine"] = {"platform": platform.platform(), "cpus": cpus, "torch_threads": torch.get_num_threads(),
+                          "device": "cuda" if torch.cuda.is_available() else "cpu"}  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
