@@ -263,6 +263,7 @@ class Ingress:
         if all(r["error"] is not None for r in results):
             first = results[0]["error"]
             raise ApiError(422, first["code"], f"every item failed; items[0]: {first['message']}")
+        self.metrics.requests.labels(f"/encode/{modality}", "200").inc()
         return {"model": model, "modality": modality, "data": out}
 
     # --- operations --------------------------------------------------------------------
@@ -287,7 +288,7 @@ class Ingress:
     async def readyz(self) -> JSONResponse:
         try:
             await asyncio.wait_for(asyncio.gather(*(self._describe(m) for m in self.encoders)), timeout=5)
-        except (TimeoutError, Exception) as exc:  # any model not answering means not ready
+        except Exception as exc:  # any model not answering (or timing out) means not ready
             return JSONResponse({"status": "not_ready", "reason": f"{type(exc).__name__}: {exc}"}, 503)
         return JSONResponse({"status": "ready", "models": sorted(self.encoders)})
 
