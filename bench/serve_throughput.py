@@ -7,7 +7,9 @@ of the published ones):
   (b) the server over HTTP: 256 JPEGs of about 640x480 as base64 (and 256 captions), one
       item per request, at client concurrency 1, 8 and 32;
   (c) a naive server: the same stack with max_batch_size 1, so each request runs alone.
-Reports items/s and p50/p99 latency, with ratios against (a) and (c).
+Reports items/s and p50/p99 latency, with ratios against (a) and (c), the batch sizes the
+server formed, and the CPU time each process spent per request (on a CPU-only machine
+the HTTP path and the forward pass share the same cores, so this is where time goes).
 
     python bench/serve_throughput.py [--model ViT-B-32@random] [--out bench/results/serve_throughput.json]
 """
@@ -28,6 +30,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import psutil
 import ray
 import torch
 from PIL import Image
@@ -83,9 +86,28 @@ def ceiling(model: str, images: list[bytes], texts: list[str]) -> dict[str, floa
     return out
 
 
-async def load_test(url: str, path: str, bodies: list[dict], concurrency: int) -> dict[str, float]:
+def _cpu_seconds() -> dict[int, tuple[str, float]]:
+    out = {}
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            out[p.pid] = (" ".join(p.info["cmdline"] or [])[:80] + " " + p.name(), sum(p.cpu_times()[:2]))
+        except psutil.Error:
+            continue
+    return out
+
+
+def _process_label(cmdline: str) -> str:
+    for key, label in (("ServeReplica", "replica:"), ("ProxyActor", "proxy"), ("ServeController", "controller"),
+                       ("serve_throughput", "client"), ("raylet", "raylet"), ("gcs_server", "gcs")):  # fmt: skip
+        if key in cmdline:
+            return label + cmdline.split(":")[-1].split()[0] if label == "replica:" else label
+    return "other ray"
+
+
+async def load_test(url: str, path: str, bodies: list[dict], concurrency: int) -> dict[str, object]:
     limit = asyncio.Semaphore(concurrency)
     latencies: list[float] = []
+    batches: list[int] = []
 
     async def one(client: httpx.AsyncClient, body: dict) -> None:
         async with limit:
@@ -93,15 +115,24 @@ async def load_test(url: str, path: str, bodies: list[dict], concurrency: int) -
             response = await client.post(f"{url}{path}", json=body)
             response.raise_for_status()
             latencies.append((time.perf_counter() - started) * 1000)
+            batches.append(response.json()["data"][0]["info"]["batch_size"])
 
     async with httpx.AsyncClient(timeout=600) as client:
         await one(client, bodies[0])  # warm-up
-        latencies.clear()
+        latencies.clear(), batches.clear()
+        before = _cpu_seconds()
         started = time.perf_counter()
         await asyncio.gather(*(one(client, b) for b in bodies))
         elapsed = time.perf_counter() - started
-    return {"per_s": len(bodies) / elapsed, "p50_ms": float(np.percentile(latencies, 50)),
-            "p99_ms": float(np.percentile(latencies, 99))}  # fmt: skip
+    cpu_ms: dict[str, float] = {}
+    for pid, (cmdline, seconds) in _cpu_seconds().items():
+        if pid in before:
+            label = _process_label(cmdline)
+            cpu_ms[label] = cpu_ms.get(label, 0.0) + (seconds - before[pid][1]) * 1000 / len(bodies)
+    cpu_ms = {k: round(v, 1) for k, v in sorted(cpu_ms.items(), key=lambda kv: -kv[1]) if v >= 0.5}
+    return {"per_s": round(len(bodies) / elapsed, 2), "p50_ms": round(float(np.percentile(latencies, 50)), 1),
+            "p99_ms": round(float(np.percentile(latencies, 99)), 1), "mean_batch": round(float(np.mean(batches)), 1),
+            "cpu_ms_per_request": cpu_ms}  # fmt: skip
 
 
 def main() -> None:
@@ -125,10 +156,7 @@ def main() -> None:
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     url = f"http://127.0.0.1:{port}"
-    servers = {
-        "batched": {"max_batch_size": 32, "batch_wait_timeout_s": 0.01, "max_batch_tokens": None},
-        "naive": {"max_batch_size": 1, "batch_wait_timeout_s": 0.0, "max_batch_tokens": None},
-    }
+    servers = {"batched": {"max_batch_size": 32}, "naive": {"max_batch_size": 1}}  # otherwise the defaults
     image_bodies = [{"model": args.model, "items": [base64.b64encode(b).decode()]} for b in images]
     text_bodies = [{"model": args.model, "texts": [t]} for t in texts]
     for name, batch in servers.items():
@@ -137,7 +165,7 @@ def main() -> None:
         for concurrency in CONCURRENCY:
             for kind, path, bodies in (("image", "/encode/image", image_bodies), ("text", "/encode/text", text_bodies)):
                 figures = asyncio.run(load_test(url, f"/{name}{path}", bodies, concurrency))
-                results[f"{name}_{kind}@{concurrency}"] = {k: round(v, 2) for k, v in figures.items()}
+                results[f"{name}_{kind}@{concurrency}"] = figures
                 print(name, kind, concurrency, json.dumps(results[f"{name}_{kind}@{concurrency}"]), flush=True)
         serve.delete(name)
     serve.shutdown()

@@ -41,6 +41,17 @@ class ModelSpec:
     store_as: str | None = None
 
     @property
+    def space(self) -> str:
+        """The model whose vector space this one's vectors live in: a query encoded by any
+        model of the same space can search them (speech through bind searches demo-clip's
+        image vectors; a Whisper transcript is embedded in its text model's space)."""
+        if self.family == "whisper":
+            return self.parts[0]
+        if self.family == "bind":
+            return self.parts[-1]
+        return self.name
+
+    @property
     def offline(self) -> bool:
         """Can be provisioned with no network at all."""
         return self.source in ("shipped", "wheel", "local", "random")

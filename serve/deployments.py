@@ -64,8 +64,16 @@ class EncoderDeployment:
         self.config = ModelConfig.model_validate(config)
         settings = get_settings()
         self.model: LoadedModel = load(self.config.name, settings)
-        self.image_limits = DecodeLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
+        # JPEGs decode at the smallest DCT scale that still covers the model's input: 4x
+        # fewer pixels for a 640x480 photo and a 224 model, and half the decode time.
+        image = self.model.encoders.get(Modality.IMAGE)
+        self.image_limits = DecodeLimits(
+            max_bytes=settings.max_image_bytes,
+            max_pixels=settings.max_image_pixels,
+            draft_size=image.limits.image_size if image and image.limits.image_size else DecodeLimits.draft_size,
+        )
         batch = self.config.batch
+        self._seconds_per_item: dict[Modality, float] = {}
         for handler in (self._batch_text, self._batch_image, self._batch_audio):
             handler.set_max_batch_size(batch.max_batch_size)
             handler.set_batch_wait_timeout_s(batch.batch_wait_timeout_s)
@@ -78,6 +86,8 @@ class EncoderDeployment:
     def describe(self) -> dict[str, Any]:
         return {
             "name": self.model.spec.name,
+            "space": self.model.spec.space,
+            "family": self.model.spec.family,
             "device": str(self.model.device),
             "dtype": str(self.model.dtype).removeprefix("torch."),
             "encoders": {
@@ -100,10 +110,19 @@ class EncoderDeployment:
         return [result_dict(ItemResult(error=p)) if isinstance(p, InputError) else next(encoded) for p in prepared]
 
     async def _run(self, modality: Modality, batch: list[Queued]) -> list[dict[str, Any]]:
+        """Serve forms the next batch while this one runs and closes it after the short wait,
+        so under load it would queue small batches behind the model. While the forward pass
+        runs, the next batch may fill for as long as this one is expected to take."""
         started = time.perf_counter()
-        encoder = self.model.encoder(modality)
-        results = await asyncio.to_thread(encoder.encode_prepared, [q.prepared for q in batch])
+        encoder, handler = self.model.encoder(modality), self._handlers[modality]
+        base_wait = self.config.batch.batch_wait_timeout_s
+        handler.set_batch_wait_timeout_s(max(base_wait, self._seconds_per_item.get(modality, 0.0) * len(batch)))
+        try:
+            results = await asyncio.to_thread(encoder.encode_prepared, [q.prepared for q in batch])
+        finally:
+            handler.set_batch_wait_timeout_s(base_wait)
         encode_ms = (time.perf_counter() - started) * 1000
+        self._seconds_per_item[modality] = encode_ms / 1000 / len(batch)
         out = []
         for q, r in zip(batch, results, strict=True):
             r.info = r.info | {"batch_size": len(batch), "queue_ms": (started - q.enqueued) * 1000,
