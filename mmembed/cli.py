@@ -265,6 +265,58 @@ def serve_command(
     ray.shutdown()
 
 
+@app.command("search")
+def search_command(
+    text: Annotated[str | None, typer.Argument(help="Text query, e.g. 'red circle'.")] = None,
+    image: Annotated[Path | None, typer.Option(help="Image file: find similar images.")] = None,
+    audio: Annotated[Path | None, typer.Option(help="Audio file: search by voice.")] = None,
+    item: Annotated[str | None, typer.Option(help="An item id: more like this.")] = None,
+    vector: Annotated[str | None, typer.Option(help="Named vector to search (default: first image vector).")] = None,
+    via: Annotated[str | None, typer.Option(help="Model that encodes the query.")] = None,
+    transcript: Annotated[bool, typer.Option(help="Audio: search through the transcript.")] = False,
+    top_k: Annotated[int, typer.Option(help="How many hits.")] = 10,
+    threshold: Annotated[float | None, typer.Option(help="Drop hits scoring below this.")] = None,
+    filter: Annotated[str | None, typer.Option(help='Payload filter as JSON: \'{"kind": "image"}\'.')] = None,
+    url: Annotated[str, typer.Option(help="The mmembed server.")] = "http://127.0.0.1:8000",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the raw response.")] = False,
+) -> None:
+    """Search the catalogue of a running server (`mmembed serve`) by text, image, voice or item."""
+    import base64
+
+    import httpx
+
+    body: dict[str, object] = {"top_k": top_k, "route": "transcript" if transcript else "direct"}
+    if text is not None:
+        body["text"] = text
+    for key, path in (("image", image), ("audio", audio)):
+        if path is not None:
+            body[key] = base64.b64encode(path.read_bytes()).decode()
+    if item is not None:
+        body["item_id"] = item
+    body |= {k: v for k, v in (("vector", vector), ("via", via), ("threshold", threshold)) if v is not None}
+    try:
+        if filter:
+            body["filter"] = json.loads(filter)
+        response = httpx.post(f"{url}/search", json=body, timeout=120)
+    except (httpx.HTTPError, json.JSONDecodeError, OSError) as exc:
+        _fail(exc)
+    if response.status_code != 200:
+        _fail(RuntimeError(response.json().get("error", {}).get("message", response.text)))
+    found = response.json()
+    if as_json:
+        console.print_json(data=found)
+        return
+    heard = f", heard {found['query']['transcript']!r}" if "transcript" in found["query"] else ""
+    table = Table(title=f"{found['vector']} via {found['model']}{heard} ({found['took_ms']} ms)")
+    for column in ("score", "id", "kind", "caption / transcript", "url"):
+        table.add_column(column)
+    for hit in found["hits"]:
+        payload = hit["payload"]
+        words = payload.get("caption") or payload.get("transcript") or ""
+        table.add_row(f"{hit['score']:.3f}", hit["id"], payload.get("kind", ""), words, hit["url"])
+    console.print(table)
+
+
 @app.command("quickstart")
 def quickstart() -> None:
     """The main job on embedded defaults: provision the offline models, render the demo

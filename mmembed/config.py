@@ -37,6 +37,30 @@ class Settings(BaseSettings):
     whisper_beam_size: int = Field(default=5, description="Beam width for transcripts; 1 is greedy (faster, worse).")
     whisper_language: str | None = Field(default=None, description="Force a language code; default: detect per clip.")
 
+    # Vector store: the embedded Qdrant engine under DATA_DIR/vectors, unless a server URL is given.
+    qdrant_url: str | None = Field(
+        default=None, description="Qdrant server or cluster URL (or ':memory:'); unset: embedded Qdrant Edge."
+    )
+    qdrant_api_key: str | None = Field(default=None, description="API key for the Qdrant server.")
+    collection: str = Field(default="catalog", description="Collection (Edge: shard folder) holding catalogue items.")
+    # Object store: a local folder under DATA_DIR/objects, unless an S3 bucket is given.
+    s3_bucket: str | None = Field(default=None, description="Store objects in this S3 bucket instead of locally.")
+    s3_prefix: str = Field(default="mmembed/", description="Key prefix for objects in the bucket.")
+    s3_endpoint_url: str | None = Field(default=None, description="S3-compatible endpoint (MinIO, SeaweedFS).")
+    s3_region: str | None = Field(default=None, description="S3 region; unset: boto3's default.")
+    s3_public_base_url: str | None = Field(
+        default=None, description="Public HTTP base for a public bucket; unset: presigned GET URLs."
+    )
+    s3_presign_seconds: int = Field(default=3600, description="Lifetime of presigned object URLs.")
+
+    @property
+    def vectors_path(self) -> Path:
+        return self.data_dir.expanduser() / "vectors"
+
+    @property
+    def objects_path(self) -> Path:
+        return self.data_dir.expanduser() / "objects"
+
     @property
     def models_path(self) -> Path:
         return (self.models_dir or self.data_dir / "models").expanduser()

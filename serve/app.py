@@ -12,6 +12,7 @@ from typing import Any
 
 from ray import serve
 
+from serve.catalog import build_catalog
 from serve.config import ServeConfig
 from serve.deployments import build_encoder
 from serve.ingress import Ingress
@@ -19,8 +20,9 @@ from serve.ingress import Ingress
 
 def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     config = ServeConfig.model_validate(args or {})
-    encoders = {m.name: build_encoder(m) for m in config.models}
-    return Ingress.bind(encoders, config.model_dump())
+    encoders = {m.name: build_encoder(m, config.env) for m in config.models}
+    ingress = Ingress.options(ray_actor_options={"runtime_env": {"env_vars": config.env}}) if config.env else Ingress
+    return ingress.bind(encoders, build_catalog(config.env), config.model_dump())
 
 
 def logical_cpus(args: dict[str, Any] | None, physical: int) -> int:
@@ -28,5 +30,5 @@ def logical_cpus(args: dict[str, Any] | None, physical: int) -> int:
     CPU per replica by default, and five small models must not wait for a bigger machine.
     They are logical reservations; each replica's torch threads follow its ``num_cpus``."""
     config = ServeConfig.model_validate(args or {})
-    needed = 1 + sum(m.num_cpus * max(m.min_replicas, 1) for m in config.models)  # 1: the ingress
+    needed = 2 + sum(m.num_cpus * max(m.min_replicas, 1) for m in config.models)  # 2: the ingress and the catalogue
     return max(physical, math.ceil(needed))

@@ -42,7 +42,7 @@ class ModelConfig(BaseModel):
         Fewer than ``max_batch_size`` would silently cap every batch below its setting."""
         return 2 * self.batch.max_batch_size
 
-    def deployment_options(self) -> dict:
+    def deployment_options(self, env: dict[str, str] | None = None) -> dict:
         options: dict = {
             "name": deployment_name(self.name),
             "max_ongoing_requests": self.max_ongoing_requests,
@@ -52,7 +52,7 @@ class ModelConfig(BaseModel):
                 "num_gpus": self.num_gpus,
                 # OpenMP threads sleep between torch ops instead of spinning, leaving the CPU
                 # to the request path: batched CPU forwards ran 25-35% faster under load.
-                "runtime_env": {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}},
+                "runtime_env": {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE", **(env or {})}},
             },
         }
         if self.min_replicas == self.max_replicas:
@@ -80,6 +80,11 @@ class ServeConfig(BaseModel):
     models: list[ModelConfig] = Field(default_factory=lambda: [ModelConfig(name=n) for n in DEFAULT_MODELS])
     max_body_bytes: int = Field(default=64_000_000, ge=1, description="Larger requests get 413.")
     max_items_per_request: int = Field(default=256, ge=1, description="Larger requests get 413.")
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description="Environment of every replica of this app: MMEMBED_* settings (collection, Qdrant URL, "
+        "S3 bucket) and credentials such as AWS_ACCESS_KEY_ID.",
+    )
     retry_after_s: int = Field(default=1, ge=1, description="Retry-After on 429 when a model's queue is full.")
 
     @model_validator(mode="after")

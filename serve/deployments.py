@@ -158,5 +158,5 @@ def _preprocess_all(encoder: Encoder, items: Sequence[Any], limits: DecodeLimits
     return out
 
 
-def build_encoder(config: ModelConfig) -> serve.Application:
-    return serve.deployment(EncoderDeployment).options(**config.deployment_options()).bind(config.model_dump())
+def build_encoder(config: ModelConfig, env: dict[str, str] | None = None) -> serve.Application:
+    return serve.deployment(EncoderDeployment).options(**config.deployment_options(env)).bind(config.model_dump())

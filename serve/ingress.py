@@ -14,21 +14,29 @@ uses is defined above it: Serve serialises the class when the decorator runs.
 import asyncio
 import base64
 import binascii
+import json
 import re
+import time
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from fastapi import FastAPI, File, Request, UploadFile
+from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
+from loaders.audio import sniff_format
 from loaders.fetch import FetchError, FetchLimits, fetch
+from mmembed.config import get_settings
 from serve.config import ServeConfig
+from serve.spaces import RoutingError, default_vector, item_encoders, layout, plan_query
+from store.catalog import NewItem
+from store.objects import LocalObjects, ObjectStoreError, object_store
+from store.vectors import DimensionError, StoreError
 
 app = FastAPI(title="mmembed", description="Multi-modal embeddings: text, images and audio.")
 DATA_URI = re.compile(r"^data:(?P<kind>image|audio)/[\w.+-]+;base64,(?P<data>.*)$", re.DOTALL)
@@ -45,14 +53,26 @@ async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
     return JSONResponse({"error": {"code": exc.code, "message": exc.message}}, exc.status, headers=exc.headers)
 
 
-@app.middleware("http")
-async def _body_limit(request: Request, call_next):  # type: ignore[no-untyped-def]
-    limit = getattr(request.app.state, "max_body_bytes", None)
-    length = request.headers.get("content-length")
-    if limit and length and length.isdigit() and int(length) > limit:
-        message = f"request body is {length} bytes; the limit is {limit}"
-        return JSONResponse({"error": {"code": "body_too_large", "message": message}}, 413)
-    return await call_next(request)
+class BodyLimit:
+    """413 for a declared body over the limit, before anything reads it. A plain ASGI
+    middleware: Starlette's ``BaseHTTPMiddleware`` costs a task and a stream per request."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        limit = getattr(scope["app"].state, "max_body_bytes", None) if "app" in scope else None
+        if scope["type"] == "http" and limit:
+            length = dict(scope["headers"]).get(b"content-length", b"")
+            if length.isdigit() and int(length) > limit:
+                message = f"request body is {int(length)} bytes; the limit is {limit}"
+                response = JSONResponse({"error": {"code": "body_too_large", "message": message}}, 413)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+app.add_middleware(BodyLimit)
 
 
 @app.exception_handler(RequestValidationError)
@@ -83,6 +103,59 @@ class EncodeTextRequest(BaseModel):
 class EncodeMediaRequest(BaseModel):
     model: str
     items: list[str] = Field(min_length=1, description="http(s) URLs, data URIs or base64 bytes")
+
+
+class SearchRequest(BaseModel):
+    text: str | None = None
+    image: str | None = Field(default=None, description="http(s) URL, data URI or base64 bytes")
+    audio: str | None = Field(default=None, description="http(s) URL, data URI or base64 bytes")
+    item_id: str | None = Field(default=None, description="More like this: the item's own stored vector.")
+    vector: str | None = Field(default=None, description="Named vector to search, e.g. demo-clip.image.")
+    via: str | None = Field(default=None, description="Model that encodes the query; default: the vector's own.")
+    route: Literal["direct", "transcript"] = Field(
+        default="direct", description="Audio: straight into the space (direct) or through its transcript."
+    )
+    top_k: int = Field(default=10, ge=1, le=1000)
+    threshold: float | None = Field(default=None, description="Drop hits scoring below this.")
+    filter: dict[str, Any] | None = Field(
+        default=None, description='Payload filter, e.g. {"kind": "image", "meta.colour": ["red"], "size": {"lt": 1e6}}'
+    )
+    offset: int = Field(default=0, ge=0, description="Skip this many hits (pagination).")
+
+    @model_validator(mode="after")
+    def _one_query(self) -> "SearchRequest":
+        given = [k for k in ("text", "image", "audio", "item_id") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of text, image, audio or item_id (got {given or 'none'})")
+        return self
+
+
+def _item_kind(kind: str | None, media_type: str, data: bytes) -> str:
+    if kind:
+        return kind
+    if media_type.startswith(("image/", "audio/")):
+        return media_type.split("/")[0]
+    return "audio" if sniff_format(data) else "image"
+
+
+def _parse_meta(meta: str | None) -> dict[str, Any]:
+    if not meta:
+        return {}
+    try:
+        parsed = json.loads(meta)
+    except json.JSONDecodeError as exc:
+        raise ApiError(422, "invalid_meta", f"meta is not valid JSON: {exc}") from exc
+    if not isinstance(parsed, dict):
+        raise ApiError(422, "invalid_meta", "meta must be a JSON object")
+    return parsed
+
+
+def _first(results: list[dict[str, Any]], what: str) -> dict[str, Any]:
+    """The one result of a one-item encode, or its error as a 422."""
+    r = results[0]
+    if r["error"] is not None:
+        raise ApiError(422, r["error"]["code"], f"{what}: {r['error']['message']}")
+    return r
 
 
 class Metrics:
@@ -145,8 +218,12 @@ def _public_info(info: dict[str, Any]) -> dict[str, Any]:
 @serve.deployment(name="ingress", max_ongoing_requests=256)
 @serve.ingress(app)
 class Ingress:
-    def __init__(self, encoders: dict[str, DeploymentHandle], config: dict[str, Any]) -> None:
-        self.encoders, self.config = encoders, ServeConfig.model_validate(config)
+    def __init__(
+        self, encoders: dict[str, DeploymentHandle], catalog: DeploymentHandle, config: dict[str, Any]
+    ) -> None:
+        self.encoders, self.catalog, self.config = encoders, catalog, ServeConfig.model_validate(config)
+        self.objects = object_store(get_settings())
+        self.vectors: dict[str, int] | None = None
         app.state.max_body_bytes = self.config.max_body_bytes
         self.fetch_limits = FetchLimits(max_bytes=self.config.max_body_bytes)
         self.metrics = Metrics()
@@ -221,8 +298,8 @@ class Ingress:
                 tokens += int(r["info"].get("tokens", 0))
                 data[index] = {"object": "embedding", "index": index, "embedding": _format(r["vector"], body)}
         self.metrics.requests.labels("/v1/embeddings", "200").inc()
-        return {"object": "list", "data": data, "model": body.model,
-                "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}  # fmt: skip
+        return JSONResponse({"object": "list", "data": data, "model": body.model,
+                             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})  # fmt: skip
 
     # --- native ---------------------------------------------------------------------------
 
@@ -235,7 +312,7 @@ class Ingress:
         return self._native(body.model, "image", await self._encode_media(body.model, "image", body.items))
 
     @app.post("/encode/image/upload")
-    async def encode_image_upload(self, model: str, files: Annotated[list[UploadFile], File()]) -> dict[str, Any]:
+    async def encode_image_upload(self, model: str, files: Annotated[list[UploadFile], File()]) -> JSONResponse:
         items = [await f.read() for f in files]
         return self._native(model, "image", await self._encode(model, "image", items))
 
@@ -253,8 +330,9 @@ class Ingress:
         encoded = iter(await self._encode(model, modality, good) if good else [])
         return [next(encoded) if isinstance(r, bytes) else {"vector": None, "error": r, "info": {}} for r in resolved]
 
-    def _native(self, model: str, modality: str, results: list[dict[str, Any]]) -> dict[str, Any]:
-        """Good items come back even when others fail; a request where every item failed is a 422."""
+    def _native(self, model: str, modality: str, results: list[dict[str, Any]]) -> JSONResponse:
+        """Good items come back even when others fail; a request where every item failed is a 422.
+        A ready JSONResponse skips FastAPI's per-value ``jsonable_encoder`` walk of every float."""
         out = [
             {"index": i, "embedding": None if r["vector"] is None else np.asarray(r["vector"]).tolist(),
              "error": r["error"], "info": _public_info(r["info"])}
@@ -264,7 +342,138 @@ class Ingress:
             first = results[0]["error"]
             raise ApiError(422, first["code"], f"every item failed; items[0]: {first['message']}")
         self.metrics.requests.labels(f"/encode/{modality}", "200").inc()
-        return {"model": model, "modality": modality, "data": out}
+        return JSONResponse({"model": model, "modality": modality, "data": out})
+
+    # --- catalogue: search, add, delete ---------------------------------------------------
+
+    async def _described(self) -> dict[str, dict[str, Any]]:
+        return {m.name: await self._describe(m.name) for m in self.config.models}
+
+    async def _open_catalog(self) -> dict[str, int]:
+        if self.vectors is None:
+            try:
+                self.vectors = await self.catalog.open.remote(layout(await self._described()))
+            except DimensionError as exc:
+                raise ApiError(409, "dimension_mismatch", str(exc)) from exc
+        return self.vectors
+
+    async def _query_vector(self, body: SearchRequest) -> tuple[str, str, Any, dict[str, Any]]:
+        """(vector searched, model used, query vector, what the query became)."""
+        described, vectors = await self._described(), await self._open_catalog()
+        if body.item_id is not None:
+            vector = body.vector or default_vector(described, vectors)
+            item = await self.catalog.get.remote(body.item_id, True)
+            if item is None:
+                raise ApiError(404, "item_not_found", f"no item {body.item_id!r}")
+            if vector not in item["vectors"]:
+                raise ApiError(422, "no_such_vector", f"item {body.item_id!r} has no {vector!r}; it has "
+                               f"{sorted(item['vectors'])}")  # fmt: skip
+            return vector, vector.rsplit(".", 1)[0], item["vectors"][vector], {"item_id": body.item_id}
+        modality = next(k for k in ("text", "image", "audio") if getattr(body, k) is not None)
+        try:
+            plan = plan_query(described, vectors, modality, body.vector, body.via, body.route)
+        except RoutingError as exc:
+            raise ApiError(422, "no_route", str(exc)) from exc
+        value: Any = getattr(body, modality)
+        if modality != "text":
+            value = await _media(value, modality, modality, self.fetch_limits)
+            if isinstance(value, dict):
+                raise ApiError(422, value["code"], value["message"])
+        became: dict[str, Any] = {"modality": modality}
+        if plan.transcribe_with:
+            heard = _first(await self._encode(plan.transcribe_with, "audio", [value]), "audio")
+            value = became["transcript"] = heard["info"].get("transcript", "")
+        encoded = _first(await self._encode(plan.model, plan.modality, [value]), modality)
+        return plan.vector, plan.model, encoded["vector"], became
+
+    @app.post("/search")
+    async def search(self, body: SearchRequest) -> JSONResponse:
+        started = time.perf_counter()
+        vector, model, query, became = await self._query_vector(body)
+        extra = 1 if body.item_id else 0  # more-like-this leaves the item itself out
+        try:
+            hits = await self.catalog.search.remote(vector, np.asarray(query, dtype=np.float32),
+                                                    top_k=body.top_k + extra, threshold=body.threshold,
+                                                    filter=body.filter, offset=body.offset)  # fmt: skip
+        except StoreError as exc:
+            raise ApiError(422, "invalid_search", str(exc)) from exc
+        hits = [h for h in hits if h["id"] != body.item_id][: body.top_k]
+        self.metrics.requests.labels("/search", "200").inc()
+        return JSONResponse({"vector": vector, "model": model, "route": body.route, "query": became, "hits": hits,
+                             "took_ms": round((time.perf_counter() - started) * 1000, 1)})  # fmt: skip
+
+    @app.post("/items", status_code=201)
+    async def add_item(
+        self,
+        file: Annotated[UploadFile | None, File(description="The image or audio file.")] = None,
+        url: Annotated[str | None, Form(description="Fetch the object from here instead of uploading it.")] = None,
+        kind: Annotated[Literal["image", "audio"] | None, Form()] = None,
+        caption: Annotated[str | None, Form()] = None,
+        meta: Annotated[str | None, Form(description="A JSON object of your own fields.")] = None,
+        source_uri: Annotated[str | None, Form(description="Your id for the item; re-adding it updates it.")] = None,
+    ) -> JSONResponse:
+        if (file is None) == (url is None):
+            raise ApiError(422, "invalid_request", "send exactly one of file or url")
+        if file is not None:
+            data, filename, media_type = await file.read(), file.filename, file.content_type or ""
+        else:
+            fetched = await _media(url or "", kind or "image", "url", self.fetch_limits)
+            if isinstance(fetched, dict):
+                raise ApiError(422, fetched["code"], fetched["message"])
+            data, filename, media_type = fetched, (url or "").rsplit("/", 1)[-1], ""
+        kind = _item_kind(kind, media_type, data)
+        media_type = media_type if media_type.startswith(kind) else f"{kind}/{sniff_format(data) or 'octet-stream'}"
+        described = await self._described()
+        await self._open_catalog()
+        pairs = item_encoders(described, kind)
+        direct = [(m, k) for m, k in pairs if k == kind]
+        if not direct:
+            raise ApiError(422, "unsupported_modality", f"no served model encodes {kind} items")
+        results = await asyncio.gather(*(self._encode(m, k, [data]) for m, k in direct))
+        vectors = {f"{m}.{k}": _first(r, kind)["vector"] for (m, k), r in zip(direct, results, strict=True)}
+        transcript = next((_first(r, kind)["info"]["transcript"] for r in results
+                           if "transcript" in r[0]["info"]), None)  # fmt: skip
+        words = caption if kind == "image" else transcript
+        if words and words.strip():
+            texts = [m for m, k in pairs if k == "text"]
+            encoded = await asyncio.gather(*(self._encode(m, "text", [words]) for m in texts))
+            vectors |= {f"{m}.text": _first(r, "caption")["vector"] for m, r in zip(texts, encoded, strict=True)}
+        item = NewItem(data=data, kind=kind, media_type=media_type, vectors=vectors, source_uri=source_uri,
+                       filename=filename, caption=caption, transcript=transcript, meta=_parse_meta(meta))  # fmt: skip
+        try:
+            item_id = await self.catalog.add.remote(item)
+        except (StoreError, ObjectStoreError) as exc:
+            raise ApiError(503, "store_unavailable", str(exc)) from exc
+        self.metrics.requests.labels("/items", "201").inc()
+        stored = await self.catalog.get.remote(item_id)
+        return JSONResponse({"id": item_id, "vectors": sorted(vectors), "payload": stored["payload"],
+                             "url": stored["url"]}, 201)  # fmt: skip
+
+    @app.get("/items/{item_id}")
+    async def get_item(self, item_id: str) -> JSONResponse:
+        stored = await self.catalog.get.remote(item_id)
+        if stored is None:
+            raise ApiError(404, "item_not_found", f"no item {item_id!r}")
+        return JSONResponse({k: stored[k] for k in ("id", "payload", "url")})
+
+    @app.delete("/items/{item_id}")
+    async def delete_item(self, item_id: str) -> JSONResponse:
+        if not await self.catalog.delete.remote(item_id):
+            raise ApiError(404, "item_not_found", f"no item {item_id!r}")
+        return JSONResponse({"id": item_id, "deleted": True})
+
+    @app.get("/objects/{key:path}")
+    async def get_object(self, key: str) -> FileResponse:
+        """Objects of the local store (an S3 store gives its own URLs)."""
+        if not isinstance(self.objects, LocalObjects):
+            raise ApiError(404, "not_found", "objects are served by the S3 store here")
+        try:
+            path = self.objects.path_for(key)
+        except ObjectStoreError as exc:  # an escaping key: say nothing about the server's folders
+            raise ApiError(404, "not_found", f"no object {key!r}") from exc
+        if not path.is_file():
+            raise ApiError(404, "not_found", f"no object {key!r}")
+        return FileResponse(path)
 
     # --- operations --------------------------------------------------------------------
 

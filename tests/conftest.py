@@ -45,3 +45,7 @@ def vit_b32(settings: Settings) -> LoadedModel:
 def whisper_base(settings: Settings) -> LoadedModel:
     """Whisper base from its PyPI wheels, transcripts embedded by MiniLM."""
     return load("whisper-base", settings)
+
+
+# A real S3 server (SeaweedFS `weed mini`), started once, only for the tests that ask for it.
+from s3 import S3Server, s3_server  # noqa: E402, F401

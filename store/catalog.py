@@ -1,0 +1,116 @@
+"""Catalogue items: the original object in the object store, its vectors and payload in
+the vector store, kept consistent with each other.
+
+A point's id is the uuid5 of the item's source URI (the caller's identity for it, or the
+stored object's URI), so adding the same item again updates it instead of duplicating it.
+Objects are content-addressed, so two items with the same bytes share one object, and
+deleting one of them must not delete the other's bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from store.objects import ObjectStore, object_key
+from store.vectors import Hit, Point, VectorStore, point_id
+
+# Fields searches filter on; every other payload key (user metadata under "meta") is still
+# filterable, only slower on a large collection.
+PAYLOAD_INDEXES = {
+    "kind": "keyword",
+    "media_type": "keyword",
+    "content_hash": "keyword",
+    "source_uri": "keyword",
+    "size": "integer",
+}
+
+
+def vector_name(model: str, modality: str) -> str:
+    """Named vectors say which model and modality made them: ``demo-clip.image``, ``bind.audio``."""
+    return f"{model}.{modality}"
+
+
+@dataclass
+class NewItem:
+    data: bytes
+    kind: str  # "image" | "audio"
+    media_type: str
+    vectors: dict[str, np.ndarray]
+    source_uri: str | None = None  # the caller's identity for the item; default: the stored object's URI
+    filename: str | None = None
+    caption: str | None = None
+    transcript: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class FoundItem:
+    id: str
+    score: float
+    payload: dict[str, Any]
+    url: str
+
+
+class Catalog:
+    def __init__(self, vectors: VectorStore, objects: ObjectStore) -> None:
+        self.vectors, self.objects = vectors, objects
+
+    def open(self, layout: dict[str, int]) -> None:
+        """``layout``: every named vector the served models produce, with its dimension."""
+        self.vectors.open(layout, indexes=PAYLOAD_INDEXES)
+
+    def add(self, item: NewItem) -> str:
+        content_hash = hashlib.sha256(item.data).hexdigest()
+        uri = self.objects.put(object_key(content_hash, item.filename, item.media_type), item.data, item.media_type)
+        payload: dict[str, Any] = {
+            "kind": item.kind,
+            "object_uri": uri,
+            "source_uri": item.source_uri or uri,
+            "content_hash": content_hash,
+            "media_type": item.media_type,
+            "size": len(item.data),
+            "added_at": time.time(),
+            "meta": item.meta,
+        }
+        if item.filename:
+            payload["filename"] = item.filename
+        if item.caption is not None:
+            payload["caption"] = item.caption
+        if item.transcript is not None:
+            payload["transcript"] = item.transcript
+        point = Point(point_id(payload["source_uri"]), dict(item.vectors), payload)
+        self.vectors.upsert([point])
+        self.vectors.verify([point])
+        return point.id
+
+    def delete(self, item_id: str) -> bool:
+        """Removes the point, and its object unless another item holds the same bytes."""
+        found = self.vectors.retrieve([item_id])
+        if not found:
+            return False
+        payload = found[0].payload
+        self.vectors.delete([item_id])
+        if self.vectors.count({"content_hash": payload["content_hash"]}) == 0:
+            self.objects.delete(payload["object_uri"])
+        return True
+
+    def get(self, item_id: str, with_vectors: bool = False) -> Point | None:
+        found = self.vectors.retrieve([item_id], with_vectors=with_vectors)
+        return found[0] if found else None
+
+    def search(
+        self,
+        vector: str,
+        query: np.ndarray | list[float],
+        top_k: int = 10,
+        threshold: float | None = None,
+        filter: dict[str, Any] | None = None,
+        offset: int = 0,
+    ) -> list[FoundItem]:
+        hits: list[Hit] = self.vectors.search(vector, query, top_k, threshold, filter, offset)
+        return [FoundItem(h.id, h.score, h.payload, self.objects.http_url(h.payload["object_uri"])) for h in hits]

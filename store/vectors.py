@@ -1,0 +1,675 @@
+"""Vectors and their payload, behind one interface with two backends.
+
+`EdgeStore` is the default: Qdrant's own engine in-process (Qdrant Edge), one shard folder,
+nothing to run. `ClientStore` talks to a Qdrant server through qdrant-client (or to the
+client's in-process ``":memory:"`` stand-in, which the tests use). Both take the same
+checks before anything reaches the engine, so a bad vector or filter fails the same way,
+with a message that names the point and says what to do, whichever backend is configured.
+
+Points hold several named vectors (one per model and modality, e.g. ``"demo-clip.image"``
+and ``"all-MiniLM-L6-v2.text"``); both engines accept such names as they are, so no name
+mapping happens here. Distance is always cosine: the engines normalise vectors on write.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+import sys
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import qdrant_edge as edge
+from qdrant_client import QdrantClient, models
+
+from mmembed.config import Settings
+
+Vector = Sequence[float] | np.ndarray
+IndexKind = Literal["keyword", "integer", "float", "bool"]
+_RANGE_OPERATORS = ("gt", "gte", "lt", "lte")
+_SCROLL_PAGE = 1024
+
+
+class StoreError(Exception):
+    """Anything the vector store refuses; the message says what to do about it."""
+
+
+class DimensionError(StoreError):
+    """A vector's length differs from the collection's size for that name."""
+
+
+class VerificationError(StoreError):
+    """Points read back differ from what was written (or are missing)."""
+
+    def __init__(self, ids: list[str]) -> None:
+        self.ids = ids
+        shown = ", ".join(ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
+        super().__init__(
+            f"{len(ids)} point(s) read back differ from what was written: {shown}; "
+            "write them again (upserts are idempotent) and check the store's disk and logs"
+        )
+
+
+@dataclass
+class Point:
+    id: str
+    vectors: dict[str, Vector]
+    payload: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Hit:
+    id: str
+    score: float
+    payload: dict[str, Any]
+
+
+def point_id(uri: str) -> str:
+    """The same item always gets the same id, so re-running a job overwrites instead of duplicating."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, uri))
+
+
+@dataclass(frozen=True)
+class _Condition:
+    """One parsed filter condition; each backend turns these into its own filter objects."""
+
+    key: str
+    kind: Literal["value", "any", "range"]
+    value: Any
+
+
+def _parse_filter(spec: dict[str, Any] | None) -> list[_Condition]:
+    """Check the JSON filter spec up front so both backends refuse the same things with the same words."""
+    if spec is None:
+        return []
+    if not isinstance(spec, dict):
+        raise StoreError(f"a filter must be an object of field -> condition; got {type(spec).__name__}")
+    conditions = []
+    for key, value in spec.items():
+        if not isinstance(key, str) or not key:
+            raise StoreError(f"filter field names must be non-empty strings; got {key!r}")
+        conditions.append(_parse_condition(key, value))
+    return conditions
+
+
+def _parse_condition(key: str, value: Any) -> _Condition:
+    if isinstance(value, str | bool | int):
+        return _Condition(key, "value", value)
+    if isinstance(value, list):
+        if value and all(isinstance(v, str) for v in value):
+            return _Condition(key, "any", list(value))
+        if value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return _Condition(key, "any", list(value))
+        raise StoreError(
+            f"filter {key!r}: a list matches any of its values and must be a non-empty list of all strings "
+            f"or all integers; got {value!r}"
+        )
+    if isinstance(value, dict):
+        unknown = sorted(set(value) - set(_RANGE_OPERATORS))
+        if unknown or not value:
+            raise StoreError(
+                f"filter {key!r}: unknown range operator(s) {unknown or '(none given)'}; "
+                f"use {', '.join(_RANGE_OPERATORS)}"
+            )
+        for op, bound in value.items():
+            if isinstance(bound, bool) or not isinstance(bound, int | float) or not np.isfinite(bound):
+                raise StoreError(f"filter {key!r}: range bound {op!r} must be a finite number; got {bound!r}")
+        return _Condition(key, "range", dict(value))
+    hint = " (floats cannot be matched exactly: use a range)" if isinstance(value, float) else ""
+    raise StoreError(
+        f"filter {key!r}: expected a string, integer or boolean, a list of them, or a range object; got {value!r}{hint}"
+    )
+
+
+def _checked_id(pid: Any) -> str:
+    """Only canonical UUID strings: the engines return ids in that form, so other spellings would not round trip."""
+    try:
+        canonical = str(uuid.UUID(pid))
+    except (TypeError, ValueError, AttributeError):
+        raise StoreError(f"point id {pid!r} is not a UUID; make ids with point_id(uri)") from None
+    if canonical != pid:
+        raise StoreError(f"point id {pid!r} is not in canonical form; use {canonical!r} (what point_id gives)")
+    return canonical
+
+
+def _unit(vector: Any) -> np.ndarray:
+    array = np.asarray(vector, dtype=np.float64)
+    norm = np.linalg.norm(array)
+    return array / norm if norm > 0 else array
+
+
+def _json(value: Any) -> Any:
+    """Payload as the engine stores it (tuples come back as lists), for comparing what was written with what is read."""
+    return json.loads(json.dumps(value))
+
+
+class VectorStore(ABC):
+    """One collection of points with named vectors. Call open() before anything else."""
+
+    vectors: dict[str, int]
+
+    def __init__(self) -> None:
+        self.vectors = {}
+
+    def open(self, vectors: dict[str, int], indexes: dict[str, str] | None = None) -> None:
+        """Create the collection with these named vectors (cosine distance) if it does not exist; if it
+        exists, check every requested name exists with the same dim. Creates payload indexes: indexes
+        maps field -> "keyword" | "integer" | "float" | "bool"."""
+        if not vectors:
+            raise StoreError("open() needs at least one named vector, e.g. {'demo-clip.image': 128}")
+        for name, dim in vectors.items():
+            if not isinstance(name, str) or not name:
+                raise StoreError(f"vector names must be non-empty strings; got {name!r}")
+            if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+                raise StoreError(f"vector {name!r}: size must be a positive integer; got {dim!r}")
+        for field_name, kind in (indexes or {}).items():
+            if kind not in ("keyword", "integer", "float", "bool"):
+                raise StoreError(
+                    f"payload index {field_name!r}: unknown kind {kind!r}; use keyword, integer, float or bool"
+                )
+        existing = self._existing_vectors()
+        if existing is None:
+            self._create(vectors)
+            existing = dict(vectors)
+        for name, dim in vectors.items():
+            if name not in existing:
+                raise StoreError(
+                    f"the collection has no vector {name!r} (it has {sorted(existing)}); "
+                    "use a new collection name for a new set of vectors"
+                )
+            if existing[name] != dim:
+                raise DimensionError(
+                    f"vector {name!r} is {existing[name]}-d in the collection; got {dim}-d. "
+                    "Use the model the collection was built with, or a new collection name"
+                )
+        self._load()
+        self.vectors = existing
+        for field_name, kind in (indexes or {}).items():
+            self._create_index(field_name, kind)
+
+    def upsert(self, points: Sequence[Point], batch_size: int = 256) -> None:
+        """Validate every point before writing any, so a bad item never leaves half a batch behind.
+        Existing points are merged into (their other vectors and payload keys stay), so the image and
+        the text of one item can be written by different jobs."""
+        self._require_open()
+        if batch_size < 1:
+            raise StoreError(f"batch_size must be at least 1; got {batch_size}")
+        checked = [self._checked_point(p) for p in points]
+        seen: set[str] = set()
+        for p in checked:
+            if p.id in seen:
+                raise StoreError(f"point {p.id} appears twice in one upsert; merge its vectors and payload first")
+            seen.add(p.id)
+        for start in range(0, len(checked), batch_size):
+            batch = checked[start : start + batch_size]
+            present = {p.id for p in self._retrieve([p.id for p in batch], with_vectors=False)}
+            new = [p for p in batch if p.id not in present]
+            old = [p for p in batch if p.id in present]
+            if new:
+                self._insert(new)
+            if old:
+                self._merge(old)
+
+    def retrieve(self, ids: Sequence[str], with_vectors: bool = False) -> list[Point]:
+        """Missing ids are simply absent from the result."""
+        self._require_open()
+        return self._retrieve([_checked_id(i) for i in ids], with_vectors)
+
+    def delete(self, ids: Sequence[str]) -> None:
+        """Deleting an id that is not there is not an error, so a retried delete is harmless."""
+        self._require_open()
+        checked = [_checked_id(i) for i in ids]
+        if checked:
+            self._delete(checked)
+
+    def search(
+        self,
+        vector_name: str,
+        vector: Vector,
+        top_k: int = 10,
+        threshold: float | None = None,
+        filter: dict[str, Any] | None = None,
+        offset: int = 0,
+    ) -> list[Hit]:
+        """Cosine scores, best first. Points lacking this named vector are not candidates."""
+        self._require_open()
+        if vector_name not in self.vectors:
+            raise StoreError(f"unknown vector {vector_name!r}; the collection has {sorted(self.vectors)}")
+        query = self._checked_vector(vector_name, vector, "query")
+        if top_k < 1 or offset < 0:
+            raise StoreError(f"top_k must be at least 1 and offset at least 0; got top_k={top_k}, offset={offset}")
+        if threshold is not None and not np.isfinite(threshold):
+            raise StoreError(f"threshold must be a finite number; got {threshold!r}")
+        return self._search(vector_name, query, top_k, threshold, _parse_filter(filter), offset)
+
+    def count(self, filter: dict[str, Any] | None = None) -> int:
+        self._require_open()
+        return self._count(_parse_filter(filter))
+
+    def scroll_ids(self, filter: dict[str, Any] | None = None) -> list[str]:
+        """Every matching id, for syncing a catalogue against the store and deleting what is gone."""
+        self._require_open()
+        return self._scroll_ids(_parse_filter(filter))
+
+    def verify(self, points: Sequence[Point], sample: int = 32, seed: int = 0) -> None:
+        """Re-read a random sample (all if fewer) of the written points; compare vectors (allclose,
+        after the backend's own cosine normalisation) and the given payload keys; raise
+        VerificationError(ids) listing every mismatch."""
+        self._require_open()
+        chosen = list(points) if len(points) <= sample else random.Random(seed).sample(list(points), sample)
+        stored = {p.id: p for p in self.retrieve([p.id for p in chosen], with_vectors=True)}
+        bad = [p.id for p in chosen if not _same(p, stored.get(p.id))]
+        if bad:
+            raise VerificationError(bad)
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def _require_open(self) -> None:
+        if not self.vectors:
+            raise StoreError("the store is not open: call open(vectors) first")
+
+    def _checked_point(self, point: Point) -> Point:
+        pid = _checked_id(point.id)
+        vectors = {name: self._checked_vector(name, v, f"point {pid}") for name, v in point.vectors.items()}
+        if not isinstance(point.payload, dict):
+            raise StoreError(f"point {pid}: payload must be a dict; got {type(point.payload).__name__}")
+        try:
+            json.dumps(point.payload, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise StoreError(
+                f"point {pid}: payload is not plain JSON ({e}); convert numpy values and other objects "
+                "to Python str/int/float/bool/list/dict"
+            ) from None
+        return Point(pid, vectors, point.payload)
+
+    def _checked_vector(self, name: str, vector: Any, what: str) -> list[float]:
+        if name not in self.vectors:
+            raise StoreError(f"{what}: unknown vector {name!r}; the collection has {sorted(self.vectors)}")
+        try:
+            array = np.asarray(vector, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise StoreError(f"{what}: vector {name!r} is not a list of numbers") from None
+        dim = self.vectors[name]
+        if array.ndim != 1 or array.shape[0] != dim:
+            got = f"{array.shape[0]}-d" if array.ndim == 1 else f"shape {array.shape}"
+            raise DimensionError(
+                f"vector {name!r} is {dim}-d in the collection; got {got} ({what}). "
+                "Use the model the collection was built with, or a new collection name"
+            )
+        if not np.isfinite(array).all():
+            raise StoreError(f"{what}: vector {name!r} has NaN or infinite values; check the encoder's output")
+        if not array.any():
+            raise StoreError(f"{what}: vector {name!r} is all zeros, which has no cosine direction")
+        return array.tolist()
+
+    @abstractmethod
+    def _existing_vectors(self) -> dict[str, int] | None:
+        """The collection's named vectors and sizes, or None when it does not exist yet."""
+
+    @abstractmethod
+    def _create(self, vectors: dict[str, int]) -> None: ...
+
+    @abstractmethod
+    def _load(self) -> None:
+        """Attach to the collection once its vectors are known to fit; a no-op where nothing is held open."""
+
+    @abstractmethod
+    def _create_index(self, field_name: str, kind: str) -> None: ...
+
+    @abstractmethod
+    def _insert(self, points: list[Point]) -> None: ...
+
+    @abstractmethod
+    def _merge(self, points: list[Point]) -> None:
+        """Write these existing points' vectors and payload keys, keeping the rest of each point."""
+
+    @abstractmethod
+    def _retrieve(self, ids: list[str], with_vectors: bool) -> list[Point]: ...
+
+    @abstractmethod
+    def _delete(self, ids: list[str]) -> None: ...
+
+    @abstractmethod
+    def _search(
+        self,
+        vector_name: str,
+        vector: list[float],
+        top_k: int,
+        threshold: float | None,
+        conditions: list[_Condition],
+        offset: int,
+    ) -> list[Hit]: ...
+
+    @abstractmethod
+    def _count(self, conditions: list[_Condition]) -> int: ...
+
+    @abstractmethod
+    def _scroll_ids(self, conditions: list[_Condition]) -> list[str]: ...
+
+
+def _same(written: Point, stored: Point | None) -> bool:
+    if stored is None:
+        return False
+    for name, vector in written.vectors.items():
+        if name not in stored.vectors or not np.allclose(_unit(vector), _unit(stored.vectors[name]), atol=1e-5):
+            return False
+    payload = stored.payload
+    return all(key in payload and _same_value(_json(v), payload[key]) for key, v in written.payload.items())
+
+
+def _same_value(written: Any, stored: Any) -> bool:
+    """Equal as JSON, except that floats may come back one ulp off: Qdrant Edge 0.9 prints
+    some doubles with one digit too few (1795674344.7832859 reads back as 1795674344.783286)."""
+    if isinstance(written, float) and isinstance(stored, int | float) and not isinstance(stored, bool):
+        return math.isclose(written, stored, rel_tol=4 * sys.float_info.epsilon, abs_tol=0.0)
+    if isinstance(written, dict) and isinstance(stored, dict):
+        return written.keys() == stored.keys() and all(_same_value(v, stored[k]) for k, v in written.items())
+    if isinstance(written, list) and isinstance(stored, list):
+        return len(written) == len(stored) and all(_same_value(a, b) for a, b in zip(written, stored, strict=True))
+    return written == stored
+
+
+# --- Qdrant Edge (embedded) -------------------------------------------------------------------
+
+_EDGE_INDEX = {
+    "keyword": edge.PayloadSchemaType.Keyword,
+    "integer": edge.PayloadSchemaType.Integer,
+    "float": edge.PayloadSchemaType.Float,
+    "bool": edge.PayloadSchemaType.Bool,
+}
+_EDGE_CONFIG_FILE = "edge_config.json"
+
+
+def _edge_filter(conditions: list[_Condition]) -> edge.Filter | None:
+    if not conditions:
+        return None
+    return edge.Filter(must=[_edge_condition(c) for c in conditions])
+
+
+def _edge_condition(c: _Condition) -> edge.FieldCondition:
+    if c.kind == "range":
+        return edge.FieldCondition(c.key, range=edge.RangeFloat(**c.value))
+    if c.kind == "any":
+        return edge.FieldCondition(c.key, match=edge.MatchAny(c.value))
+    # qdrant-edge-py 0.9.0 reads a Python bool as the integer 0/1 (bool subclasses int), so
+    # {"flag": True} would match the number 1 and never a stored true; numpy's bool converts as a bool.
+    value = np.bool_(c.value) if isinstance(c.value, bool) else c.value
+    return edge.FieldCondition(c.key, match=edge.MatchValue(value))
+
+
+class EdgeStore(VectorStore):
+    """Qdrant Edge in this process: one shard folder, reopened with its data. Every write is flushed
+    before it returns, so a crash never loses a write that was acknowledged."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path = Path(path)
+        self._shard: edge.EdgeShard | None = None
+
+    @property
+    def shard(self) -> edge.EdgeShard:
+        """The engine itself, for what this interface leaves out (optimize() to build HNSW, snapshots)."""
+        if self._shard is None:
+            raise StoreError("the store is not open: call open(vectors) first")
+        return self._shard
+
+    def upsert(self, points: Sequence[Point], batch_size: int = 256) -> None:
+        super().upsert(points, batch_size)
+        self.shard.flush()
+
+    def delete(self, ids: Sequence[str]) -> None:
+        super().delete(ids)
+        self.shard.flush()
+
+    def close(self) -> None:
+        if self._shard is not None:
+            self._shard.flush()
+            self._shard.close()
+            self._shard = None
+        self.vectors = {}
+
+    def _existing_vectors(self) -> dict[str, int] | None:
+        # The engine has no call that reports a shard's vectors; it persists them in this
+        # documented file, which is read before loading so a mismatch never touches the shard.
+        config_file = self.path / _EDGE_CONFIG_FILE
+        if not config_file.exists():
+            return None
+        params = json.loads(config_file.read_text())["vectors"]
+        for name, p in params.items():
+            if p["distance"] != "Cosine":
+                raise StoreError(
+                    f"vector {name!r} in {self.path} uses {p['distance']} distance, not cosine; "
+                    "use a new collection name"
+                )
+        return {name: p["size"] for name, p in params.items()}
+
+    def _load(self) -> None:
+        if self._shard is not None:
+            return
+        try:
+            self._shard = edge.EdgeShard.load(str(self.path))
+        except Exception as e:
+            # The engine locks the shard's write-ahead log; a second opener gets only "WouldBlock".
+            if "WouldBlock" not in str(e):
+                raise
+            raise StoreError(
+                f"the vector shard {self.path} is already open in another store or process; only one may hold it: "
+                "run a single catalogue replica, or set MMEMBED_QDRANT_URL to share a Qdrant server"
+            ) from e
+
+    def _create(self, vectors: dict[str, int]) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        config = edge.EdgeConfig(
+            vectors={name: edge.EdgeVectorParams(dim, edge.Distance.Cosine) for name, dim in vectors.items()}
+        )
+        self._shard = edge.EdgeShard.create(str(self.path), config)
+
+    def _create_index(self, field_name: str, kind: str) -> None:
+        self.shard.update(edge.UpdateOperation.create_field_index(field_name, _EDGE_INDEX[kind]))
+
+    def _insert(self, points: list[Point]) -> None:
+        self.shard.update(edge.UpdateOperation.upsert_points([edge.Point(p.id, p.vectors, p.payload) for p in points]))
+
+    def _merge(self, points: list[Point]) -> None:
+        with_vectors = [edge.PointVectors(p.id, p.vectors) for p in points if p.vectors]
+        if with_vectors:
+            self.shard.update(edge.UpdateOperation.update_vectors(with_vectors))
+        for p in points:
+            if p.payload:
+                self.shard.update(edge.UpdateOperation.set_payload([p.id], p.payload))
+
+    def _retrieve(self, ids: list[str], with_vectors: bool) -> list[Point]:
+        records = self.shard.retrieve(ids, True, with_vectors)
+        return [Point(str(r.id), dict(r.vector or {}), r.payload or {}) for r in records]
+
+    def _delete(self, ids: list[str]) -> None:
+        self.shard.update(edge.UpdateOperation.delete_points(ids))
+
+    def _search(
+        self,
+        vector_name: str,
+        vector: list[float],
+        top_k: int,
+        threshold: float | None,
+        conditions: list[_Condition],
+        offset: int,
+    ) -> list[Hit]:
+        request = edge.QueryRequest(
+            limit=top_k,
+            offset=offset,
+            query=edge.Query.Nearest(vector, using=vector_name),
+            filter=_edge_filter(conditions),
+            score_threshold=threshold,
+            with_payload=True,
+        )
+        return [Hit(str(p.id), p.score, p.payload or {}) for p in self.shard.query(request)]
+
+    def _count(self, conditions: list[_Condition]) -> int:
+        return self.shard.count(edge.CountRequest(exact=True, filter=_edge_filter(conditions)))
+
+    def _scroll_ids(self, conditions: list[_Condition]) -> list[str]:
+        ids: list[str] = []
+        offset = None
+        while True:
+            request = edge.ScrollRequest(
+                offset=offset, limit=_SCROLL_PAGE, filter=_edge_filter(conditions), with_payload=False
+            )
+            records, offset = self.shard.scroll(request)
+            ids.extend(str(r.id) for r in records)
+            if offset is None:
+                return ids
+
+
+# --- qdrant-client (a Qdrant server, or the client's ':memory:' mode) ---------------------------
+
+_CLIENT_INDEX = {
+    "keyword": models.PayloadSchemaType.KEYWORD,
+    "integer": models.PayloadSchemaType.INTEGER,
+    "float": models.PayloadSchemaType.FLOAT,
+    "bool": models.PayloadSchemaType.BOOL,
+}
+
+
+def _client_filter(conditions: list[_Condition]) -> models.Filter | None:
+    if not conditions:
+        return None
+    return models.Filter(must=[_client_condition(c) for c in conditions])
+
+
+def _client_condition(c: _Condition) -> models.FieldCondition:
+    if c.kind == "range":
+        return models.FieldCondition(key=c.key, range=models.Range(**c.value))
+    if c.kind == "any":
+        return models.FieldCondition(key=c.key, match=models.MatchAny(any=c.value))
+    return models.FieldCondition(key=c.key, match=models.MatchValue(value=c.value))
+
+
+class ClientStore(VectorStore):
+    """A collection reached through qdrant-client. The store owns the client: close() closes it."""
+
+    def __init__(self, client: QdrantClient, collection: str) -> None:
+        super().__init__()
+        self.client = client
+        self.collection = collection
+
+    def close(self) -> None:
+        self.client.close()
+        self.vectors = {}
+
+    def _existing_vectors(self) -> dict[str, int] | None:
+        if not self.client.collection_exists(self.collection):
+            return None
+        params = self.client.get_collection(self.collection).config.params.vectors
+        if not isinstance(params, dict):
+            raise StoreError(
+                f"collection {self.collection!r} has one unnamed vector, but mmembed stores named vectors; "
+                "use a new collection name"
+            )
+        for name, p in params.items():
+            if p.distance != models.Distance.COSINE:
+                raise StoreError(
+                    f"vector {name!r} in collection {self.collection!r} uses {p.distance.value} distance, not cosine; "
+                    "use a new collection name"
+                )
+        return {name: p.size for name, p in params.items()}
+
+    def _load(self) -> None:
+        pass
+
+    def _create(self, vectors: dict[str, int]) -> None:
+        self.client.create_collection(
+            self.collection,
+            vectors_config={
+                name: models.VectorParams(size=dim, distance=models.Distance.COSINE) for name, dim in vectors.items()
+            },
+        )
+
+    def _create_index(self, field_name: str, kind: str) -> None:
+        self.client.create_payload_index(self.collection, field_name, _CLIENT_INDEX[kind], wait=True)
+
+    def _insert(self, points: list[Point]) -> None:
+        structs = [models.PointStruct(id=p.id, vector=p.vectors, payload=p.payload) for p in points]
+        self.client.upsert(self.collection, structs, wait=True)
+
+    def _merge(self, points: list[Point]) -> None:
+        operations: list[models.UpdateOperation] = []
+        with_vectors = [models.PointVectors(id=p.id, vector=p.vectors) for p in points if p.vectors]
+        if with_vectors:
+            operations.append(models.UpdateVectorsOperation(update_vectors=models.UpdateVectors(points=with_vectors)))
+        operations.extend(
+            models.SetPayloadOperation(set_payload=models.SetPayload(payload=p.payload, points=[p.id]))
+            for p in points
+            if p.payload
+        )
+        # One request for the whole batch, so a server sees one round trip.
+        if operations:
+            self.client.batch_update_points(self.collection, operations, wait=True)
+
+    def _retrieve(self, ids: list[str], with_vectors: bool) -> list[Point]:
+        records = self.client.retrieve(self.collection, ids, with_payload=True, with_vectors=with_vectors)
+        return [Point(str(r.id), dict(r.vector or {}), r.payload or {}) for r in records]
+
+    def _delete(self, ids: list[str]) -> None:
+        self.client.delete(self.collection, points_selector=models.PointIdsList(points=ids), wait=True)
+
+    def _search(
+        self,
+        vector_name: str,
+        vector: list[float],
+        top_k: int,
+        threshold: float | None,
+        conditions: list[_Condition],
+        offset: int,
+    ) -> list[Hit]:
+        response = self.client.query_points(
+            self.collection,
+            query=vector,
+            using=vector_name,
+            query_filter=_client_filter(conditions),
+            limit=top_k,
+            offset=offset,
+            score_threshold=threshold,
+            with_payload=True,
+        )
+        return [Hit(str(p.id), p.score, p.payload or {}) for p in response.points]
+
+    def _count(self, conditions: list[_Condition]) -> int:
+        return self.client.count(self.collection, count_filter=_client_filter(conditions), exact=True).count
+
+    def _scroll_ids(self, conditions: list[_Condition]) -> list[str]:
+        ids: list[str] = []
+        offset = None
+        while True:
+            records, offset = self.client.scroll(
+                self.collection,
+                scroll_filter=_client_filter(conditions),
+                limit=_SCROLL_PAGE,
+                offset=offset,
+                with_payload=False,
+                with_vectors=False,
+            )
+            ids.extend(str(r.id) for r in records)
+            if offset is None:
+                return ids
+
+
+def open_store(settings: Settings) -> VectorStore:
+    """The configured backend, not yet opened: embedded Qdrant Edge unless a Qdrant URL (or ':memory:') is set."""
+    if settings.qdrant_url is None:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", settings.collection):
+            raise StoreError(
+                f"collection name {settings.collection!r} must be letters, digits, '.', '_' or '-' "
+                "(it names a folder under the vectors directory)"
+            )
+        return EdgeStore(settings.vectors_path / settings.collection)
+    if settings.qdrant_url == ":memory:":
+        return ClientStore(QdrantClient(location=":memory:"), settings.collection)
+    return ClientStore(QdrantClient(url=settings.qdrant_url, api_key=settings.qdrant_api_key), settings.collection)
