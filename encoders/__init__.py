@@ -18,7 +18,7 @@ from encoders.base import (
     TooManyTokens,
     UnknownModel,
 )
-from encoders.provision import LoadedModel, is_provisioned, load, pull, register_model, verify
+from encoders.provision import LoadedModel, is_provisioned, load, model_version, pull, register_model, verify
 from encoders.registry import CATALOGUE, ModelSpec, resolve
 
 __all__ = [
@@ -38,6 +38,7 @@ __all__ = [
     "UnknownModel",
     "is_provisioned",
     "load",
+    "model_version",
     "pull",
     "register_model",
     "resolve",

@@ -118,6 +118,18 @@ def pull(name: str, settings: Settings | None = None, force: bool = False, from_
     return target / relative
 
 
+def model_version(spec: ModelSpec, settings: Settings) -> str:
+    """Changes whenever the weights do: the hash of the recorded file hashes (parts included,
+    since a bind head is only valid with its backbone). Caches key on it, so a re-pulled or
+    retrained model never serves another's vectors."""
+    files = {}
+    for name in (spec.name, *spec.parts):
+        part = resolve(name)
+        marker = model_dir(part, settings) / MARKER
+        files[name] = json.loads(marker.read_text())["files"] if marker.is_file() else [part.family, part.ref, part.tag]
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def _adopt(source: Path, target: Path) -> str:
     if source.is_dir():
         shutil.copytree(source, target / source.name)
@@ -164,6 +176,19 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     weights: Path | None
+
+    def describe(self) -> dict[str, Any]:
+        """What a model is, as servers and jobs exchange it (plain data, no tensors)."""
+        return {
+            "name": self.spec.name,
+            "space": self.spec.space,
+            "family": self.spec.family,
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "encoders": {
+                str(m): {"name": e.name, "dim": e.dim, "limits": vars(e.limits)} for m, e in self.encoders.items()
+            },
+        }
 
     def encoder(self, modality: Modality | str) -> Encoder:
         modality = Modality(modality)

@@ -19,6 +19,8 @@ models_app = typer.Typer(help="Provision and check model weights.", no_args_is_h
 demo_app = typer.Typer(help="The rendered demo world and its small CLIP.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(demo_app, name="demo")
+dlq_app = typer.Typer(help="Items that failed past their retries, per job.", no_args_is_help=True)
+app.add_typer(dlq_app, name="dlq")
 console = Console()
 
 # Models that provision with no network: what the quick start and CI rely on.
@@ -315,6 +317,128 @@ def search_command(
         words = payload.get("caption") or payload.get("transcript") or ""
         table.add_row(f"{hit['score']:.3f}", hit["id"], payload.get("kind", ""), words, hit["url"])
     console.print(table)
+
+
+@app.command("eval")
+def eval_command(
+    items: Annotated[
+        Path | None, typer.Option(help="Manifest of items (CSV or JSONL: id, uri, kind, caption).")
+    ] = None,
+    queries: Annotated[Path | None, typer.Option(help="Queries (JSONL: id, text|image|audio, relevant ids).")] = None,
+    model: Annotated[list[str] | None, typer.Option(help="A candidate model; repeat for each.")] = None,
+    out: Annotated[Path, typer.Option(help="Report folder (report.md, report.json, plots).")] = Path("eval-report"),
+    url: Annotated[str | None, typer.Option(help="Measure a running server instead of this process.")] = None,
+    demo: Annotated[bool, typer.Option(help="Evaluate the demo world (the shipped example).")] = False,
+    corpus_size: Annotated[int, typer.Option(help="Your full corpus size, for cost and time (0: the set's).")] = 0,
+    price_per_hour: Annotated[float, typer.Option(help="USD per hour of the machine that embeds.")] = 1.0,
+    traffic_qps: Annotated[float, typer.Option(help="Query traffic to size for.")] = 10.0,
+    batch_size: Annotated[int, typer.Option(help="Items per encode call.")] = 32,
+) -> None:
+    """Compare models on your own data: Recall@1/5/10, MRR, nDCG@10, speed, cost and index size,
+    with plots and a recommendation."""
+    from evaluation.dataset import DatasetError, load_eval_set
+    from evaluation.demo import DEMO_MODELS, build_demo_set
+    from evaluation.embedders import HttpEmbedder, LocalEmbedder
+    from evaluation.report import write_report
+    from evaluation.run import Costs, evaluate_model
+
+    if demo:
+        items, queries = build_demo_set(out / "data")
+        model = model or list(DEMO_MODELS)
+        corpus_size = corpus_size or 1_000_000  # projections at a catalogue's scale, not the set's
+    if items is None or queries is None or not model:
+        _fail(ValueError("give --items, --queries and at least one --model (or --demo)"))
+    try:
+        evalset = load_eval_set(items, queries)
+    except (DatasetError, OSError) as exc:
+        _fail(exc)
+    costs = Costs(corpus_size, price_per_hour, traffic_qps)
+    results = []
+    for name in model:
+        console.print(f"evaluating {name} on {len(evalset.items)} items and {len(evalset.queries)} queries")
+        try:
+            embedder = HttpEmbedder(url, name) if url else LocalEmbedder(name, get_settings())
+            results.append(evaluate_model(evalset, embedder, batch_size, costs=costs))
+        except Exception as exc:  # one candidate that cannot load must not lose the others' results
+            console.print(f"[red]{name} failed:[/red] {exc}")
+    if not results:
+        _fail(RuntimeError("no model could be evaluated"))
+    setup = {"items": str(items), "queries": str(queries), "item count": len(evalset.items),
+             "query count": len(evalset.queries), "measured": url or "in process", "batch size": batch_size,
+             "corpus size for projections": corpus_size or len(evalset.items),
+             "price per hour (USD)": price_per_hour, "traffic (queries/s)": traffic_qps}  # fmt: skip
+    report = write_report(results, out, setup)
+    console.print(f"[bold]recommendation: {report['recommendation']['model']}[/bold] ({out / 'report.md'})")
+    for line in report["recommendation"]["against"]:
+        console.print(f"  {line}")
+
+
+@app.command("ingest")
+def ingest_command(
+    source: Annotated[
+        str, typer.Argument(help="A folder, a manifest (.csv/.jsonl/.parquet), s3://bucket/prefix or a .txt of URLs.")
+    ],
+    dry_run: Annotated[bool, typer.Option(help="Print the plan and the estimate, write nothing.")] = False,
+    sync: Annotated[bool, typer.Option(help="Also delete the points of items gone from the source.")] = False,
+    model: Annotated[list[str] | None, typer.Option(help="Models to embed with (default: the offline set).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Items per forward pass.")] = 32,
+    workers: Annotated[int, typer.Option(help="DataLoader worker processes for read/decode.")] = 2,
+    price_per_hour: Annotated[float, typer.Option(help="USD per hour of this machine, for the estimate.")] = 1.0,
+) -> None:
+    """Embed a catalogue into the collection: plan, estimate, then an incremental, resumable run."""
+    from jobs.ingest import DEFAULT_MODELS, Ingest, IngestOptions
+
+    options = IngestOptions(source, tuple(model or DEFAULT_MODELS), batch_size, workers, sync=sync,
+                            price_per_hour=price_per_hour)  # fmt: skip
+    try:
+        job = Ingest(options, get_settings())
+        plan = job.plan()
+        for line in plan.lines():
+            console.print(line)
+        if dry_run:
+            return
+        summary = job.run(plan)
+    except Exception as exc:  # a bad source, an unreachable store: say which and stop
+        _fail(exc)
+    for line in summary.lines():
+        console.print(line)
+
+
+def _jobs():  # type: ignore[no-untyped-def]
+    from jobs.state import JobStore
+
+    return JobStore(get_settings().data_dir.expanduser() / "jobs.sqlite")
+
+
+@dlq_app.command("list")
+def dlq_list(job: Annotated[str | None, typer.Option(help="Only this job.")] = None) -> None:
+    table = Table("job", "uri", "code", "reason", "attempts")
+    for d in _jobs().dead_letters(job):
+        table.add_row(d.job_id, d.uri, d.code, d.reason, str(d.attempts))
+    console.print(table)
+
+
+@dlq_app.command("retry")
+def dlq_retry(job: Annotated[str, typer.Argument(help="The job whose dead letters to try again.")]) -> None:
+    """Put the job's dead letters back in its plan and run it again."""
+    from jobs.ingest import Ingest, IngestOptions
+
+    store = _jobs()
+    row = store.get(job)
+    if row is None:
+        _fail(KeyError(f"no job {job!r}"))
+    count = store.requeue_dead_letters(job)
+    store.update(job, status="interrupted")
+    console.print(f"{count} item(s) back in job {job}")
+    options = IngestOptions(row.source, tuple(row.config["models"]))
+    summary = Ingest(options, get_settings(), jobs=store).run()
+    for line in summary.lines():
+        console.print(line)
+
+
+@dlq_app.command("purge")
+def dlq_purge(job: Annotated[str | None, typer.Option(help="Only this job.")] = None) -> None:
+    console.print(f"purged {_jobs().purge_dead_letters(job)} dead letter(s)")
 
 
 @app.command("quickstart")

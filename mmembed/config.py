@@ -53,6 +53,11 @@ class Settings(BaseSettings):
     )
     s3_presign_seconds: int = Field(default=3600, description="Lifetime of presigned object URLs.")
 
+    # Embedding cache: SQLite under DATA_DIR by default, Redis by URL, or off.
+    cache_url: str = Field(default="sqlite", description="'sqlite' (DATA_DIR/cache.sqlite), 'redis://...', or 'off'.")
+    cache_ttl_seconds: float | None = Field(default=None, description="Entries older than this are misses.")
+    cache_max_entries: int | None = Field(default=5_000_000, description="Per model; least recently used go first.")
+
     @property
     def vectors_path(self) -> Path:
         return self.data_dir.expanduser() / "vectors"

@@ -84,16 +84,7 @@ class EncoderDeployment:
         }
 
     def describe(self) -> dict[str, Any]:
-        return {
-            "name": self.model.spec.name,
-            "space": self.model.spec.space,
-            "family": self.model.spec.family,
-            "device": str(self.model.device),
-            "dtype": str(self.model.dtype).removeprefix("torch."),
-            "encoders": {
-                str(m): {"name": e.name, "dim": e.dim, "limits": vars(e.limits)} for m, e in self.model.encoders.items()
-            },
-        }
+        return self.model.describe()
 
     async def encode(self, modality: str, items: Sequence[Any]) -> list[dict[str, Any]]:
         """Per-item results in input order; a bad item never fails the others."""

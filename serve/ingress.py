@@ -33,9 +33,9 @@ from loaders.audio import sniff_format
 from loaders.fetch import FetchError, FetchLimits, fetch
 from mmembed.config import get_settings
 from serve.config import ServeConfig
-from serve.spaces import RoutingError, default_vector, item_encoders, layout, plan_query
 from store.catalog import NewItem
 from store.objects import LocalObjects, ObjectStoreError, object_store
+from store.spaces import RoutingError, default_vector, item_encoders, layout, plan_query
 from store.vectors import DimensionError, StoreError
 
 app = FastAPI(title="mmembed", description="Multi-modal embeddings: text, images and audio.")

@@ -26,6 +26,7 @@ PAYLOAD_INDEXES = {
     "media_type": "keyword",
     "content_hash": "keyword",
     "source_uri": "keyword",
+    "source": "keyword",
     "size": "integer",
 }
 
@@ -46,6 +47,8 @@ class NewItem:
     caption: str | None = None
     transcript: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    source: str | None = None  # the bulk source it came from (folder, manifest, prefix): what --sync compares
+    source_version: str | None = None  # the source's cheap change hint (mtime-size, ETag) when it was embedded
 
 
 @dataclass
@@ -65,28 +68,40 @@ class Catalog:
         self.vectors.open(layout, indexes=PAYLOAD_INDEXES)
 
     def add(self, item: NewItem) -> str:
-        content_hash = hashlib.sha256(item.data).hexdigest()
-        uri = self.objects.put(object_key(content_hash, item.filename, item.media_type), item.data, item.media_type)
-        payload: dict[str, Any] = {
-            "kind": item.kind,
-            "object_uri": uri,
-            "source_uri": item.source_uri or uri,
-            "content_hash": content_hash,
-            "media_type": item.media_type,
-            "size": len(item.data),
-            "added_at": time.time(),
-            "meta": item.meta,
-        }
-        if item.filename:
-            payload["filename"] = item.filename
-        if item.caption is not None:
-            payload["caption"] = item.caption
-        if item.transcript is not None:
-            payload["transcript"] = item.transcript
-        point = Point(point_id(payload["source_uri"]), dict(item.vectors), payload)
-        self.vectors.upsert([point])
-        self.vectors.verify([point])
-        return point.id
+        return self.add_many([item])[0]
+
+    def add_many(self, items: list[NewItem]) -> list[str]:
+        """Objects first, then one batched upsert of the points, then a read-back check: a point
+        never names an object that is not stored."""
+        points = []
+        for item in items:
+            content_hash = hashlib.sha256(item.data).hexdigest()
+            key = object_key(content_hash, item.filename, item.media_type)
+            uri = self.objects.put(key, item.data, item.media_type)
+            payload: dict[str, Any] = {
+                "kind": item.kind,
+                "object_uri": uri,
+                "source_uri": item.source_uri or uri,
+                "content_hash": content_hash,
+                "media_type": item.media_type,
+                "size": len(item.data),
+                "added_at": time.time(),
+                "meta": item.meta,
+            }
+            optional = {"filename": item.filename, "caption": item.caption, "transcript": item.transcript,
+                        "source": item.source, "source_version": item.source_version}  # fmt: skip
+            payload |= {k: v for k, v in optional.items() if v is not None}
+            points.append(Point(point_id(payload["source_uri"]), dict(item.vectors), payload))
+        self.vectors.upsert(points)
+        self.vectors.verify(points)
+        return [p.id for p in points]
+
+    def payloads(self, ids: list[str]) -> dict[str, dict[str, Any]]:
+        return {p.id: p.payload for p in self.vectors.retrieve(ids)}
+
+    def set_payload(self, item_id: str, payload: dict[str, Any]) -> None:
+        """Merge keys into an existing point's payload (its vectors stay)."""
+        self.vectors.upsert([Point(item_id, {}, payload)])
 
     def delete(self, item_id: str) -> bool:
         """Removes the point, and its object unless another item holds the same bytes."""

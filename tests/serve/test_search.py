@@ -14,6 +14,7 @@ import httpx
 import pytest
 from ray import serve
 
+from evaluation.dataset import load_eval_set
 from mmembed.demo import world
 from mmembed.demo.speech import espeak_wav
 from serve.app import build_app
@@ -195,3 +196,15 @@ def test_the_command_line_searches_a_running_server(api: str, scenes):
     assert table.exit_code == 0 and "demo-clip.image via demo-clip" in table.output
     wrong = CliRunner().invoke(app, ["search", "x", "--url", api, "--vector", "nope.image"])
     assert wrong.exit_code == 1 and "no vector 'nope.image'" in wrong.output
+
+
+def test_an_evaluation_over_http_measures_what_the_server_gives(api: str, scenes, tmp_path, settings):
+    from evaluation.demo import build_demo_set
+    from evaluation.embedders import HttpEmbedder, LocalEmbedder
+    from evaluation.run import evaluate_model
+
+    small = load_eval_set(*build_demo_set(tmp_path, items=40, text_queries=10, image_queries=4, seed=9))
+    remote = evaluate_model(small, HttpEmbedder(api, "demo-clip"), batch_size=16)
+    local = evaluate_model(small, LocalEmbedder("demo-clip", settings), batch_size=16)
+    assert remote.quality == pytest.approx(local.quality, abs=1e-6) and remote.coverage == 1.0
+    assert remote.items_per_s > 0 and remote.query_ms_p50 > 0
