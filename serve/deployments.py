@@ -22,10 +22,11 @@ from typing import Any
 
 from ray import serve
 
-from encoders import Encoder, InputError, ItemResult, LoadedModel, Modality, Prepared, load
+from encoders import Encoder, InputError, ItemResult, LoadedModel, Modality, Prepared, load, model_version
 from loaders.images import DecodeLimits, ImageDecodeError, decode_image
 from mmembed.config import get_settings
 from serve.config import BatchConfig, ModelConfig
+from store.cache import cache_key, open_cache
 
 
 @dataclass
@@ -72,6 +73,10 @@ class EncoderDeployment:
             max_pixels=settings.max_image_pixels,
             draft_size=image.limits.image_size if image and image.limits.image_size else DecodeLimits.draft_size,
         )
+        # The same embedding cache bulk jobs use (key: content, model, weights version).
+        # Transcribing models are not cached: their transcript is part of the answer.
+        self.cache = open_cache(settings) if self.model.spec.family != "whisper" else None
+        self.version = model_version(self.model.spec, settings)
         batch = self.config.batch
         self._seconds_per_item: dict[Modality, float] = {}
         for handler in (self._batch_text, self._batch_image, self._batch_audio):
@@ -90,15 +95,31 @@ class EncoderDeployment:
         """Per-item results in input order; a bad item never fails the others."""
         encoder = self.model.encoder(modality)
         prepared = await asyncio.to_thread(_preprocess_all, encoder, items, self.image_limits)
+        name = self.model.spec.name
+        keys = [cache_key(i, name, self.version) if self.cache and isinstance(p, Prepared) else None
+                for i, p in zip(items, prepared, strict=True)]  # fmt: skip
+        hits = await asyncio.to_thread(self.cache.get_many, name, [k for k in keys if k]) if self.cache else {}
         handler = self._handlers[encoder.modality]
         now = time.perf_counter()
         pending = [
             handler(Queued(p, item_cost(encoder.modality, p, self.config.batch), now))
-            for p in prepared
-            if isinstance(p, Prepared)
+            for p, k in zip(prepared, keys, strict=True)
+            if isinstance(p, Prepared) and k not in hits
         ]
         encoded = iter(await asyncio.gather(*pending))
-        return [result_dict(ItemResult(error=p)) if isinstance(p, InputError) else next(encoded) for p in prepared]
+        out, fresh = [], {}
+        for p, k in zip(prepared, keys, strict=True):
+            if isinstance(p, InputError):
+                out.append(result_dict(ItemResult(error=p)))
+            elif k in hits:  # the forward pass saved; preprocessing ran, so info (tokens) is the same
+                out.append({"vector": hits[k], "error": None, "info": p.info | {"cached": True}})
+            else:
+                out.append(next(encoded))
+                if k and out[-1]["vector"] is not None:
+                    fresh[k] = out[-1]["vector"]
+        if fresh:
+            await asyncio.to_thread(self.cache.put_many, name, fresh)  # type: ignore[union-attr]
+        return out
 
     async def _run(self, modality: Modality, batch: list[Queued]) -> list[dict[str, Any]]:
         """Serve forms the next batch while this one runs and closes it after the short wait,

@@ -167,6 +167,8 @@ class Metrics:
         self.requests = Counter("mmembed_requests", "Encode requests", ("endpoint", "status"), registry=self.registry)
         self.items = Counter("mmembed_items", "Items encoded", labels, registry=self.registry)
         self.errors = Counter("mmembed_item_errors", "Items refused", (*labels, "code"), registry=self.registry)
+        self.cache_hits = Counter("mmembed_cache_hits", "Items answered by the embedding cache", labels,
+                                  registry=self.registry)  # fmt: skip
         buckets = (1, 2, 4, 8, 16, 32, 64, 128)
         self.batch = Histogram("mmembed_batch_size", "Batch an item ran in", labels, buckets=buckets,
                                registry=self.registry)  # fmt: skip
@@ -180,6 +182,9 @@ class Metrics:
                 continue
             info = r["info"]
             self.items.labels(model, modality).inc()
+            if info.get("cached"):
+                self.cache_hits.labels(model, modality).inc()
+                continue
             self.batch.labels(model, modality).observe(info["batch_size"])
             self.queue.labels(model, modality).observe(info["queue_ms"] / 1000)
             self.encode.labels(model, modality).observe(info["encode_ms"] / 1000)

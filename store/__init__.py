@@ -1,1 +1,1 @@
-"""Where vectors and blobs go: Qdrant, object storage, the embedding cache (upcoming)."""
+"""Where vectors and blobs go: Qdrant, object storage, the catalogue over both, and the embedding cache."""

@@ -47,5 +47,6 @@ def whisper_base(settings: Settings) -> LoadedModel:
     return load("whisper-base", settings)
 
 
-# A real S3 server (SeaweedFS `weed mini`), started once, only for the tests that ask for it.
+# Real S3 (SeaweedFS `weed mini`) and Redis servers, started only for the tests that ask for them.
+from redis_server import RedisProcess, redis_process, redis_server  # noqa: E402, F401
 from s3 import S3Server, s3_server  # noqa: E402, F401

@@ -24,6 +24,8 @@ def ray_cluster(settings: Settings) -> Iterator[int]:
         pull(name, settings)
     os.environ["MMEMBED_DATA_DIR"] = str(settings.data_dir)
     os.environ["MMEMBED_ALLOW_DOWNLOADS"] = "false"
+    # Batching tests count forward passes; the one cache test turns it on for its own app.
+    os.environ["MMEMBED_CACHE_URL"] = "off"
     # Logical CPUs, not cores: several single-CPU replicas share this machine's two cores.
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, _temp_dir="/tmp/mmembed-ray")
     with socket.socket() as s:

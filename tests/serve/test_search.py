@@ -35,8 +35,9 @@ def bucket(s3_server) -> str:
 
 
 @pytest.fixture(scope="module")
-def api(ray_cluster: int, s3_server, bucket: str) -> str:
+def api(ray_cluster: int, s3_server, bucket: str, tmp_path_factory: pytest.TempPathFactory) -> str:
     env = {
+        "MMEMBED_CACHE_URL": f"sqlite:///{tmp_path_factory.mktemp('cache') / 'cache.sqlite'}",
         "MMEMBED_COLLECTION": f"search-{uuid.uuid4().hex[:8]}",
         "MMEMBED_S3_BUCKET": bucket,
         "MMEMBED_S3_ENDPOINT_URL": s3_server.endpoint_url,
@@ -208,3 +209,19 @@ def test_an_evaluation_over_http_measures_what_the_server_gives(api: str, scenes
     local = evaluate_model(small, LocalEmbedder("demo-clip", settings), batch_size=16)
     assert remote.quality == pytest.approx(local.quality, abs=1e-6) and remote.coverage == 1.0
     assert remote.items_per_s > 0 and remote.query_ms_p50 > 0
+
+
+def test_the_encode_endpoints_answer_repeated_content_from_the_cache(api: str, scenes):
+    body = {"model": "demo-clip", "texts": ["a cached purple star"]}
+    first = httpx.post(f"{api}/encode/text", json=body).json()["data"][0]
+    second = httpx.post(f"{api}/encode/text", json=body).json()["data"][0]
+    assert "cached" not in first["info"] and second["info"]["cached"] is True
+    assert (
+        second["embedding"] == pytest.approx(first["embedding"]) and second["info"]["tokens"] == first["info"]["tokens"]
+    )
+    image = base64.b64encode(_png(world.eval_set(1, seed=31)[0][1])).decode()
+    for _ in range(2):
+        last = httpx.post(f"{api}/encode/image", json={"model": "demo-clip", "items": [image]}).json()["data"][0]
+    assert last["info"]["cached"] is True
+    metrics = httpx.get(f"{api}/metrics").text
+    assert 'mmembed_cache_hits_total{modality="text",model="demo-clip"}' in metrics

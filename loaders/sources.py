@@ -1,0 +1,607 @@
+"""Where a bulk catalogue job's items come from, and the worker-side step that turns each into a
+preprocessed item or a recorded failure.
+
+A source is a local folder, a manifest (CSV, JSONL or Parquet) naming files, S3 objects or URLs, an
+``s3://bucket/prefix``, or a ``.txt`` list of http(s) URLs. Listing happens once, in the driving
+process, and yields plain ``SourceItem`` records sorted by URI, so a job is deterministic and can
+be resumed or diffed by URI and ``version``. Reading, hashing, decoding and preprocessing happen in
+DataLoader worker processes (``SourceDataset``), where every failure becomes a ``Loaded`` with an
+error code instead of an exception: one unreadable object must never stop a run of millions.
+
+URLs are fetched as given: there is no private-address (SSRF) policy here, because a job's source
+is chosen by its operator, not by a remote client.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+import multiprocessing
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlsplit
+from urllib.request import url2pathname
+
+import boto3.session
+import httpx
+import torch
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+from tenacity import retry, retry_if_exception, stop_after_attempt, wait_random_exponential
+from torch.utils.data import DataLoader, Dataset
+
+from encoders.base import Prepared
+from loaders.audio import SUPPORTED_FORMATS, AudioLimits, sniff_format
+from loaders.images import DecodeLimits, decode_image
+
+if TYPE_CHECKING:
+    from mmembed.config import Settings
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
+AUDIO_EXTENSIONS = frozenset(
+    {".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".aac", ".webm", ".aiff", ".aif", ".amr"}
+)
+KINDS = ("image", "audio")
+MANIFEST_SUFFIXES = (".csv", ".jsonl", ".parquet")
+URI_COLUMNS = ("uri", "path", "url")  # the first one a row fills in is the item
+RESERVED_COLUMNS = frozenset({*URI_COLUMNS, "kind", "caption"})
+MAX_REDIRECTS = 3
+ACCEPTED_FORMS = (
+    "a folder, a manifest (.csv, .jsonl or .parquet with a uri, path or url column), "
+    "s3://bucket/prefix, or a .txt file of http(s) URLs one per line"
+)
+
+_S3_PAGE_SIZE = 1000  # list_objects_v2's own maximum; the tests lower it to see several pages
+_CHUNK = 1 << 20
+
+
+class SourceError(Exception):
+    """A source cannot be listed or an item cannot be read. ``code`` is stable for job records."""
+
+    def __init__(self, message: str, code: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class SourceItem:
+    """One item as listed. ``uri`` is its identity across runs; ``version`` is whatever the listing
+    knows for free that changes when the content does, so a re-run can skip unchanged items
+    without reading them (the content hash, computed on read, is the authority)."""
+
+    uri: str
+    kind: str
+    caption: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    size: int | None = None
+    version: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Listing
+
+
+def list_source(source: str, s3_client: Any | None = None) -> list[SourceItem]:
+    """Every item of ``source``, sorted by URI. A folder and a manifest naming the same files give
+    equal items (local files named by a manifest are stat'ed for ``size`` and ``version``).
+
+    Folders are walked recursively, skipping hidden files and folders (``.git``, ``.thumbnails``,
+    macOS ``._name.jpg`` resource forks carry image extensions but are not images) and not
+    following symlinked folders (no cycles). ``s3://bucket/prefix`` lists the folder ``prefix/``
+    (like the object store's prefix setting), not every key that merely starts with the text.
+    """
+    if source.startswith("s3://"):
+        return _list_s3(source, s3_client or boto3.session.Session().client("s3"))
+    if "://" in source:
+        raise SourceError(f"unsupported source {source!r}: expected {ACCEPTED_FORMS}", "unsupported_source")
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise SourceError(f"source {source!r} does not exist (expected {ACCEPTED_FORMS})", "source_not_found")
+    if path.is_dir():
+        return _list_folder(path.resolve())
+    suffix = path.suffix.lower()
+    if suffix in MANIFEST_SUFFIXES:
+        return _list_manifest(path.resolve(), suffix)
+    if suffix == ".txt":
+        return _list_urls(path)
+    raise SourceError(f"unsupported source {source!r}: expected {ACCEPTED_FORMS}", "unsupported_source")
+
+
+def kind_of(name: str) -> str | None:
+    """'image' or 'audio' from a file name, key or URL path's extension; None if neither."""
+    suffix = Path(name).suffix.lower()
+    if suffix in IMAGE_EXTENSIONS:
+        return "image"
+    if suffix in AUDIO_EXTENSIONS:
+        return "audio"
+    return None
+
+
+def _file_item(path: Path, kind: str, caption: str | None = None, meta: dict[str, Any] | None = None) -> SourceItem:
+    try:
+        st = path.stat()
+        size, version = (st.st_size, f"{st.st_mtime_ns}-{st.st_size}") if path.is_file() else (None, None)
+    except OSError:  # missing or a broken link: listed anyway, reading it records the failure
+        size = version = None
+    return SourceItem(path.as_uri(), kind, caption, meta or {}, size, version)
+
+
+def _list_folder(root: Path) -> list[SourceItem]:
+    items = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in files:
+            kind = kind_of(name)
+            if kind and not name.startswith("."):
+                items.append(_file_item(Path(folder, name), kind))
+    return sorted(items, key=lambda item: item.uri)
+
+
+def _list_manifest(manifest: Path, suffix: str) -> list[SourceItem]:
+    rows = {".csv": _csv_rows, ".jsonl": _jsonl_rows, ".parquet": _parquet_rows}[suffix](manifest)
+    items: list[SourceItem] = []
+    seen: dict[str, str] = {}
+    for where, row in rows:
+        item = _row_item(row, where, manifest)
+        if item.uri in seen:
+            raise SourceError(f"{manifest}: {where} repeats the item of {seen[item.uri]} ({item.uri})", "bad_manifest")
+        seen[item.uri] = where
+        items.append(item)
+    return sorted(items, key=lambda item: item.uri)
+
+
+def _require_uri_column(manifest: Path, columns: Sequence[str]) -> None:
+    if not any(c in columns for c in URI_COLUMNS):
+        raise SourceError(
+            f"{manifest} has no {', '.join(URI_COLUMNS)} column (its columns: {', '.join(map(str, columns))})",
+            "bad_manifest",
+        )
+
+
+def _csv_rows(manifest: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    try:
+        with manifest.open(newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheets write a BOM
+            reader = csv.DictReader(f)
+            _require_uri_column(manifest, reader.fieldnames or [])
+            for row in reader:
+                where = f"line {reader.line_num}"
+                if None in row:
+                    raise SourceError(f"{manifest}: {where} has more fields than the header", "bad_manifest")
+                yield where, {k: (v or None) for k, v in row.items()}  # empty cells count as absent
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise SourceError(f"{manifest} is not a readable UTF-8 CSV: {exc}", "bad_manifest") from exc
+
+
+def _jsonl_rows(manifest: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    try:
+        with manifest.open(encoding="utf-8-sig") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise SourceError(f"{manifest}: line {number} is not JSON: {exc}", "bad_manifest") from exc
+                if not isinstance(row, dict):
+                    raise SourceError(f"{manifest}: line {number} is not a JSON object", "bad_manifest")
+                yield f"line {number}", row
+    except UnicodeDecodeError as exc:
+        raise SourceError(f"{manifest} is not UTF-8: {exc}", "bad_manifest") from exc
+
+
+def _parquet_rows(manifest: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    import pyarrow as pa  # only manifests need it, and it is a slow import for every worker
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(manifest)
+    except (pa.ArrowException, OSError) as exc:
+        raise SourceError(f"{manifest} is not a readable Parquet file: {exc}", "bad_manifest") from exc
+    _require_uri_column(manifest, table.column_names)
+    for number, row in enumerate(table.to_pylist(), 1):
+        yield f"row {number}", row
+
+
+def _row_item(row: Mapping[str, Any], where: str, manifest: Path) -> SourceItem:
+    def bad(message: str) -> SourceError:
+        return SourceError(f"{manifest}: {where} {message}", "bad_manifest")
+
+    column = next((c for c in URI_COLUMNS if row.get(c) not in (None, "")), None)
+    if column is None:
+        raise bad(f"has no {', '.join(URI_COLUMNS)} value")
+    value = row[column]
+    if not isinstance(value, str) or not value.strip():
+        raise bad(f"has a {column} that is not a string: {value!r}")
+    value = value.strip()
+    caption = row.get("caption")
+    if caption is not None and not isinstance(caption, str):
+        raise bad(f"has a caption that is not a string: {caption!r}")
+    meta = {k: v for k, v in row.items() if k not in RESERVED_COLUMNS and v is not None and v != ""}
+    declared = row.get("kind")
+    if declared not in (None, ""):
+        kind = str(declared).strip().lower()
+        if kind not in KINDS:
+            raise bad(f"has kind {declared!r}; kinds are {' and '.join(KINDS)}")
+    else:
+        kind = kind_of(unquote(urlsplit(value).path) if "://" in value else value) or ""
+        if not kind:
+            raise bad(f"names {value!r}, whose extension is neither an image nor an audio one: add a kind column")
+
+    scheme = value.split("://", 1)[0].lower() if "://" in value else ""
+    if scheme in ("http", "https", "s3"):
+        parts = urlsplit(value)
+        if not parts.netloc or (scheme == "s3" and not parts.path.strip("/")):
+            raise bad(f"has an incomplete URI {value!r}")
+        return SourceItem(value, kind, caption or None, meta)
+    if scheme == "file":
+        path = Path(url2pathname(urlsplit(value).path))
+    elif scheme:
+        raise bad(f"has {value!r}: only local paths, file://, s3:// and http(s):// URIs are read")
+    else:
+        path = Path(value).expanduser()
+    # Lexically normalised, not resolved: the item is the path the manifest names, like a folder listing.
+    absolute = Path(os.path.normpath(manifest.parent / path))
+    return _file_item(absolute, kind, caption or None, meta)
+
+
+def _list_urls(listing: Path) -> list[SourceItem]:
+    items: list[SourceItem] = []
+    seen: dict[str, int] = {}
+    try:
+        lines = listing.read_text(encoding="utf-8-sig").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SourceError(f"cannot read the URL list {listing}: {exc}", "bad_manifest") from exc
+    for number, line in enumerate(lines, 1):
+        url = line.strip()
+        if not url or url.startswith("#"):
+            continue
+        parts = urlsplit(url)
+        if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
+            raise SourceError(f"{listing}: line {number} is not an http(s) URL: {url[:80]!r}", "bad_manifest")
+        kind = kind_of(unquote(parts.path))
+        if kind is None:
+            raise SourceError(
+                f"{listing}: line {number}: cannot tell whether {url[:80]!r} is an image or audio from its "
+                "extension; list it in a manifest with a kind column",
+                "bad_manifest",
+            )
+        if url in seen:
+            raise SourceError(f"{listing}: line {number} repeats line {seen[url]} ({url})", "bad_manifest")
+        seen[url] = number
+        items.append(SourceItem(url, kind))
+    return sorted(items, key=lambda item: item.uri)
+
+
+def _split_s3(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    return bucket, key
+
+
+def _list_s3(source: str, client: Any) -> list[SourceItem]:
+    bucket, prefix = _split_s3(source)
+    if not bucket:
+        raise SourceError(f"unsupported source {source!r}: expected {ACCEPTED_FORMS}", "unsupported_source")
+    prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+    request: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": _S3_PAGE_SIZE}
+    items = []
+    try:
+        while True:
+            page = client.list_objects_v2(**request)
+            for obj in page.get("Contents", []):
+                key = obj["Key"]
+                kind = kind_of(key)
+                if kind and not key.endswith("/"):
+                    etag = str(obj.get("ETag", "")).strip('"') or None
+                    items.append(SourceItem(f"s3://{bucket}/{key}", kind, size=obj.get("Size"), version=etag))
+            if not page.get("IsTruncated"):
+                break
+            request["ContinuationToken"] = page["NextContinuationToken"]
+    except ClientError as exc:
+        code = _s3_code(exc)
+        if code == "NoSuchBucket":
+            raise SourceError(f"no bucket {bucket!r} at this S3 endpoint ({source})", "source_not_found") from exc
+        raise SourceError(f"cannot list {source}: {code or exc}", "s3_error") from exc
+    except BotoCoreError as exc:
+        raise SourceError(f"cannot list {source}: {exc}", "s3_error") from exc
+    return sorted(items, key=lambda item: item.uri)
+
+
+def _s3_code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def s3_config_from_settings(settings: Settings) -> dict[str, Any]:
+    """Keyword arguments for ``boto3.client("s3", ...)`` (also ``SourceDataset``'s ``s3_config``): endpoint
+    and region from settings, credentials from boto3's usual chain so none is ever written down."""
+    endpoint = settings.s3_endpoint_url
+    config = Config(
+        retries={"mode": "standard", "max_attempts": 5},
+        connect_timeout=5,
+        read_timeout=60,
+        signature_version="s3v4",
+        # Self-hosted servers (MinIO, SeaweedFS) answer at endpoint/bucket/key; see store.objects.
+        s3={"addressing_style": "path" if endpoint else "virtual"},
+    )
+    return {"endpoint_url": endpoint, "region_name": settings.s3_region, "config": config}
+
+
+def s3_client_from_settings(settings: Settings) -> Any:
+    # A session of its own: the default session caches the first credentials it finds process-wide.
+    return boto3.session.Session().client("s3", **s3_config_from_settings(settings))
+
+
+def read_item(
+    item: SourceItem,
+    s3_client: Any | None = None,
+    max_bytes: int = 100_000_000,
+    timeout_s: float = 30,
+    http_client: httpx.Client | None = None,
+) -> bytes:
+    """The item's bytes, never more than ``max_bytes``, or a SourceError with a code: not_found,
+    too_large, read_error, s3_error, url_status, url_unreachable, url_timeout, url_redirects,
+    bad_uri. ``http_client`` lets a worker reuse connections across URLs (it should follow at most
+    ``MAX_REDIRECTS`` redirects); without one, or without ``s3_client`` for an S3 item, a client is
+    made for this call, which is fine once but slow per item."""
+    uri = item.uri
+    scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
+    if scheme == "file":
+        return _read_file(uri, max_bytes)
+    if scheme == "s3":
+        return _read_s3(uri, s3_client or boto3.session.Session().client("s3"), max_bytes)
+    if scheme in ("http", "https"):
+        if http_client is not None:
+            return _read_http(uri, http_client, max_bytes, timeout_s)
+        with httpx.Client(follow_redirects=True, max_redirects=MAX_REDIRECTS) as client:
+            return _read_http(uri, client, max_bytes, timeout_s)
+    raise SourceError(f"cannot read {uri[:80]!r}: only file://, s3:// and http(s):// URIs are read", "bad_uri")
+
+
+def _too_large(uri: str, size: int | str, max_bytes: int) -> SourceError:
+    return SourceError(f"{uri} is {size} bytes, over the {max_bytes}-byte limit", "too_large")
+
+
+def _read_file(uri: str, max_bytes: int) -> bytes:
+    path = Path(url2pathname(urlsplit(uri).path))
+    try:
+        with path.open("rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > max_bytes:
+                raise _too_large(uri, size, max_bytes)
+            data = f.read(max_bytes + 1)  # bounded even if the file grows or is not a regular file
+    except FileNotFoundError as exc:
+        raise SourceError(f"no file at {path}", "not_found") from exc
+    except OSError as exc:
+        raise SourceError(f"cannot read {path}: {exc.strerror or exc}", "read_error") from exc
+    if len(data) > max_bytes:
+        raise _too_large(uri, f"more than {max_bytes}", max_bytes)
+    return data
+
+
+def _read_s3(uri: str, client: Any, max_bytes: int) -> bytes:
+    bucket, key = _split_s3(uri)
+    if not bucket or not key:
+        raise SourceError(f"{uri!r} is not s3://bucket/key", "bad_uri")
+    try:
+        response = client.get_object(Bucket=bucket, Key=key)
+        body = response["Body"]
+        try:
+            declared = response.get("ContentLength")
+            if declared is not None and declared > max_bytes:
+                raise _too_large(uri, declared, max_bytes)
+            data = bytearray()
+            for chunk in body.iter_chunks(_CHUNK):
+                data += chunk
+                if len(data) > max_bytes:
+                    raise _too_large(uri, f"more than {max_bytes}", max_bytes)
+        finally:
+            body.close()
+    except ClientError as exc:
+        code = _s3_code(exc)
+        if code in ("NoSuchKey", "NoSuchBucket", "404", "NotFound"):
+            raise SourceError(f"no object at {uri} ({code})", "not_found") from exc
+        raise SourceError(f"cannot read {uri}: {code or exc}", "s3_error") from exc
+    except BotoCoreError as exc:
+        raise SourceError(f"cannot read {uri}: {exc}", "s3_error") from exc
+    return bytes(data)
+
+
+def _read_http(uri: str, client: httpx.Client, max_bytes: int, timeout_s: float) -> bytes:
+    # httpx's timeouts bound each connect and each read; the deadline bounds a server that drips.
+    deadline = time.monotonic() + timeout_s
+    try:
+        with client.stream("GET", uri, timeout=timeout_s, follow_redirects=True) as response:
+            if not response.is_success:
+                raise SourceError(f"{uri} answered HTTP {response.status_code}", "url_status")
+            declared = response.headers.get("content-length")
+            if declared and declared.isdigit() and int(declared) > max_bytes:
+                raise _too_large(uri, declared, max_bytes)
+            data = bytearray()
+            for chunk in response.iter_bytes(_CHUNK):
+                data += chunk
+                if len(data) > max_bytes:  # no Content-Length, or a wrong one
+                    raise _too_large(uri, f"more than {max_bytes}", max_bytes)
+                if time.monotonic() > deadline:
+                    raise SourceError(f"{uri} took longer than {timeout_s:g} s", "url_timeout")
+    except httpx.TooManyRedirects as exc:
+        raise SourceError(f"{uri} redirected more than {MAX_REDIRECTS} times", "url_redirects") from exc
+    except httpx.TimeoutException as exc:
+        raise SourceError(f"{uri} timed out ({type(exc).__name__})", "url_timeout") from exc
+    except httpx.HTTPError as exc:
+        raise SourceError(f"{uri} is unreachable: {type(exc).__name__}: {exc}", "url_unreachable") from exc
+    except httpx.InvalidURL as exc:
+        raise SourceError(f"{uri[:80]!r} is not a valid URL: {exc}", "bad_uri") from exc
+    return bytes(data)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading in DataLoader workers
+
+
+@dataclass
+class Loaded:
+    index: int
+    uri: str
+    content_hash: str | None
+    prepared: Prepared | None
+    error: tuple[str, str] | None
+    read_ms: float
+    decode_ms: float
+    data: bytes | None = None  # the bytes read, for the job to store the object it embedded
+
+    def pin_memory(self) -> Loaded:
+        """Called by the DataLoader's pin thread (``pin_memory=True``); without it the loader would
+        pass this object through untouched and nothing would be pinned. ``prepared`` may also be
+        one Prepared per model (a job with several models of one modality)."""
+        if isinstance(self.prepared, dict):
+            return dataclasses.replace(self, prepared={k: _pinned(p) for k, p in self.prepared.items()})
+        return self if self.prepared is None else dataclasses.replace(self, prepared=_pinned(self.prepared))
+
+
+def _pinned(prepared: Prepared) -> Prepared:
+    if not isinstance(prepared.data, torch.Tensor):
+        return prepared
+    return Prepared(prepared.data.pin_memory(), prepared.info)
+
+
+Preprocessor = Callable[[Any], Prepared]
+
+
+class SourceDataset(Dataset[Loaded]):
+    """Items -> ``Loaded``, one per index, never an exception.
+
+    Images are decoded here (``decode_image``) and handed to ``preprocessors['image']`` as RGB
+    Pillow images; audio goes to ``preprocessors['audio']`` as the bytes read, since the audio
+    encoders decode (and resample) bytes themselves. Each read is capped at the decoder's own
+    ``max_bytes`` for the item's kind, so nothing larger than it would accept is ever buffered.
+    S3 and HTTP clients are made lazily in each worker process: they hold sockets and cannot be
+    pickled or shared across a fork.
+    """
+
+    def __init__(
+        self,
+        items: Sequence[SourceItem],
+        preprocessors: Mapping[str, Preprocessor],
+        image_limits: DecodeLimits = DecodeLimits(),
+        audio_limits: AudioLimits = AudioLimits(),
+        s3_config: Mapping[str, Any] | None = None,
+        timeout_s: float = 30,
+    ) -> None:
+        self.items = list(items)
+        self.preprocessors = dict(preprocessors)
+        self.image_limits, self.audio_limits = image_limits, audio_limits
+        self.s3_config = dict(s3_config or {})
+        self.timeout_s = timeout_s
+        self._pid: int | None = None
+        self._s3: Any = None
+        self._http: httpx.Client | None = None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Spawned workers get the dataset pickled: clients stay behind and are made anew there."""
+        return self.__dict__ | {"_pid": None, "_s3": None, "_http": None}
+
+    def __getitem__(self, index: int) -> Loaded:
+        item = self.items[index]
+        preprocess = self.preprocessors.get(item.kind)
+        if preprocess is None:  # known before any I/O: no reason to fetch what cannot be encoded
+            message = f"this job encodes {', '.join(self.preprocessors) or 'nothing'}, not {item.kind}"
+            return Loaded(index, item.uri, None, None, ("unsupported_kind", message), 0.0, 0.0)
+        started = time.perf_counter()
+        try:
+            data = _retry_transient(self._read, item)
+        except Exception as exc:  # a worker that raises ends the whole run
+            return Loaded(index, item.uri, None, None, _failure(exc), _ms_since(started), 0.0)
+        read_ms = _ms_since(started)
+        content_hash = hashlib.sha256(data).hexdigest()
+        started = time.perf_counter()
+        try:
+            prepared = self._prepare(item, data, preprocess)
+        except Exception as exc:
+            return Loaded(index, item.uri, content_hash, None, _failure(exc), read_ms, _ms_since(started))
+        return Loaded(index, item.uri, content_hash, prepared, None, read_ms, _ms_since(started), data)
+
+    def _read(self, item: SourceItem) -> bytes:
+        if self._pid != os.getpid():  # first use in this process, or inherited through a fork
+            self._pid, self._s3, self._http = os.getpid(), None, None
+        s3 = None
+        if item.uri.startswith("s3://"):
+            if self._s3 is None:
+                self._s3 = boto3.session.Session().client("s3", **self.s3_config)
+            s3 = self._s3
+        elif item.uri.startswith(("http://", "https://")) and self._http is None:
+            self._http = httpx.Client(follow_redirects=True, max_redirects=MAX_REDIRECTS)
+        max_bytes = self.image_limits.max_bytes if item.kind == "image" else self.audio_limits.max_bytes
+        return read_item(item, s3, max_bytes=max_bytes, timeout_s=self.timeout_s, http_client=self._http)
+
+    def _prepare(self, item: SourceItem, data: bytes, preprocess: Preprocessor) -> Prepared:
+        if item.kind == "image":
+            return preprocess(decode_image(data, self.image_limits))
+        # Any audio encoder, built-in or registered, sees only a container it could decode.
+        if sniff_format(data) is None:
+            raise SourceError(
+                f"not a supported audio format (supported: {', '.join(SUPPORTED_FORMATS)})", "unsupported_format"
+            )
+        return preprocess(data)
+
+
+# Worth another try after a pause: the network or the S3 endpoint, not the item itself.
+TRANSIENT_CODES = {"url_unreachable", "url_timeout", "s3_error"}
+_retry_transient = retry(
+    retry=retry_if_exception(lambda e: isinstance(e, SourceError) and e.code in TRANSIENT_CODES),
+    stop=stop_after_attempt(4),
+    wait=wait_random_exponential(multiplier=0.2, max=5),
+    reraise=True,
+)(lambda read, item: read(item))
+
+
+def _failure(exc: Exception) -> tuple[str, str]:
+    """Every error this project raises on purpose has a ``code``; anything else is a bug worth
+    seeing by its type, recorded rather than raised."""
+    code = getattr(exc, "code", None)
+    if isinstance(code, str) and code:
+        return code, str(exc)
+    return "internal_error", f"{type(exc).__name__}: {exc}"
+
+
+def _ms_since(started: float) -> float:
+    return (time.perf_counter() - started) * 1000.0
+
+
+def _as_list(batch: list[Loaded]) -> list[Loaded]:
+    """Collate that keeps a batch as its items: their ``prepared`` data differ in shape and type,
+    and failures have none, so stacking is the encoder's job on the good ones."""
+    return batch
+
+
+def make_loader(
+    dataset: SourceDataset, batch_size: int, workers: int, device: str = "cpu", prefetch: int = 2
+) -> DataLoader[Loaded]:
+    """At most ``workers * prefetch`` batches are in flight, so memory stays bounded however large
+    the source. Workers fork on Linux: the encoders' preprocessors are plain objects, and forking
+    skips re-importing torch and pickling the dataset in every worker."""
+    context = None
+    if workers > 0 and "fork" in multiprocessing.get_all_start_methods():
+        context = multiprocessing.get_context("fork")
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=_as_list,
+        pin_memory=str(device).startswith("cuda"),
+        prefetch_factor=prefetch if workers > 0 else None,
+        persistent_workers=False,
+        multiprocessing_context=context,
+    )

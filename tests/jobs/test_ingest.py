@@ -1,0 +1,160 @@
+"""Bulk ingest end to end on real parts: a folder and manifest of rendered scenes, the
+embedded Qdrant engine, local objects, the SQLite cache and job store; plan, incremental
+reruns, sync deletes, dead letters, retries, and a run killed with SIGKILL that resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from jobs.ingest import Ingest, IngestOptions
+from jobs.state import JobStore
+from mmembed.config import Settings
+from mmembed.demo import world
+from store.cache import SqliteCache
+from store.catalog import Catalog
+from store.objects import LocalObjects, ObjectStoreError
+from store.vectors import EdgeStore, point_id
+
+MODELS = ("demo-clip", "all-MiniLM-L6-v2")
+SCENES = 10
+
+
+def _catalogue(folder: Path) -> Path:
+    """Ten scenes and one corrupt file, with a JSONL manifest carrying captions."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for n, (scene, image) in enumerate(world.eval_set(SCENES, seed=21)):
+        image.save(folder / f"scene-{n}.png")
+        rows.append({"uri": f"scene-{n}.png", "caption": scene.caption(), "shop": "north" if n % 2 else "south"})
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    rows.append({"uri": "broken.png"})
+    manifest = folder / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return manifest
+
+
+@pytest.fixture
+def env(tmp_path: Path, settings: Settings) -> dict:
+    job_settings = settings.model_copy(update={"data_dir": tmp_path / "data", "collection": "ingest"})
+    return {
+        "settings": job_settings,
+        "manifest": _catalogue(tmp_path / "catalogue"),
+        "catalog": Catalog(EdgeStore(tmp_path / "vectors"), LocalObjects(tmp_path / "objects")),
+        "cache": SqliteCache(tmp_path / "cache.sqlite"),
+        "jobs": JobStore(tmp_path / "jobs.sqlite"),
+    }
+
+
+def _ingest(env: dict, **options) -> Ingest:
+    opts = IngestOptions(str(env["manifest"]), MODELS, batch_size=4, workers=0, **options)
+    return Ingest(opts, env["settings"], catalog=env["catalog"], cache=env["cache"], jobs=env["jobs"])
+
+
+def test_plan_then_run_writes_one_point_per_good_item_and_dead_letters_the_bad(env):
+    job = _ingest(env)
+    plan = job.plan()
+    assert (plan.total, plan.unchanged, plan.to_check, plan.new, plan.deleted) == (11, 0, 11, 11, 0)
+    assert plan.seconds_per_item > 0 and plan.estimated_cost_usd > 0
+    assert env["catalog"].vectors.count() == 0  # planning writes nothing
+    summary = job.run(plan, progress=False)
+    assert (summary.written, summary.failed) == (SCENES, 1)
+    assert env["catalog"].vectors.count() == SCENES
+    [letter] = env["jobs"].dead_letters(job.job)
+    assert letter.uri.endswith("broken.png") and letter.code in ("truncated_image", "not_an_image")
+    point = env["catalog"].get(point_id("file://" + str(env["manifest"].parent / "scene-3.png")), with_vectors=True)
+    assert set(point.vectors) == {"demo-clip.image", "demo-clip.text", "all-MiniLM-L6-v2.text"}
+    assert point.payload["meta"] == {"shop": "north"} and point.payload["source"] == str(env["manifest"])
+    assert all(v > 0 for k, v in summary.stages_s.items()), summary.stages_s
+
+
+def test_a_rerun_embeds_only_what_changed_and_sync_deletes_what_is_gone(env):
+    _ingest(env).run(progress=False)
+    folder = env["manifest"].parent
+    again = _ingest(env).plan()
+    assert (again.unchanged, again.to_check) == (SCENES, 1)  # only the broken file, which has no point yet
+    # One image redrawn (new bytes), one only touched (new mtime, same bytes), one removed.
+    world.eval_set(SCENES + 1, seed=99)[-1][1].save(folder / "scene-0.png")
+    os.utime(folder / "scene-1.png", ns=(time.time_ns(), time.time_ns() + 10_000_000_000))
+    (folder / "scene-2.png").unlink()
+    rows = [json.loads(line) for line in env["manifest"].read_text().splitlines()]
+    env["manifest"].write_text("".join(json.dumps(r) + "\n" for r in rows if r["uri"] != "scene-2.png"))
+    before = env["catalog"].get(point_id("file://" + str(folder / "scene-0.png")), with_vectors=True)
+    summary = _ingest(env, sync=True).run(progress=False)
+    assert (summary.written, summary.refreshed, summary.deleted) == (1, 1, 1), summary
+    assert env["catalog"].vectors.count() == SCENES - 1
+    after = env["catalog"].get(point_id("file://" + str(folder / "scene-0.png")), with_vectors=True)
+    assert after.payload["content_hash"] != before.payload["content_hash"]
+    assert env["catalog"].get(point_id("file://" + str(folder / "scene-2.png"))) is None
+
+
+def test_the_cache_saves_the_forward_passes_of_content_seen_before(env, tmp_path: Path):
+    _ingest(env).run(progress=False)
+    env["catalog"] = Catalog(EdgeStore(tmp_path / "vectors-2"), LocalObjects(tmp_path / "objects-2"))
+    env["jobs"] = JobStore(tmp_path / "jobs-2.sqlite")
+    env["cache"].stats.hits = env["cache"].stats.misses = 0
+    summary = _ingest(env).run(progress=False)
+    assert summary.written == SCENES and summary.cache["hits"] == SCENES and summary.cache["misses"] == 0
+
+
+class FlakyObjects(LocalObjects):
+    """A real local store that refuses its first few writes, as an S3 endpoint mid-restart does."""
+
+    def __init__(self, root: Path, failures: int) -> None:
+        super().__init__(root)
+        self.failures = failures
+
+    def put(self, key: str, data: bytes, content_type: str) -> str:
+        if self.failures > 0:
+            self.failures -= 1
+            raise ObjectStoreError("endpoint unavailable (injected)")
+        return super().put(key, data, content_type)
+
+
+def test_transient_write_failures_are_retried_and_persistent_ones_dead_lettered(env, tmp_path: Path):
+    env["catalog"] = Catalog(EdgeStore(tmp_path / "v"), FlakyObjects(tmp_path / "o", failures=2))
+    summary = _ingest(env).run(progress=False)
+    assert (summary.written, summary.failed) == (SCENES, 1)  # two refusals retried away
+    env["catalog"] = Catalog(EdgeStore(tmp_path / "v2"), FlakyObjects(tmp_path / "o2", failures=10_000))
+    env["jobs"] = JobStore(tmp_path / "jobs-3.sqlite")
+    failed = _ingest(env, attempts=2).run(progress=False)
+    assert failed.written == 0 and failed.failed == SCENES + 1
+    codes = {d.code for d in env["jobs"].dead_letters()}
+    assert "write_failed" in codes
+
+
+def test_a_run_killed_with_sigkill_resumes_and_ends_with_exactly_one_point_per_item(env, tmp_path: Path):
+    data = tmp_path / "cli-data"
+    environment = os.environ | {"MMEMBED_DATA_DIR": str(data), "MMEMBED_COLLECTION": "killed",
+                                "MMEMBED_ALLOW_DOWNLOADS": "false",
+                                "MMEMBED_MODELS_DIR": str(env["settings"].models_path)}  # fmt: skip
+    models = [arg for m in MODELS for arg in ("--model", m)]
+    command = [sys.executable, "-m", "mmembed.cli", "ingest", str(env["manifest"]), "--batch-size", "2",
+               "--workers", "0", *models]  # fmt: skip
+    process = subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    done = 0
+    while done < 4 and process.poll() is None and time.monotonic() < deadline:
+        if (data / "jobs.sqlite").exists():
+            with sqlite3.connect(data / "jobs.sqlite") as db:
+                done = db.execute("SELECT COUNT(*) FROM items WHERE status = 'done'").fetchone()[0]
+        time.sleep(0.05)  # polling interval; the condition above is what the test waits for
+    assert process.poll() is None, process.stdout.read().decode()  # still running: killed mid-job
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert 4 <= done < SCENES
+    resumed = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "(resuming)" in resumed.stdout
+    store = EdgeStore(data / "vectors" / "killed")
+    store.open({"demo-clip.image": 128, "demo-clip.text": 128, "all-MiniLM-L6-v2.text": 384})
+    ids = store.scroll_ids()
+    assert len(ids) == len(set(ids)) == SCENES
