@@ -1,29 +1,45 @@
-"""The catalogue behind the search API, as its own Serve deployment.
+"""The catalogue behind the search API, as its own Serve deployment, and the bulk jobs
+started over HTTP.
 
 One replica owns the vector store: the embedded engine (Qdrant Edge) is one folder that
 one process may write, so the default runs exactly one. With a Qdrant server
-(``MMEMBED_QDRANT_URL``) it is a thin client and could run several.
+(``MMEMBED_QDRANT_URL``) it is a thin client and could run several. Bulk jobs run in this
+replica for the same reason (they write the same store), in background threads; their
+state lives in the job store on disk, so a job the last replica left unfinished resumes
+when a new one starts.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 import uuid
 from typing import Any
 
 import numpy as np
 from ray import serve
 
+from jobs.ingest import Ingest, IngestOptions
+from jobs.state import JobStore
 from mmembed.config import get_settings
 from store.catalog import Catalog, NewItem
 from store.objects import object_store
 from store.vectors import open_store
 
+log = logging.getLogger(__name__)
+
 
 class CatalogDeployment:
     def __init__(self) -> None:
-        settings = get_settings()
-        self.catalog = Catalog(open_store(settings), object_store(settings))
+        self.settings = get_settings()
+        self.catalog = Catalog(open_store(self.settings), object_store(self.settings))
         self.layout: dict[str, int] | None = None
+        self.jobs = JobStore(self.settings.data_dir.expanduser() / "jobs.sqlite")
+        self.threads: dict[str, threading.Thread] = {}
+        for row in self.jobs.list():
+            if row.status in ("planned", "running") and row.config.get("server"):
+                log.info("resuming job %s left unfinished by the last replica", row.id)
+                self._start(row.source, row.config)
 
     def open(self, layout: dict[str, int]) -> dict[str, int]:
         """Called by the ingress with the named vectors its models produce; idempotent."""
@@ -51,6 +67,48 @@ class CatalogDeployment:
 
     def count(self) -> int:
         return self.catalog.vectors.count()
+
+    # --- bulk jobs ------------------------------------------------------------------------------
+
+    def start_job(self, source: str, models: list[str], sync: bool = False) -> str:
+        """Plans and runs in a background thread; answers the job id at once."""
+        return self._start(source, {"models": models, "sync": sync, "server": True})
+
+    def _start(self, source: str, config: dict[str, Any]) -> str:
+        options = IngestOptions(source, tuple(config["models"]), sync=config.get("sync", False), workers=0)
+        ingest = Ingest(options, self.settings, catalog=self.catalog, jobs=self.jobs)
+        self.jobs.create(ingest.job, source, options.job_config(self.settings) | {"server": True, "sync": options.sync})
+        if ingest.job in self.threads and self.threads[ingest.job].is_alive():
+            return ingest.job  # already running: the same source and models are the same job
+        self.jobs.update(ingest.job, status="running")
+        thread = threading.Thread(target=self._run, args=(ingest,), name=f"job-{ingest.job}", daemon=True)
+        self.threads[ingest.job] = thread
+        thread.start()
+        return ingest.job
+
+    def _run(self, ingest: Ingest) -> None:
+        try:
+            plan = ingest.plan(calibrate=False)
+            counts = {"total": plan.total, "unchanged": plan.unchanged, "to_embed": plan.to_check, "gone": plan.deleted}
+            self.jobs.update(ingest.job, counts={"plan": counts})
+            ingest.run(plan, progress=False)
+        except Exception as exc:  # the job's record says why; the replica keeps serving
+            log.exception("job %s failed", ingest.job)
+            self.jobs.update(ingest.job, status="failed", error=f"{type(exc).__name__}: {exc}")
+
+    def job(self, job_id: str) -> dict[str, Any] | None:
+        row = self.jobs.get(job_id)
+        if row is None:
+            return None
+        items = self.jobs.item_counts(job_id)
+        planned = sum(items.values())
+        finished = items.get("done", 0) + items.get("failed", 0)
+        return {"id": row.id, "source": row.source, "status": row.status, "error": row.error,
+                "progress": finished / planned if planned else (1.0 if row.status == "done" else 0.0),
+                "items": items, "counts": row.counts, "created": row.created, "updated": row.updated}  # fmt: skip
+
+    def list_jobs(self) -> list[dict[str, Any]]:
+        return [self.job(row.id) for row in self.jobs.list()]  # type: ignore[misc]
 
 
 def _is_id(item_id: str) -> bool:

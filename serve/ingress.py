@@ -23,7 +23,7 @@ import numpy as np
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, Field, model_validator
 from ray import serve
 from ray.serve.exceptions import BackPressureError
@@ -103,6 +103,12 @@ class EncodeTextRequest(BaseModel):
 class EncodeMediaRequest(BaseModel):
     model: str
     items: list[str] = Field(min_length=1, description="http(s) URLs, data URIs or base64 bytes")
+
+
+class IngestRequest(BaseModel):
+    source: str = Field(description="A folder or manifest on the server, s3://bucket/prefix, or a .txt of URLs.")
+    models: list[str] | None = Field(default=None, description="Default: every model this server runs.")
+    sync: bool = Field(default=False, description="Also delete the points of items gone from the source.")
 
 
 class SearchRequest(BaseModel):
@@ -467,6 +473,29 @@ class Ingress:
             raise ApiError(404, "item_not_found", f"no item {item_id!r}")
         return JSONResponse({"id": item_id, "deleted": True})
 
+    @app.post("/ingest", status_code=202)
+    async def ingest(self, body: IngestRequest) -> JSONResponse:
+        """Starts a bulk job in the background; poll GET /jobs/{id}. The same source and models
+        are the same job: posting it again while it runs answers the running one."""
+        served = [m.name for m in self.config.models]
+        unknown = sorted(set(body.models or []) - set(served))
+        if unknown:
+            raise ApiError(422, "model_not_found", f"models not served here: {unknown}; served: {served}")
+        await self._open_catalog()
+        job_id = await self.catalog.start_job.remote(body.source, body.models or served, body.sync)
+        return JSONResponse({"id": job_id, "status_url": f"/jobs/{job_id}"}, 202)
+
+    @app.get("/jobs")
+    async def list_jobs(self) -> JSONResponse:
+        return JSONResponse({"data": await self.catalog.list_jobs.remote()})
+
+    @app.get("/jobs/{job_id}")
+    async def get_job(self, job_id: str) -> JSONResponse:
+        job = await self.catalog.job.remote(job_id)
+        if job is None:
+            raise ApiError(404, "job_not_found", f"no job {job_id!r}")
+        return JSONResponse(job)
+
     @app.get("/objects/{key:path}")
     async def get_object(self, key: str) -> FileResponse:
         """Objects of the local store (an S3 store gives its own URLs)."""
@@ -508,4 +537,12 @@ class Ingress:
 
     @app.get("/metrics")
     async def metrics(self) -> PlainTextResponse:
-        return PlainTextResponse(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        jobs = CollectorRegistry()  # job figures live in the catalogue replica: read them per scrape
+        items = Gauge("mmembed_job_items", "Items of a bulk job by state", ("job", "state"), registry=jobs)
+        progress = Gauge("mmembed_job_progress", "Share of a bulk job's items finished", ("job",), registry=jobs)
+        for job in await self.catalog.list_jobs.remote():
+            progress.labels(job["id"]).set(job["progress"])
+            for state, count in job["items"].items():
+                items.labels(job["id"], state).set(count)
+        body = generate_latest(self.metrics.registry) + generate_latest(jobs)
+        return PlainTextResponse(body, media_type=CONTENT_TYPE_LATEST)

@@ -158,3 +158,28 @@ def test_a_run_killed_with_sigkill_resumes_and_ends_with_exactly_one_point_per_i
     store.open({"demo-clip.image": 128, "demo-clip.text": 128, "all-MiniLM-L6-v2.text": 384})
     ids = store.scroll_ids()
     assert len(ids) == len(set(ids)) == SCENES
+
+
+def test_dead_letters_are_listed_retried_and_purged_from_the_command_line(env, tmp_path: Path):
+    data = tmp_path / "dlq-data"
+    environment = os.environ | {"MMEMBED_DATA_DIR": str(data), "MMEMBED_COLLECTION": "dlq", "COLUMNS": "250",
+                                "MMEMBED_ALLOW_DOWNLOADS": "false",
+                                "MMEMBED_MODELS_DIR": str(env["settings"].models_path)}  # fmt: skip
+
+    def cli(*args: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "mmembed.cli", *args], env=environment, capture_output=True,
+                              text=True, timeout=600)  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    models = [arg for m in MODELS for arg in ("--model", m)]
+    first = cli("ingest", str(env["manifest"]), "--workers", "0", *models)
+    assert "10 written" in first and "1 failed" in first
+    listed = cli("dlq", "list")
+    assert "broken.png" in listed
+    job = JobStore(data / "jobs.sqlite").dead_letters()[0].job_id
+    world.eval_set(1, seed=8)[0][1].save(env["manifest"].parent / "broken.png")  # the file is fixed
+    retried = cli("dlq", "retry", job)
+    assert "1 item(s) back" in retried and "1 written" in retried and "0 failed" in retried
+    assert "broken.png" not in cli("dlq", "list")
+    assert "purged 0" in cli("dlq", "purge")
