@@ -153,6 +153,8 @@ def main() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    # Every concurrency level sends the same items: the embedding cache would answer them all.
+    os.environ["MMEMBED_CACHE_URL"] = "off"
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     url = f"http://127.0.0.1:{port}"
