@@ -8,22 +8,28 @@ a run killed at any point resumes with the items it had not yet written; writes 
 idempotent (point ids from the source URI, content-addressed objects), so the items of an
 interrupted batch written twice still end as one point each. Items that keep failing go
 to the dead-letter store with their reason instead of stopping the run.
+
+Two engines run the middle of that (read, decode, encode): "local" (DataLoader workers and this
+process's models) and "ray" (Ray Data over a cluster, ``jobs.ray_engine``). Both hand the same
+``EncodedBatch`` to the same write step here, so planning, writing, checkpoints, dead letters and
+counts do not depend on the engine.
 """
 
 from __future__ import annotations
 
 import mimetypes
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 from tenacity import retry, retry_if_exception, stop_after_attempt, wait_random_exponential
 from tqdm import tqdm
 
 from encoders import LoadedModel, Prepared, load, model_version
 from jobs.state import DONE, JobStore, job_id
+from loaders.audio import AudioLimits
 from loaders.images import DecodeLimits
 from loaders.sources import Loaded, SourceDataset, SourceItem, list_source, make_loader, s3_client_from_settings
 from mmembed.config import Settings
@@ -34,6 +40,10 @@ from store.spaces import item_encoders, layout
 from store.vectors import DimensionError, StoreError, open_store, point_id
 
 DEFAULT_MODELS = ("demo-clip", "all-MiniLM-L6-v2", "whisper-base", "bind")
+ENGINES = ("local", "ray")
+
+# One item after the encode step: its vectors by name (and "_transcript"), or (code, message) on failure.
+Result = dict[str, Any] | tuple[str, str]
 
 
 def _transient(exc: BaseException) -> bool:
@@ -58,6 +68,17 @@ class IngestOptions:
     price_per_hour: float = 1.0  # USD per hour of this machine, for the estimate
     calibrate: int = 8  # items timed end to end for the estimate
     attempts: int = 5  # tries of a transient write before the batch's items are dead letters
+    engine: str = "local"  # "local": DataLoader workers and this process's models; "ray": Ray Data (jobs.ray_engine)
+    ray_encoders: int = 1  # ray engine: encoder actors, each with its own copy of the job's models
+    num_gpus_per_encoder: float = 0.0  # ray engine: GPUs each encoder actor reserves (a fraction shares one GPU)
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(ENGINES)}, not {self.engine!r}")
+        if self.ray_encoders < 1:
+            raise ValueError(f"ray_encoders must be at least 1, got {self.ray_encoders}")
+        if self.num_gpus_per_encoder < 0:
+            raise ValueError(f"num_gpus_per_encoder must not be negative, got {self.num_gpus_per_encoder}")
 
     def job_config(self, settings: Settings) -> dict[str, Any]:
         return {"models": list(self.models), "collection": settings.collection}
@@ -158,6 +179,102 @@ class _Preprocess:
         return {name: encoder.preprocess(decoded) for name, encoder in self.models}
 
 
+@dataclass(frozen=True)
+class Loading:
+    """How to build the job's ``SourceDataset``, as plain data (model names, settings, limits, S3 endpoint):
+    the local engine's DataLoader workers inherit a dataset by fork, but a Ray task on another machine must
+    rebuild it from something that pickles small."""
+
+    models: tuple[str, ...]
+    settings: Settings
+    image_limits: DecodeLimits
+    audio_limits: AudioLimits
+    s3_config: dict[str, Any] | None = None
+
+    def dataset(self, items: Sequence[SourceItem], models: Models) -> SourceDataset:
+        return SourceDataset(items, models.preprocessors(), self.image_limits, self.audio_limits, self.s3_config)
+
+
+@dataclass
+class EncodedBatch:
+    """One batch after the encode step, whichever engine ran it: everything the write step needs."""
+
+    fresh: list[Loaded]  # new or changed content, and failures: each has a result in ``results``
+    unchanged: list[Loaded]  # the listing's version moved, the bytes did not: only the version is updated
+    results: dict[int, Result]  # by ``Loaded.index``
+    encode_s: float  # seconds spent in the encode step (cache lookups, forward passes)
+
+    def __len__(self) -> int:
+        return len(self.fresh) + len(self.unchanged)
+
+
+def unchanged_content(loaded: Loaded, stored_hash: str | None) -> bool:
+    """Read fine and hashes like the point already stored for its URI: nothing to encode or store again."""
+    return loaded.error is None and stored_hash is not None and loaded.content_hash == stored_hash
+
+
+class BatchEncoder:
+    """The encode step of both engines: per direct model, cache lookups and one forward pass over the
+    misses, then captions and transcripts through every text tower. The local engine runs it in the
+    driving process, the ray engine in each encoder actor, so a vector never depends on the engine."""
+
+    def __init__(self, models: Models, cache: EmbeddingCache | None) -> None:
+        self.models, self.cache = models, cache
+
+    def encode(
+        self, batch: Sequence[Loaded], items: Mapping[int, SourceItem], use_cache: bool = True
+    ) -> dict[int, Result]:
+        """``items``: the listed item of each loaded one, by ``Loaded.index``."""
+        out: dict[int, Any] = {}
+        good = [b for b in batch if b.error is None]
+        for b in batch:
+            out[b.index] = b.error if b.error is not None else {}
+        for kind in ("image", "audio"):
+            group = [b for b in good if items[b.index].kind == kind]
+            for model in self.models.direct(kind) if group else []:
+                self._encode_model(model, kind, group, out, use_cache)
+        self._encode_texts(batch, items, out)
+        return out
+
+    def _encode_model(self, model: str, kind: str, group: list[Loaded], out: dict, use_cache: bool) -> None:
+        name, version = vector_name(model, kind), self.models.versions[model]
+        family = self.models.described[model]["family"]
+        cacheable = use_cache and self.cache is not None and family != "whisper"  # transcripts are not cached
+        keys = {b.index: cache_key(b.content_hash, model, version) for b in group}
+        hits = self.cache.get_many(model, list(keys.values())) if cacheable else {}  # type: ignore[union-attr]
+        misses = [b for b in group if keys[b.index] not in hits and isinstance(out[b.index], dict)]
+        for b in group:
+            if keys[b.index] in hits and isinstance(out[b.index], dict):
+                out[b.index][name] = hits[keys[b.index]]
+        if not misses:
+            return
+        results = self.models.loaded[model].encoder(kind).encode_prepared([b.prepared[model] for b in misses])
+        fresh = {}
+        for b, r in zip(misses, results, strict=True):
+            if not r.ok:
+                out[b.index] = (r.error.code or "encode_error", f"{model}: {r.error}")  # type: ignore[union-attr]
+                continue
+            out[b.index][name] = r.vector
+            fresh[keys[b.index]] = r.vector
+            if "transcript" in r.info:
+                out[b.index]["_transcript"] = r.info["transcript"]
+        if cacheable and fresh:
+            self.cache.put_many(model, fresh)  # type: ignore[union-attr]
+
+    def _encode_texts(self, batch: Sequence[Loaded], items: Mapping[int, SourceItem], encoded: dict) -> None:
+        """Captions (images) and transcripts (audio) through every text tower."""
+        for kind in ("image", "audio"):
+            rows = [(b, encoded[b.index]) for b in batch
+                    if items[b.index].kind == kind and isinstance(encoded[b.index], dict)]  # fmt: skip
+            rows = [(b, r, items[b.index].caption if kind == "image" else r.get("_transcript")) for b, r in rows]
+            rows = [(b, r, words) for b, r, words in rows if words and words.strip()]
+            for model in self.models.text(kind) if rows else []:
+                results = self.models.loaded[model].encoder("text").encode_items([w for _, _, w in rows])
+                for (_, r, _), result in zip(rows, results, strict=True):
+                    if result.ok:
+                        r[vector_name(model, "text")] = result.vector
+
+
 class Ingest:
     def __init__(self, options: IngestOptions, settings: Settings, catalog: Catalog | None = None,
                  cache: EmbeddingCache | bool | None = True, jobs: JobStore | None = None) -> None:  # fmt: skip
@@ -168,7 +285,6 @@ class Ingest:
         self.job = job_id(options.source, options.job_config(settings))
         self._models: Models | None = None
         self._s3 = None
-        self._items: list[SourceItem] = []  # what the current DataLoader's indexes refer to
 
     @property
     def models(self) -> Models:
@@ -176,6 +292,10 @@ class Ingest:
             self._models = Models(self.options.models, self.settings)
             self.catalog.open(self._models.layout)
         return self._models
+
+    @property
+    def encoder(self) -> BatchEncoder:
+        return BatchEncoder(self.models, self.cache)
 
     def _s3_client(self) -> Any:
         if self._s3 is None and (self.options.source.startswith("s3://") or self.settings.s3_bucket):
@@ -217,7 +337,7 @@ class Ingest:
         started = time.perf_counter()
         loader = make_loader(self._dataset(sample), batch_size=len(sample), workers=0)
         for batch in loader:
-            self._encode(batch, use_cache=False)
+            self.encoder.encode(batch, {b.index: sample[b.index] for b in batch}, use_cache=False)
         return (time.perf_counter() - started) / len(sample)
 
     # --- run -------------------------------------------------------------------------------
@@ -235,18 +355,18 @@ class Ingest:
                 retrying(self.options.attempts)(self.catalog.delete)(item_id)
             summary.deleted = len(plan.gone)
         todo = [i for i in plan.todo if i.uri in set(self.jobs.pending(self.job))]
-        loader = make_loader(self._dataset(todo), self.options.batch_size, self.options.workers, self.settings.device)
         done: list[str] = []
         bar = tqdm(total=len(todo), unit="item", desc="ingest", disable=not progress)
         try:
-            for n, batch in enumerate(loader, 1):
-                self._write_batch(todo, batch, summary, done)
-                bar.update(len(batch))
-                bar.set_postfix({k: f"{v:.0f}s" for k, v in summary.stages_s.items()})
-                if n % self.options.checkpoint_every == 0:
-                    self.jobs.mark(self.job, done, DONE)
-                    done.clear()
-                    self.jobs.update(self.job, counts=self._counts(summary))
+            with self._engine(todo, progress) as batches:
+                for n, batch in enumerate(batches, 1):
+                    self._write_batch(todo, batch, summary, done)
+                    bar.update(len(batch))
+                    bar.set_postfix({k: f"{v:.0f}s" for k, v in summary.stages_s.items()})
+                    if n % self.options.checkpoint_every == 0:
+                        self.jobs.mark(self.job, done, DONE)
+                        done.clear()
+                        self.jobs.update(self.job, counts=self._counts(summary))
             self.jobs.mark(self.job, done, DONE)
         except BaseException as exc:
             self.jobs.mark(self.job, done, DONE)
@@ -259,82 +379,58 @@ class Ingest:
         self.jobs.update(self.job, status="done", counts=self._counts(summary))
         return summary
 
+    def _engine(self, todo: list[SourceItem], progress: bool) -> AbstractContextManager[Iterator[EncodedBatch]]:
+        """The encoded batches of ``todo`` (indexes into it), from the engine the options name; a context,
+        because the ray engine may start Ray and must stop it however the run ends."""
+        if self.options.engine == "ray":
+            from jobs.ray_engine import ray_batches  # Ray is imported only by jobs that use it
+
+            return ray_batches(self, todo, progress)
+        return nullcontext(self._local_batches(todo))
+
+    def _local_batches(self, todo: list[SourceItem]) -> Iterator[EncodedBatch]:
+        loader = make_loader(self._dataset(todo), self.options.batch_size, self.options.workers, self.settings.device)
+        encoder = self.encoder
+        for batch in loader:
+            known = self.catalog.payloads([point_id(b.uri) for b in batch])
+            stored = {b.index: known.get(point_id(b.uri), {}).get("content_hash") for b in batch}
+            unchanged = [b for b in batch if unchanged_content(b, stored[b.index])]
+            fresh = [b for b in batch if not unchanged_content(b, stored[b.index])]
+            started = time.perf_counter()
+            results = encoder.encode(fresh, {b.index: todo[b.index] for b in fresh})
+            yield EncodedBatch(fresh, unchanged, results, time.perf_counter() - started)
+
     def _counts(self, summary: Summary) -> dict[str, Any]:
         return {"written": summary.written, "refreshed": summary.refreshed, "failed": summary.failed,
                 "deleted": summary.deleted, "items": self.jobs.item_counts(self.job)}  # fmt: skip
 
-    def _dataset(self, items: list[SourceItem]) -> SourceDataset:
-        self._items = items
-        limits = DecodeLimits(max_bytes=self.settings.max_image_bytes, max_pixels=self.settings.max_image_pixels)
+    def loading(self, items: Sequence[SourceItem]) -> Loading:
         from encoders.provision import audio_limits
 
+        limits = DecodeLimits(max_bytes=self.settings.max_image_bytes, max_pixels=self.settings.max_image_pixels)
         s3 = None
         if any(i.uri.startswith("s3://") for i in items):
             s3 = {"endpoint_url": self.settings.s3_endpoint_url, "region_name": self.settings.s3_region}
-        return SourceDataset(items, self.models.preprocessors(), limits, audio_limits(self.settings), s3)
+        return Loading(self.options.models, self.settings, limits, audio_limits(self.settings), s3)
 
-    def _encode(self, batch: list[Loaded], use_cache: bool = True) -> dict[int, dict[str, np.ndarray] | tuple]:
-        """Per loaded item: its vectors by name (and "_transcript"), or (code, message) on failure."""
-        out: dict[int, Any] = {}
-        good = [b for b in batch if b.error is None]
-        for b in batch:
-            out[b.index] = b.error if b.error is not None else {}
-        for kind in ("image", "audio"):
-            group = [b for b in good if self._items[b.index].kind == kind]
-            for model in self.models.direct(kind) if group else []:
-                self._encode_model(model, kind, group, out, use_cache)
-        return out
+    def _dataset(self, items: list[SourceItem]) -> SourceDataset:
+        return self.loading(items).dataset(items, self.models)
 
-    def _encode_model(self, model: str, kind: str, group: list[Loaded], out: dict, use_cache: bool) -> None:
-        name, version = vector_name(model, kind), self.models.versions[model]
-        family = self.models.described[model]["family"]
-        cacheable = use_cache and self.cache is not None and family != "whisper"  # transcripts are not cached
-        keys = {b.index: cache_key(b.content_hash, model, version) for b in group}
-        hits = self.cache.get_many(model, list(keys.values())) if cacheable else {}  # type: ignore[union-attr]
-        misses = [b for b in group if keys[b.index] not in hits and isinstance(out[b.index], dict)]
-        for b in group:
-            if keys[b.index] in hits and isinstance(out[b.index], dict):
-                out[b.index][name] = hits[keys[b.index]]
-        if not misses:
-            return
-        results = self.models.loaded[model].encoder(kind).encode_prepared([b.prepared[model] for b in misses])
-        fresh = {}
-        for b, r in zip(misses, results, strict=True):
-            if not r.ok:
-                out[b.index] = (r.error.code or "encode_error", f"{model}: {r.error}")  # type: ignore[union-attr]
-                continue
-            out[b.index][name] = r.vector
-            fresh[keys[b.index]] = r.vector
-            if "transcript" in r.info:
-                out[b.index]["_transcript"] = r.info["transcript"]
-        if cacheable and fresh:
-            self.cache.put_many(model, fresh)  # type: ignore[union-attr]
-
-    def _write_batch(self, todo: list[SourceItem], batch: list[Loaded], summary: Summary, done: list[str]) -> None:
-        for b in batch:
+    def _write_batch(self, todo: Sequence[SourceItem], batch: EncodedBatch, summary: Summary, done: list[str]) -> None:
+        """The write step of both engines: version updates for unchanged content, dead letters for
+        failures, objects and points for the rest (retried, then dead letters), and the counts."""
+        for b in (*batch.fresh, *batch.unchanged):
             summary.stages_s["read"] += b.read_ms / 1000
             summary.stages_s["decode"] += b.decode_ms / 1000
-        ids = [point_id(b.uri) for b in batch]
-        known = self.catalog.payloads(ids)
-        fresh, unchanged = [], []
-        for b in batch:
-            payload = known.get(point_id(b.uri))
-            if b.error is None and payload is not None and payload.get("content_hash") == b.content_hash:
-                unchanged.append(b)  # the listing's version moved, the bytes did not
-            else:
-                fresh.append(b)
-        for b in unchanged:
+        summary.stages_s["encode"] += batch.encode_s
+        for b in batch.unchanged:
             version = todo[b.index].version
             retrying(self.options.attempts)(self.catalog.set_payload)(point_id(b.uri), {"source_version": version})
             summary.refreshed += 1
             done.append(b.uri)
-        started = time.perf_counter()
-        encoded = self._encode(fresh)
-        self._encode_texts(todo, fresh, encoded)
-        summary.stages_s["encode"] += time.perf_counter() - started
         items, written = [], []
-        for b in fresh:
-            result = encoded[b.index]
+        for b in batch.fresh:
+            result = batch.results[b.index]
             if isinstance(result, tuple):
                 self.jobs.dead_letter(self.job, b.uri, result[0], result[1], attempts=1)
                 summary.failed += 1
@@ -359,16 +455,3 @@ class Ingest:
             summary.stages_s["write"] += time.perf_counter() - started
         summary.written += len(written)
         done.extend(written)
-
-    def _encode_texts(self, todo: list[SourceItem], fresh: list[Loaded], encoded: dict) -> None:
-        """Captions (images) and transcripts (audio) through every text tower."""
-        for kind in ("image", "audio"):
-            rows = [(b, encoded[b.index]) for b in fresh
-                    if self._items[b.index].kind == kind and isinstance(encoded[b.index], dict)]  # fmt: skip
-            rows = [(b, r, todo[b.index].caption if kind == "image" else r.get("_transcript")) for b, r in rows]
-            rows = [(b, r, words) for b, r, words in rows if words and words.strip()]
-            for model in self.models.text(kind) if rows else []:
-                results = self.models.loaded[model].encoder("text").encode_items([w for _, _, w in rows])
-                for (_, r, _), result in zip(rows, results, strict=True):
-                    if result.ok:
-                        r[vector_name(model, "text")] = result.vector

@@ -384,12 +384,19 @@ def ingest_command(
     batch_size: Annotated[int, typer.Option(help="Items per forward pass.")] = 32,
     workers: Annotated[int, typer.Option(help="DataLoader worker processes for read/decode.")] = 2,
     price_per_hour: Annotated[float, typer.Option(help="USD per hour of this machine, for the estimate.")] = 1.0,
+    checkpoint_every: Annotated[int, typer.Option(help="Batches between saved progress.")] = 4,
+    engine: Annotated[
+        str, typer.Option(help="local (DataLoader workers) or ray (Ray Data; RAY_ADDRESS names a cluster).")
+    ] = "local",
+    ray_encoders: Annotated[int, typer.Option(help="Ray engine: encoder actors.")] = 1,
+    num_gpus_per_encoder: Annotated[float, typer.Option(help="Ray engine: GPUs per encoder actor.")] = 0.0,
 ) -> None:
     """Embed a catalogue into the collection: plan, estimate, then an incremental, resumable run."""
     from jobs.ingest import DEFAULT_MODELS, Ingest, IngestOptions
 
     options = IngestOptions(source, tuple(model or DEFAULT_MODELS), batch_size, workers, sync=sync,
-                            price_per_hour=price_per_hour)  # fmt: skip
+                            price_per_hour=price_per_hour, checkpoint_every=checkpoint_every, engine=engine,
+                            ray_encoders=ray_encoders, num_gpus_per_encoder=num_gpus_per_encoder)  # fmt: skip
     try:
         job = Ingest(options, get_settings())
         plan = job.plan()
