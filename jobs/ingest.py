@@ -129,11 +129,22 @@ class Summary:
     stages_s: dict[str, float] = field(default_factory=lambda: {"read": 0.0, "decode": 0.0, "encode": 0.0,
                                                                 "write": 0.0})  # fmt: skip
     elapsed_s: float = 0.0
+    price_per_hour: float = 1.0
+
+    def cache_savings(self) -> dict[str, float]:
+        """Forward passes the cache answered, priced at this run's own encode time per miss."""
+        hits, misses = self.cache.get("hits", 0), self.cache.get("misses", 0)
+        seconds = hits * self.stages_s["encode"] / misses if misses else 0.0
+        return {"calls_saved": hits, "seconds_saved": seconds, "cost_saved_usd": seconds / 3600 * self.price_per_hour}
 
     def lines(self) -> list[str]:
         rate = (self.written + self.refreshed) / self.elapsed_s if self.elapsed_s else 0.0
         stages = ", ".join(f"{k} {v:.1f} s" for k, v in self.stages_s.items())
         cache = ", ".join(f"{k} {v}" for k, v in self.cache.items())
+        if self.cache:
+            saved = self.cache_savings()
+            cache += (f"; saved {saved['calls_saved']} forward passes, about {saved['seconds_saved']:.1f} s "
+                      f"(${saved['cost_saved_usd']:.4f})")  # fmt: skip
         return [
             f"job {self.job_id}: {self.written} written, {self.refreshed} unchanged content (version updated), "
             f"{self.failed} failed (see `mmembed dlq list`), {self.deleted} deleted, in {self.elapsed_s:.1f} s "
@@ -344,7 +355,7 @@ class Ingest:
 
     def run(self, plan: Plan | None = None, progress: bool = True) -> Summary:
         plan = plan or self.plan(calibrate=False)
-        summary = Summary(self.job)
+        summary = Summary(self.job, price_per_hour=self.options.price_per_hour)
         started = time.perf_counter()
         if not plan.resumed:
             self.jobs.reset_items(self.job)
@@ -402,7 +413,8 @@ class Ingest:
 
     def _counts(self, summary: Summary) -> dict[str, Any]:
         return {"written": summary.written, "refreshed": summary.refreshed, "failed": summary.failed,
-                "deleted": summary.deleted, "items": self.jobs.item_counts(self.job)}  # fmt: skip
+                "deleted": summary.deleted, "items": self.jobs.item_counts(self.job),
+                "stages_s": summary.stages_s}  # fmt: skip
 
     def loading(self, items: Sequence[SourceItem]) -> Loading:
         from encoders.provision import audio_limits

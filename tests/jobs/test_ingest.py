@@ -103,6 +103,7 @@ def test_the_cache_saves_the_forward_passes_of_content_seen_before(env, tmp_path
     env["cache"].stats.hits = env["cache"].stats.misses = 0
     summary = _ingest(env).run(progress=False)
     assert summary.written == SCENES and summary.cache["hits"] == SCENES and summary.cache["misses"] == 0
+    assert summary.cache_savings()["calls_saved"] == SCENES and "saved 10 forward passes" in summary.lines()[2]
 
 
 class FlakyObjects(LocalObjects):

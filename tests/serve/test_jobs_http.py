@@ -60,7 +60,7 @@ def test_a_job_runs_in_the_background_and_its_state_outlives_the_server(setup: d
         job = started.json()["id"]
         state = _until_done(api, job)
         assert state["status"] == "done" and state["progress"] == 1.0 and state["items"] == {"done": 12}
-        assert state["counts"]["written"] == 12
+        assert state["counts"]["written"] == 12 and state["counts"]["stages_s"]["encode"] > 0
         found = httpx.post(f"{api}/search", json={"text": "a shape", "top_k": 50}).json()["hits"]
         assert len(found) == 12 and all(h["payload"]["source"] == str(folder) for h in found)
         metrics = httpx.get(f"{api}/metrics").text
