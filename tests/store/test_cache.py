@@ -393,7 +393,9 @@ def test_redis_never_reachable_costs_little(caplog: pytest.LogCaptureFixture) ->
 def test_open_cache_picks_the_backend(tmp_path: Path, redis_server: str) -> None:
     assert open_cache(Settings(data_dir=tmp_path, cache_url="off")) is None
 
-    default = open_cache(Settings(data_dir=tmp_path / "data", cache_ttl_seconds=60, cache_max_entries=7))
+    default = open_cache(
+        Settings(data_dir=tmp_path / "data", cache_url="sqlite", cache_ttl_seconds=60, cache_max_entries=7)
+    )
     assert isinstance(default, SqliteCache)
     assert default.path == tmp_path / "data" / "cache.sqlite" and default.path.is_file()
     assert (default.ttl_seconds, default.max_entries) == (60, 7)
