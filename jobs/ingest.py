@@ -106,6 +106,10 @@ class Plan:
     def estimated_cost_usd(self) -> float:
         return self.estimated_seconds / 3600 * self.price_per_hour
 
+    def counts(self) -> dict[str, int]:
+        """What a job's record keeps of its plan (GET /jobs/{id} shows it)."""
+        return {"total": self.total, "unchanged": self.unchanged, "to_embed": self.to_check, "gone": self.deleted}
+
     def lines(self) -> list[str]:
         minutes = self.estimated_seconds / 60
         return [
@@ -377,17 +381,17 @@ class Ingest:
                     if n % self.options.checkpoint_every == 0:
                         self.jobs.mark(self.job, done, DONE)
                         done.clear()
-                        self.jobs.update(self.job, counts=self._counts(summary))
+                        self.jobs.update(self.job, counts=self._counts(summary, plan))
             self.jobs.mark(self.job, done, DONE)
         except BaseException as exc:
             self.jobs.mark(self.job, done, DONE)
-            self.jobs.update(self.job, status="interrupted", counts=self._counts(summary), error=repr(exc))
+            self.jobs.update(self.job, status="interrupted", counts=self._counts(summary, plan), error=repr(exc))
             raise
         finally:
             bar.close()
         summary.elapsed_s = time.perf_counter() - started
         summary.cache = self.cache.stats.as_dict() if self.cache else {}
-        self.jobs.update(self.job, status="done", counts=self._counts(summary))
+        self.jobs.update(self.job, status="done", counts=self._counts(summary, plan))
         return summary
 
     def _engine(self, todo: list[SourceItem], progress: bool) -> AbstractContextManager[Iterator[EncodedBatch]]:
@@ -411,9 +415,9 @@ class Ingest:
             results = encoder.encode(fresh, {b.index: todo[b.index] for b in fresh})
             yield EncodedBatch(fresh, unchanged, results, time.perf_counter() - started)
 
-    def _counts(self, summary: Summary) -> dict[str, Any]:
-        return {"written": summary.written, "refreshed": summary.refreshed, "failed": summary.failed,
-                "deleted": summary.deleted, "items": self.jobs.item_counts(self.job),
+    def _counts(self, summary: Summary, plan: Plan) -> dict[str, Any]:
+        return {"plan": plan.counts(), "written": summary.written, "refreshed": summary.refreshed,
+                "failed": summary.failed, "deleted": summary.deleted, "items": self.jobs.item_counts(self.job),
                 "stages_s": summary.stages_s}  # fmt: skip
 
     def loading(self, items: Sequence[SourceItem]) -> Loading:

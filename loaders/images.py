@@ -58,8 +58,9 @@ def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> Image.Im
     except ImageDecodeError:
         raise
     except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        code = "not_an_image" if isinstance(exc, UnidentifiedImageError) else "too_many_pixels"
-        raise ImageDecodeError(f"cannot decode image: {exc}", code) from exc
+        if isinstance(exc, UnidentifiedImageError):  # Pillow's message names an in-memory object: say what it means
+            raise ImageDecodeError("not an image in a format Pillow reads", "not_an_image") from exc
+        raise ImageDecodeError(f"cannot decode image: {exc}", "too_many_pixels") from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:  # Pillow's ways of saying "truncated/corrupt"
         raise ImageDecodeError(f"corrupt or truncated image: {exc}", "truncated_image") from exc
     return to_rgb(ImageOps.exif_transpose(image))

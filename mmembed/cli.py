@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from mmembed.config import get_settings
+
+if TYPE_CHECKING:
+    from serve.launch import Running
 
 app = typer.Typer(help="Multi-modal embedding server and pipeline.", no_args_is_help=True)
 models_app = typer.Typer(help="Provision and check model weights.", no_args_is_help=True)
@@ -230,41 +232,39 @@ def serve_command(
     address: Annotated[str | None, typer.Option(help="Join this Ray cluster instead of starting one.")] = None,
     host: Annotated[str | None, typer.Option(help="Override http_options.host.")] = None,
     port: Annotated[int | None, typer.Option(help="Override http_options.port.")] = None,
+    dashboard_host: Annotated[
+        str, typer.Option(help="Interface the Ray dashboard listens on (0.0.0.0 in a container).")
+    ] = "127.0.0.1",
 ) -> None:
     """Start Ray (or join --address), deploy the encoders behind the HTTP API, and serve until Ctrl-C."""
-    import signal
-    import threading
+    from serve import launch
 
-    import ray
-    import yaml
-    from ray import serve
+    running = _start_server(config, address, host, port, dashboard_host=dashboard_host)
+    console.print("serving; Ctrl-C to stop")
+    launch.wait_for_signal()
+    console.print("shutting down")
+    launch.stop(running)
 
-    from serve.app import build_app, logical_cpus
 
-    spec = yaml.safe_load(config.read_text()) if config else {}
-    http = spec.get("http_options", {}) | {k: v for k, v in (("host", host), ("port", port)) if v is not None}
-    http = {"host": "127.0.0.1", "port": 8000} | http
-    apps = spec.get("applications") or [{}]
+def _start_server(
+    config: Path | None,
+    address: str | None,
+    host: str | None,
+    port: int | None,
+    quiet: bool = False,
+    dashboard_host: str = "127.0.0.1",
+) -> Running:
+    from serve import launch
+
     try:
-        cpus = None if address else logical_cpus(apps[0].get("args"), os.cpu_count() or 1)
-        local = address is None
-        context = ray.init(address=address, num_cpus=cpus, dashboard_host="127.0.0.1", include_dashboard=local)
-        serve.start(http_options=http)
-        serve.run(build_app(apps[0].get("args")), name=apps[0].get("name", "mmembed"), route_prefix="/")
+        running = launch.start(config, address, host, port, quiet, dashboard_host)
     except Exception as exc:  # a model that fails to load, a port in use: say which and stop
         _fail(exc)
-    url = f"http://{http['host']}:{http['port']}"
-    dashboard = context.dashboard_url or "127.0.0.1:8265"
+    url = running.url.replace("0.0.0.0", "127.0.0.1")  # bound to every interface, opened on this one
     console.print(f"mmembed API: {url}  (OpenAPI docs: {url}/docs, OpenAI base_url: {url}/v1)")
-    console.print(f"Ray dashboard: http://{dashboard}  (sign-in token: `ray get-auth-token`, or ~/.ray/auth_token)")
-    console.print("serving; Ctrl-C to stop")
-    stop = threading.Event()
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    stop.wait()
-    console.print("shutting down")
-    serve.shutdown()
-    ray.shutdown()
+    token = "sign-in token: `ray get-auth-token`, or ~/.ray/auth_token"
+    console.print(f"Ray dashboard: {running.dashboard_url}  ({token})")
+    return running
 
 
 @app.command("search")
@@ -449,14 +449,59 @@ def dlq_purge(job: Annotated[str | None, typer.Option(help="Only this job.")] = 
 
 
 @app.command("quickstart")
-def quickstart() -> None:
-    """The main job on embedded defaults: provision the offline models, render the demo
-    catalogue, embed it, and show a few searches."""
+def quickstart(
+    config: Annotated[Path | None, typer.Option(help="Serve config YAML; default: the offline models.")] = None,
+    address: Annotated[str | None, typer.Option(help="Join this Ray cluster instead of starting one.")] = None,
+    host: Annotated[str | None, typer.Option(help="Override http_options.host.")] = None,
+    port: Annotated[int | None, typer.Option(help="Override http_options.port.")] = None,
+    scenes: Annotated[int, typer.Option(help="Rendered scenes in the demo catalogue.")] = 60,
+) -> None:
+    """The main job on embedded defaults: provision the offline models, start the server,
+    ingest the demo catalogue (scenes, photos, spoken clips), and serve the search page."""
+    from mmembed.demo.catalogue import build_demo_catalogue
+    from serve import launch
+
     settings = get_settings()
     models_pull(None)
-    images = settings.data_dir.expanduser() / "demo-images"
-    demo_render(images)
-    embed(images, query=["red circle", "a blue square", "a green triangle at the bottom right"])
+    manifest = build_demo_catalogue(settings.data_dir.expanduser() / "demo-catalogue", scenes)
+    console.print(f"demo catalogue: {manifest}")
+    running = _start_server(config, address, host, port, quiet=True)
+    try:
+        _ingest_over_http(running.url, str(manifest))
+    except Exception as exc:
+        launch.stop(running)
+        _fail(exc)
+    console.print(f"search page: {running.url}/  (Ctrl-C to stop)")
+    launch.wait_for_signal()
+    console.print("shutting down")
+    launch.stop(running)
+
+
+def _ingest_over_http(url: str, source: str) -> None:
+    """POST /ingest, then follow the job to its end with a progress bar."""
+    import time
+
+    import httpx
+    from rich.progress import Progress
+
+    with httpx.Client(base_url=url, timeout=60) as client:
+        started = client.post("/ingest", json={"source": source})
+        if started.status_code != 202:
+            raise RuntimeError(f"POST /ingest answered {started.status_code}: {started.text}")
+        job_url = started.json()["status_url"]
+        with Progress(console=console, transient=True) as progress:
+            task = progress.add_task("ingesting the demo catalogue", total=1.0)
+            while (job := client.get(job_url).json())["status"] not in ("done", "failed"):
+                progress.update(task, completed=job["progress"])
+                time.sleep(0.5)  # polling a job's status: nothing to wait on
+    if job["status"] == "failed":
+        raise RuntimeError(f"the demo ingest failed: {job['error']}")
+    counts = job["counts"]
+    console.print(f"demo catalogue ready: {counts['plan']['total']} items ({counts['written']} embedded now, "
+                  f"{counts['plan']['unchanged']} unchanged, {counts['failed']} failed)")  # fmt: skip
+    hits = httpx.post(f"{url}/search", json={"text": "red circle", "top_k": 3}, timeout=60).json()["hits"]
+    names = ", ".join(f"{h['payload'].get('filename')} ({h['score']:.2f})" for h in hits)
+    console.print(f"try it: 'red circle' finds {names}")
 
 
 if __name__ == "__main__":

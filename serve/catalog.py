@@ -89,8 +89,7 @@ class CatalogDeployment:
     def _run(self, ingest: Ingest) -> None:
         try:
             plan = ingest.plan(calibrate=False)
-            counts = {"total": plan.total, "unchanged": plan.unchanged, "to_embed": plan.to_check, "gone": plan.deleted}
-            self.jobs.update(ingest.job, counts={"plan": counts})
+            self.jobs.update(ingest.job, counts={"plan": plan.counts()})
             ingest.run(plan, progress=False)
         except Exception as exc:  # the job's record says why; the replica keeps serving
             log.exception("job %s failed", ingest.job)

@@ -86,6 +86,10 @@ class ServeConfig(BaseModel):
         "S3 bucket) and credentials such as AWS_ACCESS_KEY_ID.",
     )
     retry_after_s: int = Field(default=1, ge=1, description="Retry-After on 429 when a model's queue is full.")
+    dashboard_url: str = Field(
+        default="http://127.0.0.1:8265",
+        description="The Ray dashboard the search page links to; `mmembed serve` fills in the running cluster's.",
+    )
 
     @model_validator(mode="after")
     def _unique(self) -> ServeConfig:

@@ -17,12 +17,13 @@ import binascii
 import json
 import re
 import time
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, Field, model_validator
 from ray import serve
@@ -39,6 +40,9 @@ from store.spaces import RoutingError, default_vector, item_encoders, layout, pl
 from store.vectors import DimensionError, StoreError
 
 app = FastAPI(title="mmembed", description="Multi-modal embeddings: text, images and audio.")
+QUERY_ROUTES = (("text", "direct"), ("image", "direct"), ("audio", "direct"), ("audio", "transcript"))
+UI_DIR = Path(__file__).parent / "ui"
+UI_FILES = {p.name: p for p in UI_DIR.iterdir() if p.is_file()}  # the page's files: nothing else is served
 DATA_URI = re.compile(r"^data:(?P<kind>image|audio)/[\w.+-]+;base64,(?P<data>.*)$", re.DOTALL)
 
 
@@ -221,6 +225,11 @@ def _format(vector: np.ndarray, body: EmbeddingsRequest) -> list[float] | str:
     return base64.b64encode(vec.tobytes()).decode() if body.encoding_format == "base64" else vec.tolist()
 
 
+def _mounted(request: Request, url: str) -> str:
+    """Local paths the API answers (objects, jobs) under the app's mount point (Serve's route_prefix)."""
+    return request.scope.get("root_path", "").rstrip("/") + url if url.startswith("/") else url
+
+
 def _public_info(info: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in info.items() if k not in ("queue_ms", "encode_ms")} | {
         "queue_ms": round(info.get("queue_ms", 0.0), 2), "encode_ms": round(info.get("encode_ms", 0.0), 2)}  # fmt: skip
@@ -398,7 +407,7 @@ class Ingress:
         return plan.vector, plan.model, encoded["vector"], became
 
     @app.post("/search")
-    async def search(self, body: SearchRequest) -> JSONResponse:
+    async def search(self, body: SearchRequest, request: Request) -> JSONResponse:
         started = time.perf_counter()
         vector, model, query, became = await self._query_vector(body)
         extra = 1 if body.item_id else 0  # more-like-this leaves the item itself out
@@ -408,7 +417,7 @@ class Ingress:
                                                     filter=body.filter, offset=body.offset)  # fmt: skip
         except StoreError as exc:
             raise ApiError(422, "invalid_search", str(exc)) from exc
-        hits = [h for h in hits if h["id"] != body.item_id][: body.top_k]
+        hits = [h | {"url": _mounted(request, h["url"])} for h in hits if h["id"] != body.item_id][: body.top_k]
         self.metrics.requests.labels("/search", "200").inc()
         return JSONResponse({"vector": vector, "model": model, "route": body.route, "query": became, "hits": hits,
                              "took_ms": round((time.perf_counter() - started) * 1000, 1)})  # fmt: skip
@@ -416,6 +425,7 @@ class Ingress:
     @app.post("/items", status_code=201)
     async def add_item(
         self,
+        request: Request,
         file: Annotated[UploadFile | None, File(description="The image or audio file.")] = None,
         url: Annotated[str | None, Form(description="Fetch the object from here instead of uploading it.")] = None,
         kind: Annotated[Literal["image", "audio"] | None, Form()] = None,
@@ -458,14 +468,14 @@ class Ingress:
         self.metrics.requests.labels("/items", "201").inc()
         stored = await self.catalog.get.remote(item_id)
         return JSONResponse({"id": item_id, "vectors": sorted(vectors), "payload": stored["payload"],
-                             "url": stored["url"]}, 201)  # fmt: skip
+                             "url": _mounted(request, stored["url"])}, 201)  # fmt: skip
 
     @app.get("/items/{item_id}")
-    async def get_item(self, item_id: str) -> JSONResponse:
+    async def get_item(self, item_id: str, request: Request) -> JSONResponse:
         stored = await self.catalog.get.remote(item_id)
         if stored is None:
             raise ApiError(404, "item_not_found", f"no item {item_id!r}")
-        return JSONResponse({k: stored[k] for k in ("id", "payload", "url")})
+        return JSONResponse({"id": stored["id"], "payload": stored["payload"], "url": _mounted(request, stored["url"])})
 
     @app.delete("/items/{item_id}")
     async def delete_item(self, item_id: str) -> JSONResponse:
@@ -474,7 +484,7 @@ class Ingress:
         return JSONResponse({"id": item_id, "deleted": True})
 
     @app.post("/ingest", status_code=202)
-    async def ingest(self, body: IngestRequest) -> JSONResponse:
+    async def ingest(self, body: IngestRequest, request: Request) -> JSONResponse:
         """Starts a bulk job in the background; poll GET /jobs/{id}. The same source and models
         are the same job: posting it again while it runs answers the running one."""
         served = [m.name for m in self.config.models]
@@ -483,7 +493,7 @@ class Ingress:
             raise ApiError(422, "model_not_found", f"models not served here: {unknown}; served: {served}")
         await self._open_catalog()
         job_id = await self.catalog.start_job.remote(body.source, body.models or served, body.sync)
-        return JSONResponse({"id": job_id, "status_url": f"/jobs/{job_id}"}, 202)
+        return JSONResponse({"id": job_id, "status_url": _mounted(request, f"/jobs/{job_id}")}, 202)
 
     @app.get("/jobs")
     async def list_jobs(self) -> JSONResponse:
@@ -508,6 +518,39 @@ class Ingress:
         if not path.is_file():
             raise ApiError(404, "not_found", f"no object {key!r}")
         return FileResponse(path)
+
+    @app.get("/catalog")
+    async def catalog_info(self) -> JSONResponse:
+        """What the search page needs: the vectors, which queries each takes, the item count."""
+        described, vectors = await self._described(), await self._open_catalog()
+        searchable = {}
+        for vector, dim in vectors.items():
+            queries = []
+            for modality, route in QUERY_ROUTES:
+                try:
+                    plan_query(described, vectors, modality, vector, None, route)
+                except RoutingError:
+                    continue
+                queries.append(modality if route == "direct" else "audio:transcript")
+            searchable[vector] = {"dim": dim, "queries": queries}
+        return JSONResponse({"count": await self.catalog.count.remote(), "vectors": searchable,
+                             "default_vector": default_vector(described, vectors),
+                             "models": [m.name for m in self.config.models],
+                             "dashboard_url": self.config.dashboard_url})  # fmt: skip
+
+    # --- the search page -----------------------------------------------------------------
+
+    @app.get("/", include_in_schema=False)
+    async def page(self, request: Request) -> HTMLResponse:
+        """The search page; its links are relative to where the app is mounted."""
+        base = request.scope.get("root_path", "").rstrip("/") + "/"
+        return HTMLResponse(UI_FILES["index.html"].read_text().replace("{{BASE}}", base))
+
+    @app.get("/ui/{name}", include_in_schema=False)
+    async def page_file(self, name: str) -> FileResponse:
+        if name not in UI_FILES:
+            raise ApiError(404, "not_found", f"no file {name!r}")
+        return FileResponse(UI_FILES[name])
 
     # --- operations --------------------------------------------------------------------
 

@@ -25,14 +25,14 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("cli-data")
 
 
-def test_quickstart_provisions_renders_embeds_and_searches(data_dir: Path) -> None:
-    out = _run(data_dir, "quickstart").stdout
-    for model in ("demo-clip", "all-MiniLM-L6-v2", "whisper-base", "bind"):
-        assert f"pulled {model}" in out
+def test_render_then_embed_a_folder_and_query_it(data_dir: Path) -> None:
+    images = data_dir / "demo-images"
+    assert "rendered 60 scenes" in _run(data_dir, "demo", "render", str(images)).stdout
+    out = _run(data_dir, "embed", str(images), "--query", "red circle").stdout
     assert re.search(r"embedded 60/60 images .* with demo-clip \(128-d", out), out
     captions = {
         json.loads(line)["file"]: json.loads(line)["objects"]
-        for line in (data_dir / "demo-images" / "captions.jsonl").read_text().splitlines()
+        for line in (images / "captions.jsonl").read_text().splitlines()
     }
     hits = re.search(r"query 'red circle': (scene-\d+\.jpg)", out)
     assert hits, out

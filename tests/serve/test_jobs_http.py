@@ -61,8 +61,13 @@ def test_a_job_runs_in_the_background_and_its_state_outlives_the_server(setup: d
         state = _until_done(api, job)
         assert state["status"] == "done" and state["progress"] == 1.0 and state["items"] == {"done": 12}
         assert state["counts"]["written"] == 12 and state["counts"]["stages_s"]["encode"] > 0
+        assert state["counts"]["plan"] == {"total": 12, "unchanged": 0, "to_embed": 12, "gone": 0}
+        assert started.json()["status_url"] == f"/jobs-app/jobs/{job}"  # under the app's mount point
         found = httpx.post(f"{api}/search", json={"text": "a shape", "top_k": 50}).json()["hits"]
         assert len(found) == 12 and all(h["payload"]["source"] == str(folder) for h in found)
+        # Objects of the local store are linked under the mount point too, and answer there.
+        assert found[0]["url"].startswith("/jobs-app/objects/")
+        assert httpx.get(f"http://127.0.0.1:{setup['port']}{found[0]['url']}").status_code == 200
         metrics = httpx.get(f"{api}/metrics").text
         assert f'mmembed_job_progress{{job="{job}"}} 1.0' in metrics
         assert httpx.post(f"{api}/ingest", json={"source": str(folder), "models": ["nope"]}).status_code == 422
