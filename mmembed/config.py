@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 TokenPolicy = Literal["truncate", "error"]
 
@@ -57,6 +57,43 @@ class Settings(BaseSettings):
     cache_url: str = Field(default="sqlite", description="'sqlite' (DATA_DIR/cache.sqlite), 'redis://...', or 'off'.")
     cache_ttl_seconds: float | None = Field(default=None, description="Entries older than this are misses.")
     cache_max_entries: int | None = Field(default=5_000_000, description="Per model; least recently used go first.")
+
+    # Access control (serve/auth.py). No keys: the API is open, as a local tool on 127.0.0.1 is.
+    api_keys_write: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, description="Bearer keys that may add, delete and ingest (and read); comma-separated."
+    )
+    api_keys_read: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, description="Bearer keys that may only read (encode, search); comma-separated."
+    )
+    api_keys_file: Path | None = Field(
+        default=None,
+        description="A file of `write:KEY` / `read:KEY` lines (a mounted secret). Prefer it to the "
+        "inline keys where settings travel through Ray, whose runtime-env logs print environment variables.",
+    )
+    open_reads: bool = Field(default=True, description="With keys configured: reads need no key unless this is off.")
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Web origins allowed to call the API from a browser; none by default."
+    )
+
+    @field_validator("api_keys_write", "api_keys_read", "cors_origins", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        return [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
+
+    def api_keys(self) -> tuple[list[str], list[str]]:
+        """(read keys, write keys): the inline ones plus those of ``api_keys_file``."""
+        read = [k.get_secret_value() for k in self.api_keys_read]
+        write = [k.get_secret_value() for k in self.api_keys_write]
+        if self.api_keys_file is not None:
+            for number, line in enumerate(self.api_keys_file.expanduser().read_text().splitlines(), 1):
+                line = line.strip()
+                if not line or line.startswith("#"):
+                    continue
+                scope, _, key = line.partition(":")
+                if scope.strip() not in ("read", "write") or not key.strip():
+                    raise ValueError(f"{self.api_keys_file}:{number}: expected `read:KEY` or `write:KEY`")
+                (read if scope.strip() == "read" else write).append(key.strip())
+        return read, write
 
     @property
     def vectors_path(self) -> Path:

@@ -106,6 +106,9 @@ class CatalogDeployment:
                 "progress": finished / planned if planned else (1.0 if row.status == "done" else 0.0),
                 "items": items, "counts": row.counts, "created": row.created, "updated": row.updated}  # fmt: skip
 
+    def dead_letters(self, job_id: str) -> list[dict[str, Any]]:
+        return [vars(d) for d in self.jobs.dead_letters(job_id)]
+
     def list_jobs(self) -> list[dict[str, Any]]:
         return [self.job(row.id) for row in self.jobs.list()]  # type: ignore[misc]
 

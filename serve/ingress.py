@@ -33,6 +33,7 @@ from ray.serve.handle import DeploymentHandle
 from loaders.audio import sniff_format
 from loaders.fetch import FetchError, FetchLimits, fetch
 from mmembed.config import get_settings
+from serve.auth import ApiKeys, Cors, RequireKey
 from serve.config import ServeConfig
 from store.catalog import NewItem
 from store.objects import LocalObjects, ObjectStoreError, object_store
@@ -77,6 +78,8 @@ class BodyLimit:
 
 
 app.add_middleware(BodyLimit)
+app.add_middleware(RequireKey)  # added later is outside: a caller without a key learns nothing of limits
+app.add_middleware(Cors)  # outermost, so preflight requests are answered before the key check
 
 
 @app.exception_handler(RequestValidationError)
@@ -242,7 +245,10 @@ class Ingress:
         self, encoders: dict[str, DeploymentHandle], catalog: DeploymentHandle, config: dict[str, Any]
     ) -> None:
         self.encoders, self.catalog, self.config = encoders, catalog, ServeConfig.model_validate(config)
-        self.objects = object_store(get_settings())
+        settings = get_settings()
+        self.objects = object_store(settings)
+        app.state.api_keys = ApiKeys.from_strings(*settings.api_keys(), settings.open_reads)
+        app.state.cors_origins = tuple(settings.cors_origins)
         self.vectors: dict[str, int] | None = None
         app.state.max_body_bytes = self.config.max_body_bytes
         self.fetch_limits = FetchLimits(max_bytes=self.config.max_body_bytes)
@@ -505,6 +511,13 @@ class Ingress:
         if job is None:
             raise ApiError(404, "job_not_found", f"no job {job_id!r}")
         return JSONResponse(job)
+
+    @app.get("/jobs/{job_id}/dead-letters")
+    async def get_dead_letters(self, job_id: str) -> JSONResponse:
+        """The job's items that failed past their retries, with the reason (`mmembed dlq list` on the server)."""
+        if await self.catalog.job.remote(job_id) is None:
+            raise ApiError(404, "job_not_found", f"no job {job_id!r}")
+        return JSONResponse({"data": await self.catalog.dead_letters.remote(job_id)})
 
     @app.get("/objects/{key:path}")
     async def get_object(self, key: str) -> FileResponse:

@@ -1,9 +1,10 @@
 """Start the application on Ray Serve from a Serve config file, and stop it again: what
 ``mmembed serve`` and ``mmembed quickstart`` share.
 
-Started here, the app's replicas get this shell's ``MMEMBED_*`` settings and ``AWS_*``
-credentials even on a cluster joined with ``--address``, whose workers were started by
-someone else's environment.
+A local cluster started here inherits this shell's environment. A cluster joined with
+``--address`` was started by someone else's, so the app then carries this shell's
+``MMEMBED_*`` settings and ``AWS_*`` variables to its replicas in its runtime env, all but the
+secrets: Ray logs runtime envs (see SECURITY.md).
 """
 
 from __future__ import annotations
@@ -20,6 +21,11 @@ import yaml
 from ray import serve
 
 from serve.app import build_app, logical_cpus
+
+# Never put into a runtime env: Ray's runtime-env agent logs its environment variables. Give a
+# joined cluster's nodes these in their own environment, or MMEMBED_API_KEYS_FILE (a path).
+SECRETS = frozenset({"MMEMBED_API_KEYS_WRITE", "MMEMBED_API_KEYS_READ", "MMEMBED_QDRANT_API_KEY",
+                     "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"})  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -44,8 +50,10 @@ def start(
     http = {"host": "127.0.0.1", "port": 8000} | http
     application = (spec.get("applications") or [{}])[0]
     args: dict[str, Any] = dict(application.get("args") or {})
-    args["env"] = {k: v for k, v in os.environ.items() if k.startswith(("MMEMBED_", "AWS_"))} | (args.get("env") or {})
     local = address is None
+    if not local:
+        forwarded = {k: v for k, v in os.environ.items() if k.startswith(("MMEMBED_", "AWS_")) and k not in SECRETS}
+        args["env"] = forwarded | (args.get("env") or {})
     cpus = logical_cpus(args, os.cpu_count() or 1) if local else None
     context = ray.init(
         address=address, num_cpus=cpus, dashboard_host=dashboard_host, include_dashboard=local, log_to_driver=not quiet

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from encoders import Encoder
 from mmembed.demo import world
+
+if TYPE_CHECKING:  # importing encoders loads torch: seconds, for a type hint
+    from encoders import Encoder
 
 
 def write_scenes(out: Path, count: int, seed: int = 7, size: int = 256) -> int:

@@ -17,17 +17,35 @@ function el(tag, { dataset, ...props } = {}, ...children) {
   return node;
 }
 
+// A server with API keys wants `Authorization: Bearer KEY`; the key typed at the top is kept
+// in this browser only (localStorage), never in a URL.
+const KEY_STORE = "mmembed-api-key";
+
 // Every call is relative to <base>; a 4xx/5xx answer throws the server's own message.
 async function api(path, body) {
-  const init = body === undefined ? {}
-    : { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify(body) };
+  const headers = body === undefined ? {} : { "content-type": "application/json" };
+  const key = localStorage.getItem(KEY_STORE);
+  if (key) headers.authorization = `Bearer ${key}`;
+  const init = body === undefined ? { headers } : { method: "POST", headers, body: JSON.stringify(body) };
   const response = await fetch(path, init);
   const data = await response.json().catch(() => null);
   if (!response.ok) {
     const error = data && data.error;
-    throw new Error(error ? `${error.message} (${error.code})` : `HTTP ${response.status} ${response.statusText}`);
+    const hint = response.status === 401 ? " Enter an API key at the top of the page." : "";
+    throw new Error(error ? `${error.message} (${error.code}).${hint}` : `HTTP ${response.status} ${response.statusText}`);
   }
   return data;
+}
+
+function setupKey() {
+  const input = $("api-key");
+  input.value = localStorage.getItem(KEY_STORE) || "";
+  input.addEventListener("change", () => {
+    const key = input.value.trim();
+    if (key) localStorage.setItem(KEY_STORE, key);
+    else localStorage.removeItem(KEY_STORE);
+    loadCatalog().then(clearError, (error) => showError(`Cannot read the catalogue: ${error.message}`));
+  });
 }
 
 function showError(message) {
@@ -281,4 +299,5 @@ function wire() {
 }
 
 wire();
+setupKey();
 loadCatalog().catch((error) => showError(`Cannot read the catalogue: ${error.message}`));

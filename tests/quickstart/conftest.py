@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import ray
-from quickstart_run import SCENES, Quickstart
 
 from mmembed.config import Settings
+from quickstart.quickstart_run import SCENES, Quickstart
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 

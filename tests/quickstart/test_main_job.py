@@ -9,9 +9,9 @@ import re
 
 import httpx
 import pytest
-from quickstart_run import SCENES, Quickstart
 
 from mmembed.demo.catalogue import CLIPS, PHOTOS
+from quickstart.quickstart_run import SCENES, Quickstart
 
 ITEMS = SCENES + len(PHOTOS) + len(CLIPS)
 

@@ -17,9 +17,9 @@ from typing import Any
 import httpx
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
-from quickstart_run import Quickstart
 
 from mmembed.demo.files import write_scenes
+from quickstart.quickstart_run import Quickstart
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's; `playwright install` downloads, which tests never do
 ARGS = [

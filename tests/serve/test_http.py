@@ -46,6 +46,17 @@ def test_health_readiness_and_models(api: str):
     assert models["bind.audio"]["limits"]["max_seconds"] == 600
 
 
+def test_by_default_no_key_is_needed_and_no_other_origin_may_call(api: str):
+    """No keys configured: open, as a local tool on 127.0.0.1 is; CORS stays off regardless."""
+    headers = {"origin": "https://elsewhere.example", "access-control-request-method": "POST"}
+    preflight = httpx.options(f"{api}/v1/embeddings", headers=headers)
+    assert "access-control-allow-origin" not in preflight.headers
+    answer = httpx.post(
+        f"{api}/v1/embeddings", json={"model": "demo-clip", "input": "x"}, headers={"origin": headers["origin"]}
+    )
+    assert answer.status_code == 200 and "access-control-allow-origin" not in answer.headers
+
+
 def test_openai_client_round_trip(api: str, minilm: LoadedModel):
     client = OpenAI(base_url=f"{api}/v1", api_key="unused")
     texts = ["a red circle", "the weather is nice today"]
