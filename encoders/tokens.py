@@ -15,6 +15,10 @@ def check_text(text: object) -> str:
         raise InputError(f"text must be a string, got {type(text).__name__}")
     if not text.strip():
         raise EmptyInput("text is empty")
+    try:  # a lone surrogate (JSON allows "\ud800") makes Rust tokenizers raise for the whole batch
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InputError(f"text is not valid Unicode: a lone surrogate at position {exc.start}") from exc
     return text
 
 

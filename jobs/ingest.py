@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from tenacity import retry, retry_if_exception, stop_after_attempt, wait_random_exponential
@@ -71,6 +72,7 @@ class IngestOptions:
     engine: str = "local"  # "local": DataLoader workers and this process's models; "ray": Ray Data (jobs.ray_engine)
     ray_encoders: int = 1  # ray engine: encoder actors, each with its own copy of the job's models
     num_gpus_per_encoder: float = 0.0  # ray engine: GPUs each encoder actor reserves (a fraction shares one GPU)
+    file_roots: tuple[str, ...] | None = None  # local files only inside these (a server's jobs); None: anywhere
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
@@ -205,9 +207,12 @@ class Loading:
     image_limits: DecodeLimits
     audio_limits: AudioLimits
     s3_config: dict[str, Any] | None = None
+    file_roots: tuple[str, ...] | None = None
 
     def dataset(self, items: Sequence[SourceItem], models: Models) -> SourceDataset:
-        return SourceDataset(items, models.preprocessors(), self.image_limits, self.audio_limits, self.s3_config)
+        roots = None if self.file_roots is None else [Path(r) for r in self.file_roots]
+        return SourceDataset(items, models.preprocessors(), self.image_limits, self.audio_limits, self.s3_config,
+                             url_policy=self.settings.url_policy(), file_roots=roots)  # fmt: skip
 
 
 @dataclass
@@ -427,7 +432,8 @@ class Ingest:
         s3 = None
         if any(i.uri.startswith("s3://") for i in items):
             s3 = {"endpoint_url": self.settings.s3_endpoint_url, "region_name": self.settings.s3_region}
-        return Loading(self.options.models, self.settings, limits, audio_limits(self.settings), s3)
+        return Loading(self.options.models, self.settings, limits, audio_limits(self.settings), s3,
+                       self.options.file_roots)  # fmt: skip
 
     def _dataset(self, items: list[SourceItem]) -> SourceDataset:
         return self.loading(items).dataset(items, self.models)

@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,12 @@ _MAGIC: tuple[tuple[int, bytes, str], ...] = (
 )
 SUPPORTED_FORMATS = ("wav", "flac", "mp3", "ogg", "m4a", "webm", "aiff", "amr", "aac")
 _LIBSNDFILE_FORMATS = {"wav", "flac", "ogg", "mp3", "aiff"}
+# The demuxers ffmpeg may pick for those (it probes the content, not the name): an ID3 tag
+# followed by an HLS playlist would otherwise make it read local files named in the playlist.
+_FFMPEG_DEMUXERS = "wav,flac,ogg,mp3,aac,mov,mp4,m4a,matroska,webm,aiff,amr,amrnb,amrwb,avi"
+# The highest sample rate a header may state (the same bound as for raw PCM): the cost of
+# decoding and resampling grows with it, and no recording needs more.
+_MAX_RATE = 768_000
 
 
 class AudioDecodeError(ValueError):
@@ -115,7 +122,10 @@ def check_clip(clip: AudioClip, limits: AudioLimits) -> AudioClip:
         raise AudioDecodeError(
             f"audio is longer than the limit of {limits.max_seconds:g} s (decoding stopped there)", "audio_too_long"
         )
-    if float(np.abs(clip.samples).max()) < limits.silence_peak:
+    peak = float(np.abs(clip.samples).max())
+    if not math.isfinite(peak):  # NaN/inf float samples: a damaged file, and NaN vectors downstream
+        raise AudioDecodeError("audio contains NaN or infinite samples", "corrupt_audio")
+    if peak < limits.silence_peak:
         raise AudioDecodeError("audio is silent (peak below -60 dBFS): there is no speech to encode", "silent_audio")
     return clip
 
@@ -134,8 +144,12 @@ def _decode_bytes(data: bytes, limits: AudioLimits) -> AudioClip:
         try:
             with sf.SoundFile(io.BytesIO(data)) as f:
                 rate, channels = f.samplerate, f.channels
-                samples = f.read(int((limits.max_seconds + 0.5) * rate), dtype="float32", always_2d=True)
-            return AudioClip(to_16k_mono(samples, rate), rate, channels)
+                if rate > _MAX_RATE:
+                    raise AudioDecodeError(f"the header states a sample rate of {rate} Hz", "corrupt_audio")
+                mono = _read_mono(f, int((limits.max_seconds + 0.5) * rate))
+            return AudioClip(to_16k_mono(mono, rate), rate, channels)
+        except AudioDecodeError:
+            raise
         except (sf.LibsndfileError, RuntimeError, ValueError):
             pass  # ffmpeg reads more variants (odd WAV codecs, damaged headers) or names the damage
     # A file, not a pipe: MP4/M4A keep their index at the end and need a seekable input.
@@ -146,11 +160,25 @@ def _decode_bytes(data: bytes, limits: AudioLimits) -> AudioClip:
     return AudioClip(samples)
 
 
+def _read_mono(f: sf.SoundFile, frames: int) -> np.ndarray:
+    """Up to ``frames`` frames as (n, 1) float32, mixed down block by block: memory follows
+    the duration limit at one channel, not what the header claims (length unknown, 8 channels
+    at 655 kHz) nor a full-length buffer allocated up front."""
+    blocks: list[np.ndarray] = []
+    while frames > 0:
+        block = f.read(min(frames, 1 << 16), dtype="float32", always_2d=True)
+        if not len(block):
+            break
+        blocks.append(block.mean(axis=1) if block.shape[1] > 1 else block[:, 0])
+        frames -= len(block)
+    return np.concatenate(blocks)[:, None] if blocks else np.zeros((0, 1), np.float32)
+
+
 def _decode_pcm(pcm: Pcm, limits: AudioLimits) -> AudioClip:
     samples = np.asarray(pcm.samples)
     if samples.ndim not in (1, 2):
         raise AudioDecodeError(f"PCM must have shape (n,) or (n, channels), got {samples.shape}", "invalid_audio")
-    if pcm.sample_rate < 1000 or pcm.sample_rate > 768_000:
+    if pcm.sample_rate < 1000 or pcm.sample_rate > _MAX_RATE:
         raise AudioDecodeError(f"sample rate {pcm.sample_rate} Hz is not plausible", "invalid_audio")
     channels = 1 if samples.ndim == 1 else samples.shape[1]
     if samples.size == 0 or channels == 0:
@@ -170,7 +198,13 @@ def to_16k_mono(samples: np.ndarray, rate: int) -> np.ndarray:
     mono = samples.mean(axis=1) if samples.shape[1] > 1 else samples[:, 0]
     if rate != SAMPLE_RATE and len(mono):
         g = math.gcd(rate, SAMPLE_RATE)
-        mono = resample_poly(mono, SAMPLE_RATE // g, rate // g)
+        up, down = SAMPLE_RATE // g, rate // g
+        if max(up, down) > 1000:
+            # An odd rate (767999 Hz): resample_poly's filter has 20 * max(up, down) taps, hundreds
+            # of MB and seconds for a 40 KB file. The nearest simple ratio is off by < 1e-5.
+            ratio = Fraction(up, down).limit_denominator(1000)
+            up, down = ratio.numerator, ratio.denominator
+        mono = resample_poly(mono, up, down)
     return np.clip(mono, -1.0, 1.0).astype(np.float32, copy=False)
 
 
@@ -180,8 +214,13 @@ def _ffmpeg(path: str, limits: AudioLimits, kind: str) -> np.ndarray:
     if ffmpeg is None:
         raise RuntimeError("ffmpeg is not installed; audio needs it (apt-get install ffmpeg)")
     output = ["-t", f"{limits.max_seconds + 0.5:.3f}", "-f", "s16le", "-ac", "1", "-ar", str(SAMPLE_RATE), "pipe:1"]
-    cmd = [ffmpeg, "-nostdin", "-hide_banner", "-loglevel", "error", "-threads", "0", "-i", path, *output]
-    run = subprocess.run(cmd, capture_output=True, timeout=60 + limits.max_seconds / 10, check=False)
+    cmd = [ffmpeg, "-nostdin", "-hide_banner", "-loglevel", "error", "-threads", "0"]
+    cmd += ["-protocol_whitelist", "file", "-format_whitelist", _FFMPEG_DEMUXERS, "-i", path, *output]
+    try:
+        run = subprocess.run(cmd, capture_output=True, timeout=60 + limits.max_seconds / 10, check=False)
+    except subprocess.TimeoutExpired as exc:
+        message = f"cannot decode {kind} audio: ffmpeg took over {exc.timeout:g} s"
+        raise AudioDecodeError(message, "corrupt_audio") from exc
     if run.returncode != 0:
         reason = run.stderr.decode(errors="replace").strip().splitlines()
         detail = reason[-1] if reason else f"ffmpeg exited with {run.returncode}"

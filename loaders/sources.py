@@ -8,8 +8,10 @@ be resumed or diffed by URI and ``version``. Reading, hashing, decoding and prep
 DataLoader worker processes (``SourceDataset``), where every failure becomes a ``Loaded`` with an
 error code instead of an exception: one unreadable object must never stop a run of millions.
 
-URLs are fetched as given: there is no private-address (SSRF) policy here, because a job's source
-is chosen by its operator, not by a remote client.
+URLs are fetched through ``loaders.fetch`` under the same address (SSRF) policy as the API's URL
+inputs, strict by default: a job can be submitted over HTTP, and a public listing can name, or
+redirect to, the metadata endpoint or a private service. ``SourceDataset(url_policy=...)`` (or
+``read_item(url_policy=...)``) allow-lists what a deployment means to read from its own network.
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ from urllib.parse import unquote, urlsplit
 from urllib.request import url2pathname
 
 import boto3.session
-import httpx
 import torch
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
@@ -38,7 +39,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from encoders.base import Prepared
 from loaders.audio import SUPPORTED_FORMATS, AudioLimits, sniff_format
+from loaders.fetch import FetchError, FetchLimits, fetch_sync
 from loaders.images import DecodeLimits, decode_image
+from loaders.url_policy import STRICT_POLICY, PolicyClient, UrlPolicy
 
 if TYPE_CHECKING:
     from mmembed.config import Settings
@@ -345,33 +348,52 @@ def read_item(
     s3_client: Any | None = None,
     max_bytes: int = 100_000_000,
     timeout_s: float = 30,
-    http_client: httpx.Client | None = None,
+    http_client: PolicyClient | None = None,
+    url_policy: UrlPolicy | None = None,
+    file_roots: Sequence[Path] | None = None,
 ) -> bytes:
     """The item's bytes, never more than ``max_bytes``, or a SourceError with a code: not_found,
     too_large, read_error, s3_error, url_status, url_unreachable, url_timeout, url_redirects,
-    bad_uri. ``http_client`` lets a worker reuse connections across URLs (it should follow at most
-    ``MAX_REDIRECTS`` redirects); without one, or without ``s3_client`` for an S3 item, a client is
-    made for this call, which is fine once but slow per item."""
+    url_dns, url_forbidden_address, url_credentials, bad_uri, path_forbidden.
+
+    Local files are read only inside ``file_roots`` when given (a server's jobs, whose paths come
+    from its clients), after resolving symlinks and ``..``: a listing cannot point outside them.
+
+    http(s) items are read under ``url_policy`` (None: the strict default, or ``http_client``'s).
+    ``http_client`` (a ``PolicyClient`` made with that policy) lets a worker reuse connections
+    across URLs; without one, or without ``s3_client`` for an S3 item, a client is made for this
+    call, which is fine once but slow per item."""
     uri = item.uri
     scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
     if scheme == "file":
-        return _read_file(uri, max_bytes)
+        return _read_file(uri, max_bytes, file_roots)
     if scheme == "s3":
         return _read_s3(uri, s3_client or boto3.session.Session().client("s3"), max_bytes)
     if scheme in ("http", "https"):
         if http_client is not None:
+            if url_policy is not None and url_policy != getattr(http_client, "policy", None):
+                raise ValueError("read_item: http_client was made with another policy than url_policy")
             return _read_http(uri, http_client, max_bytes, timeout_s)
-        with httpx.Client(follow_redirects=True, max_redirects=MAX_REDIRECTS) as client:
+        with PolicyClient(url_policy or STRICT_POLICY) as client:
             return _read_http(uri, client, max_bytes, timeout_s)
     raise SourceError(f"cannot read {uri[:80]!r}: only file://, s3:// and http(s):// URIs are read", "bad_uri")
+
+
+def check_inside_roots(path: Path, roots: Sequence[Path]) -> None:
+    """SourceError("path_forbidden") unless ``path``, symlinks and ``..`` resolved, lies in a root."""
+    real = Path(os.path.realpath(path))
+    if not any(real.is_relative_to(os.path.realpath(root)) for root in roots):
+        raise SourceError(f"{path} is outside the folders this server reads (MMEMBED_INGEST_ROOTS)", "path_forbidden")
 
 
 def _too_large(uri: str, size: int | str, max_bytes: int) -> SourceError:
     return SourceError(f"{uri} is {size} bytes, over the {max_bytes}-byte limit", "too_large")
 
 
-def _read_file(uri: str, max_bytes: int) -> bytes:
+def _read_file(uri: str, max_bytes: int, roots: Sequence[Path] | None = None) -> bytes:
     path = Path(url2pathname(urlsplit(uri).path))
+    if roots is not None:
+        check_inside_roots(path, roots)
     try:
         with path.open("rb") as f:
             size = os.fstat(f.fileno()).st_size
@@ -415,32 +437,26 @@ def _read_s3(uri: str, client: Any, max_bytes: int) -> bytes:
     return bytes(data)
 
 
-def _read_http(uri: str, client: httpx.Client, max_bytes: int, timeout_s: float) -> bytes:
-    # httpx's timeouts bound each connect and each read; the deadline bounds a server that drips.
-    deadline = time.monotonic() + timeout_s
+# FetchError codes as job records have always named them; the rest keep their own names.
+_FETCH_CODES = {"url_too_large": "too_large", "url_scheme": "bad_uri", "url_invalid": "bad_uri"}
+
+
+def _read_http(uri: str, client: PolicyClient, max_bytes: int, timeout_s: float) -> bytes:
+    """One URL through ``loaders.fetch``, under ``client``'s address policy. ``timeout_s`` bounds
+    each connect and read and, as a deadline, the whole read (a server that drips bytes). No
+    content-type check: the decoders sniff the bytes, and bulk hosts often label media wrongly."""
+    limits = FetchLimits(
+        max_bytes=max_bytes,
+        connect_timeout_s=timeout_s,
+        read_timeout_s=timeout_s,
+        max_redirects=MAX_REDIRECTS,
+        total_timeout_s=timeout_s,
+        policy=getattr(client, "policy", STRICT_POLICY),
+    )
     try:
-        with client.stream("GET", uri, timeout=timeout_s, follow_redirects=True) as response:
-            if not response.is_success:
-                raise SourceError(f"{uri} answered HTTP {response.status_code}", "url_status")
-            declared = response.headers.get("content-length")
-            if declared and declared.isdigit() and int(declared) > max_bytes:
-                raise _too_large(uri, declared, max_bytes)
-            data = bytearray()
-            for chunk in response.iter_bytes(_CHUNK):
-                data += chunk
-                if len(data) > max_bytes:  # no Content-Length, or a wrong one
-                    raise _too_large(uri, f"more than {max_bytes}", max_bytes)
-                if time.monotonic() > deadline:
-                    raise SourceError(f"{uri} took longer than {timeout_s:g} s", "url_timeout")
-    except httpx.TooManyRedirects as exc:
-        raise SourceError(f"{uri} redirected more than {MAX_REDIRECTS} times", "url_redirects") from exc
-    except httpx.TimeoutException as exc:
-        raise SourceError(f"{uri} timed out ({type(exc).__name__})", "url_timeout") from exc
-    except httpx.HTTPError as exc:
-        raise SourceError(f"{uri} is unreachable: {type(exc).__name__}: {exc}", "url_unreachable") from exc
-    except httpx.InvalidURL as exc:
-        raise SourceError(f"{uri[:80]!r} is not a valid URL: {exc}", "bad_uri") from exc
-    return bytes(data)
+        return fetch_sync(uri, limits, client=client)
+    except FetchError as exc:
+        raise SourceError(str(exc), _FETCH_CODES.get(exc.code, exc.code)) from exc
 
 
 # ---------------------------------------------------------------------------------------------
@@ -484,7 +500,8 @@ class SourceDataset(Dataset[Loaded]):
     encoders decode (and resample) bytes themselves. Each read is capped at the decoder's own
     ``max_bytes`` for the item's kind, so nothing larger than it would accept is ever buffered.
     S3 and HTTP clients are made lazily in each worker process: they hold sockets and cannot be
-    pickled or shared across a fork.
+    pickled or shared across a fork. URLs are read under ``url_policy`` (``loaders.url_policy``;
+    default: public addresses only).
     """
 
     def __init__(
@@ -495,15 +512,19 @@ class SourceDataset(Dataset[Loaded]):
         audio_limits: AudioLimits = AudioLimits(),
         s3_config: Mapping[str, Any] | None = None,
         timeout_s: float = 30,
+        url_policy: UrlPolicy = STRICT_POLICY,
+        file_roots: Sequence[Path] | None = None,
     ) -> None:
         self.items = list(items)
         self.preprocessors = dict(preprocessors)
         self.image_limits, self.audio_limits = image_limits, audio_limits
         self.s3_config = dict(s3_config or {})
         self.timeout_s = timeout_s
+        self.url_policy = url_policy
+        self.file_roots = tuple(file_roots) if file_roots is not None else None
         self._pid: int | None = None
         self._s3: Any = None
-        self._http: httpx.Client | None = None
+        self._http: PolicyClient | None = None
 
     def __len__(self) -> int:
         return len(self.items)
@@ -541,9 +562,10 @@ class SourceDataset(Dataset[Loaded]):
                 self._s3 = boto3.session.Session().client("s3", **self.s3_config)
             s3 = self._s3
         elif item.uri.startswith(("http://", "https://")) and self._http is None:
-            self._http = httpx.Client(follow_redirects=True, max_redirects=MAX_REDIRECTS)
+            self._http = PolicyClient(self.url_policy)
         max_bytes = self.image_limits.max_bytes if item.kind == "image" else self.audio_limits.max_bytes
-        return read_item(item, s3, max_bytes=max_bytes, timeout_s=self.timeout_s, http_client=self._http)
+        return read_item(item, s3, max_bytes=max_bytes, timeout_s=self.timeout_s, http_client=self._http,
+                         file_roots=self.file_roots)  # fmt: skip
 
     def _prepare(self, item: SourceItem, data: bytes, preprocess: Preprocessor) -> Prepared:
         if item.kind == "image":

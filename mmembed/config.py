@@ -9,10 +9,13 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from loaders.url_policy import UrlPolicy
 
 TokenPolicy = Literal["truncate", "error"]
 
@@ -58,6 +61,24 @@ class Settings(BaseSettings):
     cache_ttl_seconds: float | None = Field(default=None, description="Entries older than this are misses.")
     cache_max_entries: int | None = Field(default=5_000_000, description="Per model; least recently used go first.")
 
+    # Fetching image and audio URLs (loaders/url_policy.py): public addresses only, unless allowed.
+    fetch_allow_private: bool = Field(
+        default=False,
+        description="Fetch from loopback, private, link-local and metadata addresses too (trusted networks only).",
+    )
+    fetch_allow_hosts: str = Field(
+        default="",
+        description="Hosts, IPs or CIDR networks URLs may name despite the address policy, "
+        "comma-separated (e.g. 'minio.internal,10.1.0.0/16').",
+    )
+
+    ingest_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="Folders the server's bulk jobs (POST /ingest) may read local files from, "
+        "comma-separated; default DATA_DIR. The command line reads anywhere.",
+    )
+    max_concurrent_jobs: int = Field(default=2, ge=1, description="Bulk jobs a server runs at once; more get 429.")
+
     # Access control (serve/auth.py). No keys: the API is open, as a local tool on 127.0.0.1 is.
     api_keys_write: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list, description="Bearer keys that may add, delete and ingest (and read); comma-separated."
@@ -75,10 +96,18 @@ class Settings(BaseSettings):
         default_factory=list, description="Web origins allowed to call the API from a browser; none by default."
     )
 
-    @field_validator("api_keys_write", "api_keys_read", "cors_origins", mode="before")
+    @field_validator("api_keys_write", "api_keys_read", "cors_origins", "ingest_roots", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         return [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
+
+    def server_ingest_roots(self) -> tuple[str, ...]:
+        return tuple(str(p.expanduser()) for p in self.ingest_roots or [self.data_dir])
+
+    def url_policy(self) -> UrlPolicy:
+        from loaders.url_policy import UrlPolicy  # loaders import this module: import on use
+
+        return UrlPolicy(self.fetch_allow_private, self.fetch_allow_hosts)
 
     def api_keys(self) -> tuple[list[str], list[str]]:
         """(read keys, write keys): the inline ones plus those of ``api_keys_file``."""

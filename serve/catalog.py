@@ -14,13 +14,17 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
+from urllib.request import url2pathname
 
 import numpy as np
 from ray import serve
 
 from jobs.ingest import Ingest, IngestOptions
-from jobs.state import JobStore
+from jobs.state import JobStore, job_id
+from loaders.sources import SourceError, check_inside_roots
 from mmembed.config import get_settings
 from store.catalog import Catalog, NewItem
 from store.objects import object_store
@@ -35,6 +39,7 @@ class CatalogDeployment:
         self.catalog = Catalog(open_store(self.settings), object_store(self.settings))
         self.layout: dict[str, int] | None = None
         self.jobs = JobStore(self.settings.data_dir.expanduser() / "jobs.sqlite")
+        self.roots = self.settings.server_ingest_roots()  # clients name the paths: read only inside these
         self.threads: dict[str, threading.Thread] = {}
         for row in self.jobs.list():
             if row.status in ("planned", "running") and row.config.get("server"):
@@ -70,12 +75,25 @@ class CatalogDeployment:
 
     # --- bulk jobs ------------------------------------------------------------------------------
 
-    def start_job(self, source: str, models: list[str], sync: bool = False) -> str:
-        """Plans and runs in a background thread; answers the job id at once."""
-        return self._start(source, {"models": models, "sync": sync, "server": True})
+    def start_job(self, source: str, models: list[str], sync: bool = False) -> dict[str, Any]:
+        """Plans and runs in a background thread; answers the job id at once, or how many jobs
+        run when ``max_concurrent_jobs`` already do (each loads its own models and workers)."""
+        local = "://" not in source or source.lower().startswith("file://")
+        if local:
+            try:
+                check_inside_roots(Path(url2pathname(urlsplit(source).path)), [Path(r) for r in self.roots])
+            except SourceError as exc:
+                return {"forbidden": str(exc)}
+        options = IngestOptions(source, tuple(models), sync=sync, workers=0)
+        same = self.threads.get(job_id(source, options.job_config(self.settings)))
+        running = sum(t.is_alive() for t in self.threads.values())
+        if running >= self.settings.max_concurrent_jobs and not (same and same.is_alive()):
+            return {"busy": running}
+        return {"id": self._start(source, {"models": models, "sync": sync, "server": True})}
 
     def _start(self, source: str, config: dict[str, Any]) -> str:
-        options = IngestOptions(source, tuple(config["models"]), sync=config.get("sync", False), workers=0)
+        options = IngestOptions(source, tuple(config["models"]), sync=config.get("sync", False), workers=0,
+                                file_roots=self.roots)  # fmt: skip
         ingest = Ingest(options, self.settings, catalog=self.catalog, jobs=self.jobs)
         self.jobs.create(ingest.job, source, options.job_config(self.settings) | {"server": True, "sync": options.sync})
         if ingest.job in self.threads and self.threads[ingest.job].is_alive():
@@ -95,19 +113,19 @@ class CatalogDeployment:
             log.exception("job %s failed", ingest.job)
             self.jobs.update(ingest.job, status="failed", error=f"{type(exc).__name__}: {exc}")
 
-    def job(self, job_id: str) -> dict[str, Any] | None:
-        row = self.jobs.get(job_id)
+    def job(self, job: str) -> dict[str, Any] | None:
+        row = self.jobs.get(job)
         if row is None:
             return None
-        items = self.jobs.item_counts(job_id)
+        items = self.jobs.item_counts(job)
         planned = sum(items.values())
         finished = items.get("done", 0) + items.get("failed", 0)
         return {"id": row.id, "source": row.source, "status": row.status, "error": row.error,
                 "progress": finished / planned if planned else (1.0 if row.status == "done" else 0.0),
                 "items": items, "counts": row.counts, "created": row.created, "updated": row.updated}  # fmt: skip
 
-    def dead_letters(self, job_id: str) -> list[dict[str, Any]]:
-        return [vars(d) for d in self.jobs.dead_letters(job_id)]
+    def dead_letters(self, job: str) -> list[dict[str, Any]]:
+        return [vars(d) for d in self.jobs.dead_letters(job)]
 
     def list_jobs(self) -> list[dict[str, Any]]:
         return [self.job(row.id) for row in self.jobs.list()]  # type: ignore[misc]

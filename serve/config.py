@@ -80,6 +80,12 @@ class ServeConfig(BaseModel):
     models: list[ModelConfig] = Field(default_factory=lambda: [ModelConfig(name=n) for n in DEFAULT_MODELS])
     max_body_bytes: int = Field(default=64_000_000, ge=1, description="Larger requests get 413.")
     max_items_per_request: int = Field(default=256, ge=1, description="Larger requests get 413.")
+    max_text_chars: int = Field(
+        default=100_000,
+        ge=1,
+        description="Longer texts are refused (text_too_long) before tokenising; the token "
+        "limit and MMEMBED_TOKEN_POLICY apply below it.",
+    )
     env: dict[str, str] = Field(
         default_factory=dict,
         description="Environment of every replica of this app: MMEMBED_* settings (collection, Qdrant URL, "

@@ -68,13 +68,34 @@ class BodyLimit:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         limit = getattr(scope["app"].state, "max_body_bytes", None) if "app" in scope else None
         if scope["type"] == "http" and limit:
-            length = dict(scope["headers"]).get(b"content-length", b"")
-            if length.isdigit() and int(length) > limit:
-                message = f"request body is {int(length)} bytes; the limit is {limit}"
-                response = JSONResponse({"error": {"code": "body_too_large", "message": message}}, 413)
-                await response(scope, receive, send)
+            length = dict(scope["headers"]).get(b"content-length")
+            if length is not None and length.isdigit() and int(length) > limit:
+                await _too_large(f"request body is {int(length)} bytes; the limit is {limit}")(scope, receive, send)
+                return
+            if length is None and scope["method"] in ("POST", "PUT", "PATCH"):
+                # No length declared (chunked): read up to the limit here, then hand the body on.
+                messages, size = [], 0
+                while True:
+                    message = await receive()
+                    messages.append(message)
+                    size += len(message.get("body", b""))
+                    if size > limit:
+                        await _too_large(f"request body is over the limit of {limit} bytes")(scope, receive, send)
+                        return
+                    if message["type"] != "http.request" or not message.get("more_body", False):
+                        break
+                replay = iter(messages)
+
+                async def receive_again() -> dict[str, Any]:
+                    return next(replay, None) or await receive()
+
+                await self.app(scope, receive_again, send)
                 return
         await self.app(scope, receive, send)
+
+
+def _too_large(message: str) -> JSONResponse:
+    return JSONResponse({"error": {"code": "body_too_large", "message": message}}, 413)
 
 
 app.add_middleware(BodyLimit)
@@ -251,7 +272,7 @@ class Ingress:
         app.state.cors_origins = tuple(settings.cors_origins)
         self.vectors: dict[str, int] | None = None
         app.state.max_body_bytes = self.config.max_body_bytes
-        self.fetch_limits = FetchLimits(max_bytes=self.config.max_body_bytes)
+        self.fetch_limits = FetchLimits(max_bytes=self.config.max_body_bytes, policy=settings.url_policy())
         self.metrics = Metrics()
         self.described: dict[str, dict[str, Any]] = {}
 
@@ -278,6 +299,13 @@ class Ingress:
     async def _encode(self, model: str, modality: str, items: list[Any]) -> list[dict[str, Any]]:
         if len(items) > self.config.max_items_per_request:
             raise ApiError(413, "too_many_items", f"{len(items)} items; at most {self.config.max_items_per_request}")
+        limit = self.config.max_text_chars
+        if modality == "text" and any(len(t) > limit for t in items if isinstance(t, str)):
+            # Refused here, item by item: tokenising megabytes costs the model replica seconds.
+            short = [t for t in items if len(t) <= limit]
+            kept = iter(await self._encode(model, modality, short) if short else [])
+            refused = {"code": "text_too_long", "message": f"text over the limit of {limit} characters"}
+            return [{"vector": None, "error": refused, "info": {}} if len(t) > limit else next(kept) for t in items]
         described = await self._describe(model)
         if modality not in described["encoders"]:
             raise ApiError(422, "unsupported_modality", f"model {model!r} does not encode {modality}")
@@ -498,7 +526,13 @@ class Ingress:
         if unknown:
             raise ApiError(422, "model_not_found", f"models not served here: {unknown}; served: {served}")
         await self._open_catalog()
-        job_id = await self.catalog.start_job.remote(body.source, body.models or served, body.sync)
+        started = await self.catalog.start_job.remote(body.source, body.models or served, body.sync)
+        if "forbidden" in started:
+            raise ApiError(403, "path_forbidden", started["forbidden"])
+        if "busy" in started:
+            raise ApiError(429, "too_many_jobs", f"{started['busy']} bulk jobs are running; the limit is "
+                           "MMEMBED_MAX_CONCURRENT_JOBS", {"Retry-After": "30"})  # fmt: skip
+        job_id = started["id"]
         return JSONResponse({"id": job_id, "status_url": _mounted(request, f"/jobs/{job_id}")}, 202)
 
     @app.get("/jobs")

@@ -39,12 +39,16 @@ from loaders.sources import (
     SourceDataset,
     SourceError,
     SourceItem,
+    check_inside_roots,
     list_source,
     make_loader,
     read_item,
     s3_client_from_settings,
 )
+from loaders.url_policy import UrlPolicy
 from mmembed.config import Settings
+
+LOCAL = UrlPolicy(allow_hosts=("127.0.0.1",))  # the local test servers; the default refuses them
 
 
 def png(colour: tuple[int, int, int], size: tuple[int, int] = (32, 24)) -> bytes:
@@ -393,19 +397,28 @@ def test_url_list_and_reads(tmp_path: Path, http_base: str, refused_url: str) ->
         (f"{http_base}/a/voice.WAV", "audio", None, None),
         (f"{http_base}/img/ok.png", "image", None, None),
     ]
-    assert read_item(items[1]) == PAGE
-    assert read_item(SourceItem(f"{http_base}/hop.png", "image")) == PAGE
+    assert read_item(items[1], url_policy=LOCAL) == PAGE
+    assert read_item(SourceItem(f"{http_base}/hop.png", "image"), url_policy=LOCAL) == PAGE
 
     def code(path: str, **kwargs: Any) -> str:
         url = path if "://" in path else http_base + path
-        return code_of(lambda: read_item(SourceItem(url, "image"), **kwargs))
+        return code_of(lambda: read_item(SourceItem(url, "image"), url_policy=LOCAL, **kwargs))
 
     assert code("/a/voice.WAV") == "url_status"
     assert code("/loop.png") == "url_redirects"
     assert code("/big.png", max_bytes=1000) == "too_large"
     assert code("/stream.png", max_bytes=1000) == "too_large"
-    assert read_item(SourceItem(f"{http_base}/stream.png", "image"), max_bytes=5000) == BIG
+    assert read_item(SourceItem(f"{http_base}/stream.png", "image"), max_bytes=5000, url_policy=LOCAL) == BIG
     assert code(refused_url) == "url_unreachable"
+
+
+def test_url_list_on_a_private_address_is_refused_by_default(tmp_path: Path, http_base: str) -> None:
+    listing = tmp_path / "urls.txt"
+    listing.write_text(f"{http_base}/img/ok.png\nhttp://169.254.169.254/latest/meta-data/a.png\n")
+    items = list_source(str(listing))  # listing reads nothing: only reading is refused
+    assert [code_of(lambda item=item: read_item(item)) for item in items] == ["url_forbidden_address"] * 2
+    dataset = SourceDataset(items, {"image": lambda image: Prepared(image, {})})
+    assert [x.error[0] if x.error else None for x in (dataset[0], dataset[1])] == ["url_forbidden_address"] * 2
 
 
 def test_url_that_never_answers_times_out() -> None:
@@ -413,7 +426,7 @@ def test_url_that_never_answers_times_out() -> None:
         s.bind(("127.0.0.1", 0))
         s.listen(1)
         url = f"http://127.0.0.1:{s.getsockname()[1]}/a.png"
-        assert code_of(lambda: read_item(SourceItem(url, "image"), timeout_s=0.5)) == "url_timeout"
+        assert code_of(lambda: read_item(SourceItem(url, "image"), timeout_s=0.5, url_policy=LOCAL)) == "url_timeout"
 
 
 # --- DataLoader ----------------------------------------------------------------------------------
@@ -510,7 +523,9 @@ def test_dataset_reads_s3_and_urls_in_workers(
         "aws_secret_access_key": s3_server.secret_key,
         "region_name": s3_server.region,
     }
-    dataset = SourceDataset(items, {"image": demo_clip.encoder("image").preprocess}, s3_config=s3_config)
+    dataset = SourceDataset(
+        items, {"image": demo_clip.encoder("image").preprocess}, s3_config=s3_config, url_policy=LOCAL
+    )
     in_process = [x for b in make_loader(dataset, batch_size=2, workers=0) for x in b]
     # Its S3 and HTTP clients now exist; a spawned worker would get it pickled, without them.
     assert pickle.loads(pickle.dumps(dataset)).__dict__.keys() == dataset.__dict__.keys()
@@ -570,3 +585,22 @@ def test_batches_are_pinned_on_cuda(tmp_path: Path) -> None:
     good = [x for x in loaded if x.prepared is not None]
     assert len(good) == 4 and all(x.prepared.data.is_pinned() for x in good)  # type: ignore[union-attr]
     assert [x.error[0] for x in loaded if x.error] == ["not_an_image"]
+
+
+def test_local_reads_stay_inside_the_roots(tmp_path: Path) -> None:
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (root / "in.png").write_bytes(b"inside")
+    (outside / "out.png").write_bytes(b"outside")
+    (root / "link.png").symlink_to(outside / "out.png")
+    roots = [root]
+    assert read_item(SourceItem((root / "in.png").as_uri(), "image"), file_roots=roots) == b"inside"
+    assert read_item(SourceItem((outside / "out.png").as_uri(), "image")) == b"outside"  # no roots: anywhere
+    for escape in (outside / "out.png", root / "link.png", root / ".." / "outside" / "out.png"):
+        with pytest.raises(SourceError) as caught:
+            read_item(SourceItem(f"file://{escape}", "image"), file_roots=roots)
+        assert caught.value.code == "path_forbidden", escape
+    with pytest.raises(SourceError):
+        check_inside_roots(Path("/etc/hostname"), roots)
+    check_inside_roots(root / "sub" / ".." / "in.png", roots)

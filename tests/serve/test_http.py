@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 
 import httpx
 import numpy as np
@@ -25,7 +26,9 @@ MODELS = [
 
 @pytest.fixture(scope="module")
 def api(ray_cluster: int) -> str:
-    serve.run(build_app({"models": MODELS, "max_body_bytes": 2_000_000}), name="mmembed", route_prefix="/")
+    # The media tests fetch from a server on this machine, which the default address policy refuses.
+    args = {"models": MODELS, "max_body_bytes": 2_000_000, "env": {"MMEMBED_FETCH_ALLOW_HOSTS": "127.0.0.1"}}
+    serve.run(build_app(args), name="mmembed", route_prefix="/")
     yield f"http://127.0.0.1:{ray_cluster}"
     serve.delete("mmembed")
 
@@ -115,6 +118,26 @@ def test_errors_are_json_with_stable_codes(api: str, path: str, body: dict, stat
 def test_bodies_over_the_limit_get_413(api: str):
     response = httpx.post(f"{api}/encode/text", json={"model": "all-MiniLM-L6-v2", "texts": ["x" * 3_000_000]})
     assert response.status_code == 413 and response.json()["error"]["code"] == "body_too_large"
+
+
+def test_a_chunked_body_over_the_limit_gets_413_and_under_it_is_read(api: str):
+    """No Content-Length (chunked transfer): the limit is counted as the body arrives."""
+    big = (b"x" * 65536 for _ in range(40))  # 2.6 MB against the app's 2 MB
+    refused = httpx.post(f"{api}/encode/text", content=big, headers={"content-type": "application/json"})
+    assert refused.status_code == 413 and refused.json()["error"]["code"] == "body_too_large"
+    body = json.dumps({"model": "demo-clip", "texts": ["a red circle"]}).encode()
+    chunks = (body[i : i + 7] for i in range(0, len(body), 7))
+    chunked = httpx.post(f"{api}/encode/text", content=chunks, headers={"content-type": "application/json"})
+    assert chunked.status_code == 200 and chunked.json()["data"][0]["error"] is None
+
+
+def test_text_over_the_character_limit_fails_alone(api: str):
+    texts = ["a red circle", "x" * 100_001]
+    data = httpx.post(f"{api}/encode/text", json={"model": "demo-clip", "texts": texts}).json()["data"]
+    assert data[0]["error"] is None and len(data[0]["embedding"]) == 128
+    assert data[1]["embedding"] is None and data[1]["error"]["code"] == "text_too_long"
+    refused = httpx.post(f"{api}/v1/embeddings", json={"model": "demo-clip", "input": ["ok", "y" * 100_001]})
+    assert refused.status_code == 422 and refused.json()["error"]["code"] == "text_too_long"
 
 
 def test_metrics_count_items_and_batch_sizes(api: str):

@@ -4,8 +4,12 @@ left running when the app went down is resumed by the next one."""
 
 from __future__ import annotations
 
+import io
+import threading
 import time
 import uuid
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -38,12 +42,12 @@ def _until_done(api: str, job: str, deadline_s: float = 180) -> dict:
 
 @pytest.fixture(scope="module")
 def setup(ray_cluster: int, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    data = tmp_path_factory.mktemp("jobs-data")
+    data, folders = tmp_path_factory.mktemp("jobs-data"), tmp_path_factory.mktemp("sources")
     collection = f"jobs-{uuid.uuid4().hex[:6]}"
-    env = {"MMEMBED_DATA_DIR": str(data), "MMEMBED_COLLECTION": collection}
+    env = {"MMEMBED_DATA_DIR": str(data), "MMEMBED_COLLECTION": collection, "MMEMBED_MAX_CONCURRENT_JOBS": "1",
+           "MMEMBED_FETCH_ALLOW_HOSTS": "127.0.0.1", "MMEMBED_INGEST_ROOTS": str(folders)}  # fmt: skip
     app = build_app({"models": [{"name": m} for m in MODELS], "env": env})
-    return {"app": app, "data": data, "collection": collection, "port": ray_cluster,
-            "folders": tmp_path_factory.mktemp("sources")}  # fmt: skip
+    return {"app": app, "data": data, "collection": collection, "port": ray_cluster, "folders": folders}
 
 
 def _start(setup: dict) -> str:
@@ -80,6 +84,80 @@ def test_a_job_runs_in_the_background_and_its_state_outlives_the_server(setup: d
         assert again["status"] == "done" and again["counts"]["written"] == 12
     finally:
         serve.delete("jobs")
+
+
+def test_a_second_job_waits_for_the_first(setup: dict, gate: tuple[str, threading.Event]):
+    """One job at a time here (MMEMBED_MAX_CONCURRENT_JOBS=1). The first job reads its image
+    from a server that answers only when the test opens the gate, so it is surely running."""
+    url, opened = gate
+    listing = setup["folders"] / "gated.txt"
+    listing.write_text(f"{url}/scene.png\n")
+    api = _start(setup)
+    try:
+        first = httpx.post(f"{api}/ingest", json={"source": str(listing)})
+        again = httpx.post(f"{api}/ingest", json={"source": str(listing)})
+        other = httpx.post(f"{api}/ingest", json={"source": str(_folder(setup["folders"] / "d", 2, seed=6))})
+        opened.set()
+        assert first.status_code == 202 and again.json()["id"] == first.json()["id"]  # the running job, not a 429
+        assert other.status_code == 429 and other.headers["Retry-After"] == "30"
+        assert other.json()["error"]["code"] == "too_many_jobs"
+        assert _until_done(api, first.json()["id"])["items"] == {"done": 1}
+        assert httpx.post(f"{api}/ingest", json={"source": str(setup["folders"] / "d")}).status_code == 202
+    finally:
+        opened.set()
+        serve.delete("jobs")
+
+
+def test_jobs_read_local_files_only_inside_the_ingest_roots(setup: dict, tmp_path: Path):
+    """Clients name the paths a server job reads: outside MMEMBED_INGEST_ROOTS is refused, for
+    the source itself and for each item a manifest lists (by .., absolute path or symlink)."""
+    outside = tmp_path / "secret.png"
+    world.eval_set(1, seed=9)[0][1].save(outside)
+    world.eval_set(1, seed=11)[0][1].save(tmp_path / "other.png")
+    folder = _folder(setup["folders"] / "e", 1, seed=10)
+    (folder / "link.png").symlink_to(outside)
+    manifest = folder / "manifest.jsonl"
+    escapes = ["scene-0.png", str(outside), f"../../{tmp_path.name}/other.png", "link.png"]
+    manifest.write_text("".join(f'{{"uri": "{uri}"}}\n' for uri in escapes))
+    api = _start(setup)
+    try:
+        refused = httpx.post(f"{api}/ingest", json={"source": str(tmp_path)})
+        assert refused.status_code == 403 and refused.json()["error"]["code"] == "path_forbidden"
+        assert "MMEMBED_INGEST_ROOTS" in refused.json()["error"]["message"]
+        assert httpx.post(f"{api}/ingest", json={"source": "/etc"}).status_code == 403
+        job = httpx.post(f"{api}/ingest", json={"source": str(manifest)}).json()["id"]
+        state = _until_done(api, job)
+        assert state["items"] == {"done": 1, "failed": 3}, state
+        letters = httpx.get(f"{api}/jobs/{job}/dead-letters").json()["data"]
+        assert len(letters) == 3 and {d["code"] for d in letters} == {"path_forbidden"}
+    finally:
+        serve.delete("jobs")
+
+
+@pytest.fixture
+def gate() -> Iterator[tuple[str, threading.Event]]:
+    """A local HTTP server whose one image is sent only once the event is set."""
+    opened = threading.Event()
+    image = io.BytesIO()
+    world.eval_set(1, seed=8)[0][1].save(image, "PNG")
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            opened.wait(timeout=120)
+            self.send_response(200)
+            self.send_header("content-type", "image/png")
+            self.send_header("content-length", str(len(image.getvalue())))
+            self.end_headers()
+            self.wfile.write(image.getvalue())
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", opened
+    opened.set()
+    server.shutdown()
 
 
 def test_a_job_left_running_is_resumed_by_the_next_replica(setup: dict):
