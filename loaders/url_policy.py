@@ -406,20 +406,20 @@ def _replace_pool(transport: httpx.HTTPTransport | httpx.AsyncHTTPTransport, poo
     transport._pool = pool  # type: ignore[union-attr]
 
 
+def _pool_options() -> dict[str, typing.Any]:
+    """What httpx would give its own pool: its default limits and our TLS context."""
+    limits = httpx.Limits()
+    return {"ssl_context": _ssl_context(), "max_connections": limits.max_connections,
+            "max_keepalive_connections": limits.max_keepalive_connections,
+            "keepalive_expiry": limits.keepalive_expiry}  # fmt: skip
+
+
 class PolicyTransport(httpx.HTTPTransport):
     """An httpx transport whose every connection goes through ``policy`` (and is pinned)."""
 
     def __init__(self, policy: UrlPolicy = STRICT_POLICY) -> None:
         super().__init__(verify=_ssl_context(), trust_env=False)
-        limits = httpx.Limits()
-        pool = httpcore.ConnectionPool(
-            ssl_context=_ssl_context(),
-            max_connections=limits.max_connections,
-            max_keepalive_connections=limits.max_keepalive_connections,
-            keepalive_expiry=limits.keepalive_expiry,
-            network_backend=_CheckingBackend(policy),
-        )
-        _replace_pool(self, pool)
+        _replace_pool(self, httpcore.ConnectionPool(**_pool_options(), network_backend=_CheckingBackend(policy)))
         self.policy = policy
 
 
@@ -428,15 +428,9 @@ class AsyncPolicyTransport(httpx.AsyncHTTPTransport):
 
     def __init__(self, policy: UrlPolicy = STRICT_POLICY) -> None:
         super().__init__(verify=_ssl_context(), trust_env=False)
-        limits = httpx.Limits()
-        pool = httpcore.AsyncConnectionPool(
-            ssl_context=_ssl_context(),
-            max_connections=limits.max_connections,
-            max_keepalive_connections=limits.max_keepalive_connections,
-            keepalive_expiry=limits.keepalive_expiry,
-            network_backend=_AsyncCheckingBackend(policy),
+        _replace_pool(
+            self, httpcore.AsyncConnectionPool(**_pool_options(), network_backend=_AsyncCheckingBackend(policy))
         )
-        _replace_pool(self, pool)
         self.policy = policy
 
 

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from catalogue_files import SCENES, write_catalogue
 
 from jobs.ingest import Ingest, IngestOptions
 from jobs.state import JobStore
@@ -25,21 +26,6 @@ from store.objects import LocalObjects, ObjectStoreError
 from store.vectors import EdgeStore, point_id
 
 MODELS = ("demo-clip", "all-MiniLM-L6-v2")
-SCENES = 10
-
-
-def _catalogue(folder: Path) -> Path:
-    """Ten scenes and one corrupt file, with a JSONL manifest carrying captions."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for n, (scene, image) in enumerate(world.eval_set(SCENES, seed=21)):
-        image.save(folder / f"scene-{n}.png")
-        rows.append({"uri": f"scene-{n}.png", "caption": scene.caption(), "shop": "north" if n % 2 else "south"})
-    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
-    rows.append({"uri": "broken.png"})
-    manifest = folder / "manifest.jsonl"
-    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return manifest
 
 
 @pytest.fixture
@@ -47,7 +33,7 @@ def env(tmp_path: Path, settings: Settings) -> dict:
     job_settings = settings.model_copy(update={"data_dir": tmp_path / "data", "collection": "ingest"})
     return {
         "settings": job_settings,
-        "manifest": _catalogue(tmp_path / "catalogue"),
+        "manifest": write_catalogue(tmp_path / "catalogue"),
         "catalog": Catalog(EdgeStore(tmp_path / "vectors"), LocalObjects(tmp_path / "objects")),
         "cache": SqliteCache(tmp_path / "cache.sqlite"),
         "jobs": JobStore(tmp_path / "jobs.sqlite"),

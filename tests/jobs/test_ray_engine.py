@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import ray
+from catalogue_files import SCENES, write_catalogue
 
 from jobs.ingest import Ingest, IngestOptions, Summary
 from jobs.state import JobStore
@@ -26,21 +27,6 @@ from store.objects import LocalObjects
 from store.vectors import EdgeStore, Point
 
 MODELS = ("demo-clip", "all-MiniLM-L6-v2")
-SCENES = 10
-
-
-def _catalogue(folder: Path) -> Path:
-    """Ten scenes and one corrupt file, with a JSONL manifest carrying captions (as in test_ingest.py)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for n, (scene, image) in enumerate(world.eval_set(SCENES, seed=21)):
-        image.save(folder / f"scene-{n}.png")
-        rows.append({"uri": f"scene-{n}.png", "caption": scene.caption(), "shop": "north" if n % 2 else "south"})
-    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
-    rows.append({"uri": "broken.png"})
-    manifest = folder / "manifest.jsonl"
-    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return manifest
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +71,7 @@ def _collection(root: Path, name: str, settings: Settings, cache: SqliteCache | 
 def both(tmp_path_factory: pytest.TempPathFactory, settings: Settings, ray_cluster: None) -> dict:
     """The catalogue embedded once by each engine."""
     root = tmp_path_factory.mktemp("engines")
-    manifest = _catalogue(root / "catalogue")
+    manifest = write_catalogue(root / "catalogue")
     local, remote = _collection(root, "local", settings), _collection(root, "ray", settings)
     local_job, local_summary = local.ingest(manifest, "local")
     gpus = 0.5 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0  # unfused stages where there is a GPU

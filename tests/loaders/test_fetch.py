@@ -224,7 +224,7 @@ def test_https_keeps_the_host_name_for_sni_and_verifies_the_certificate(tmp_path
 
 
 def self_signed(folder: Path, name: str) -> tuple[Path, Path]:
-    x509 = pytest.importorskip("cryptography.x509")
+    from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
