@@ -132,6 +132,12 @@ def _start(directory: Path) -> tuple[subprocess.Popen[bytes], S3Server, list[str
         "-s3.port.lance=0",
         "-master.telemetry=false",
         "-volume.preStopSeconds=0",
+        # Every bucket is a SeaweedFS collection with volumes of its own. Left at 0, the volume
+        # count is free disk / volume size, which on a small CI disk ran out after a few dozen
+        # test buckets (PutObject then answers InternalError). Volumes are not preallocated, so
+        # a high count costs nothing.
+        "-volume.max=1000",
+        "-master.volumeSizeLimitMB=64",
         f"-filer.localSocket={directory / 'filer.sock'}",
         f"-s3.localSocket={directory / 's3.sock'}",
     ]
