@@ -27,8 +27,10 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTex
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, Field, model_validator
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loaders.audio import sniff_format
 from loaders.fetch import FetchError, FetchLimits, fetch
@@ -56,6 +58,16 @@ class ApiError(Exception):
 @app.exception_handler(ApiError)
 async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
     return JSONResponse({"error": {"code": exc.code, "message": exc.message}}, exc.status, headers=exc.headers)
+
+
+HTTP_CODES = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed"}
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Starlette's own refusals (an unknown path, a body that is not UTF-8) in the API's error shape."""
+    code = HTTP_CODES.get(exc.status_code, "http_error")
+    return JSONResponse({"error": {"code": code, "message": str(exc.detail)}}, exc.status_code, headers=exc.headers)
 
 
 class BodyLimit:
@@ -282,12 +294,16 @@ class Ingress:
         return self.described[model]
 
     async def _call(self, model: str, method: str, *args: Any) -> Any:
-        """Every call into a model deployment: a full queue there is a 429, not a 503 page."""
+        """Every call into a model deployment: a full queue there is a 429, a replica that died
+        under the request (Serve starts another) a 503; both say when to retry."""
+        retry = {"Retry-After": str(self.config.retry_after_s)}
         try:
             return await getattr(self._handle(model), method).remote(*args)
         except BackPressureError as exc:
-            retry = str(self.config.retry_after_s)
-            raise ApiError(429, "overloaded", f"model {model!r} is at capacity; retry", {"Retry-After": retry}) from exc
+            raise ApiError(429, "overloaded", f"model {model!r} is at capacity; retry", retry) from exc
+        except RayActorError as exc:
+            message = f"model {model!r}: its replica stopped during the request; Serve is replacing it, retry"
+            raise ApiError(503, "replica_unavailable", message, retry) from exc
 
     def _handle(self, model: str) -> DeploymentHandle:
         if model not in self.encoders:

@@ -60,10 +60,10 @@ def _check_key(key: str) -> None:
     """Keys are relative paths of plain names, so a key can never reach outside the folder or
     bucket prefix, and a URL built from it means the same object after a browser normalises it."""
     parts = key.split("/")
-    if not key or "\0" in key or any(part in ("", ".", "..") for part in parts):
+    if not key or "\0" in key or any(part in ("", ".", "..") or len(part.encode()) > 255 for part in parts):
         raise ObjectStoreError(
-            f"invalid object key {key!r}: keys are relative paths like 'ab/abcdef.png' "
-            "(no leading '/', no empty, '.' or '..' parts)"
+            f"invalid object key {key[:300]!r}: keys are relative paths like 'ab/abcdef.png' "
+            "(no leading '/', no empty, '.' or '..' parts, no part over 255 bytes)"
         )
 
 
