@@ -337,11 +337,14 @@ class Ingest:
             existing |= self.catalog.payloads(ids[start : start + 512])
         pending = set(self.jobs.pending(self.job)) if row.status in ("running", "interrupted") else set()
         resumed = bool(pending)
+        # A new run retries the dead letters: items this job did not finish, even where a write that
+        # failed half-way left their point. A resumed run finishes what is pending and leaves them.
+        failed = set() if resumed else {d.uri for d in self.jobs.dead_letters(self.job)}
         todo = []
         for item_id, item in by_id.items():
             known = existing.get(item_id)
             finished = known is not None and item.version is not None and known.get("source_version") == item.version
-            if (item.uri in pending) or not finished:
+            if (item.uri in pending) or (item.uri in failed) or not finished:
                 todo.append(item)
         in_store = set(self.catalog.vectors.scroll_ids({"source": self.options.source}))
         gone = sorted(in_store - set(by_id))

@@ -125,6 +125,8 @@ class JobStore:
 
     def mark(self, job: str, uris: list[str], status: str) -> None:
         self._many("UPDATE items SET status = ? WHERE job_id = ? AND uri = ?", [(status, job, u) for u in uris])
+        if status == DONE:  # written after all (a rerun, a retry): a dead letter of theirs no longer stands
+            self._many("DELETE FROM dead_letters WHERE job_id = ? AND uri = ?", [(job, u) for u in uris])
 
     def item_counts(self, job: str) -> dict[str, int]:
         return dict(self._run("SELECT status, COUNT(*) FROM items WHERE job_id = ? GROUP BY status", (job,)))  # type: ignore[arg-type]

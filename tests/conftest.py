@@ -78,4 +78,4 @@ def ray_cluster(settings: Settings) -> Iterator[int]:
 
 # Real S3 (SeaweedFS `weed mini`) and Redis servers, started only for the tests that ask for them.
 from redis_server import RedisProcess, redis_process, redis_server  # noqa: E402, F401
-from s3 import S3Server, s3_server  # noqa: E402, F401
+from s3 import S3Process, S3Server, s3_process, s3_server  # noqa: E402, F401

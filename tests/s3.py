@@ -6,13 +6,16 @@ presigned URLs expire and can be refused, wrong credentials are rejected.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sysconfig
 import tempfile
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -101,6 +104,37 @@ def _wait_until_ready(process: subprocess.Popen[bytes], server: S3Server) -> Non
     raise RuntimeError(f"S3 at {server.endpoint_url} not ready after {READY_SECONDS:.0f} s: {last_error}")
 
 
+def _listed_volumes(status: Any) -> set[int]:
+    """The volume ids in the master's /vol/status answer (nested data centre, rack and server maps)."""
+    if isinstance(status, dict):
+        found = {status["Id"]} if isinstance(status.get("Id"), int) else set()
+        return found.union(*(_listed_volumes(v) for v in status.values()))
+    if isinstance(status, list):
+        return set().union(*(_listed_volumes(v) for v in status))
+    return set()
+
+
+def _wait_for_volumes(process: subprocess.Popen[bytes], directory: Path, master_port: int) -> None:
+    """A restarted server answers S3 requests before its volume server has told the master which
+    volumes it holds, and until then reads of existing objects fail (InternalError, about 5 s).
+    Ready means every volume on disk is listed by the master."""
+    on_disk = {int(m.group(1)) for f in (directory / "data").glob("*.dat") if (m := re.search(r"(\d+)\.dat$", f.name))}
+    deadline = time.monotonic() + READY_SECONDS
+    listed: set[int] = set()
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"weed mini exited with status {process.returncode} before its volumes were back")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{master_port}/vol/status", timeout=2) as answer:
+                listed = _listed_volumes(json.load(answer))
+        except (OSError, ValueError):
+            listed = set()
+        if on_disk <= listed:
+            return
+        time.sleep(0.1)  # poll interval, not synchronisation: the deadline bounds the wait
+    raise RuntimeError(f"volumes {sorted(on_disk - listed)} not back after {READY_SECONDS:.0f} s")
+
+
 def _remove_grpc_sockets(ports: dict[str, int]) -> None:
     """weed removes its /tmp/seaweedfs-*-grpc-PORT.sock files on a clean stop, not when it fails to start."""
     for port in ports.values():
@@ -108,11 +142,14 @@ def _remove_grpc_sockets(ports: dict[str, int]) -> None:
             leftover.unlink(missing_ok=True)
 
 
-def _start(directory: Path) -> tuple[subprocess.Popen[bytes], S3Server, list[str], dict[str, int]]:
+def _start(
+    directory: Path, ports: dict[str, int] | None = None, server: S3Server | None = None
+) -> tuple[subprocess.Popen[bytes], S3Server, list[str], dict[str, int]]:
+    """Launches weed on fresh ports with fresh credentials, or (a restart) on the ``ports`` and ``server`` given."""
     data = directory / "data"
-    data.mkdir(parents=True)
-    ports = dict(zip(PORT_FLAGS, _free_ports(len(PORT_FLAGS)), strict=True))
-    server = S3Server(
+    data.mkdir(parents=True, exist_ok=True)
+    ports = ports or dict(zip(PORT_FLAGS, _free_ports(len(PORT_FLAGS)), strict=True))
+    server = server or S3Server(
         endpoint_url=f"http://127.0.0.1:{ports['-s3.port']}",
         access_key="mmembed-test",
         secret_key=uuid.uuid4().hex,
@@ -143,7 +180,9 @@ def _start(directory: Path) -> tuple[subprocess.Popen[bytes], S3Server, list[str
     ]
     # weed mini turns these into its admin identity; every request must be signed with them.
     env = os.environ | {"AWS_ACCESS_KEY_ID": server.access_key, "AWS_SECRET_ACCESS_KEY": server.secret_key}
-    with open(directory / "weed.log", "wb") as log:
+    for leftover in ("filer.sock", "s3.sock"):  # left behind by a killed server; weed would not bind them
+        (directory / leftover).unlink(missing_ok=True)
+    with open(directory / "weed.log", "ab") as log:
         process = subprocess.Popen(
             command, cwd=directory, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
@@ -193,3 +232,60 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     """
     with weed_mini(tmp_path_factory.mktemp("s3-server")) as server:
         yield server
+
+
+class S3Process:
+    """One ``weed mini`` that a test may stop (even kill) and start again on the same ports, data folder
+    and credentials, so a store's endpoint URL stays valid and what was written before is there after."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.process: subprocess.Popen[bytes] | None = None
+        self.server: S3Server | None = None
+        self.ports: dict[str, int] | None = None
+        self.starts = 0
+
+    def start(self, attempts: int = 3) -> S3Server:
+        """If weed exits while starting, the first start tries fresh ports (another process took one);
+        a restart keeps its ports, since clients already hold the URL."""
+        for attempt in range(1, attempts + 1):
+            process, server, command, ports = _start(self.directory, self.ports, self.server)
+            try:
+                _wait_until_ready(process, server)
+                _wait_for_volumes(process, self.directory, ports["-master.port"])
+            except RuntimeError as e:
+                exited_early = process.poll() is not None
+                _stop(process)
+                _remove_grpc_sockets(ports)
+                if attempt == attempts or not exited_early or self.starts > 0:
+                    log_text = (self.directory / "weed.log").read_text(errors="replace")
+                    pytest.fail(f"{e}\n$ {' '.join(command)}\n--- {self.directory / 'weed.log'} ---\n{log_text}")
+                continue
+            self.process, self.server, self.ports = process, server, ports
+            self.starts += 1
+            return server
+        raise AssertionError("unreachable")
+
+    def stop(self, kill: bool = False) -> None:
+        """SIGKILL (``kill=True``) to the whole process group is a crash: connections drop, nothing is flushed."""
+        process, self.process = self.process, None
+        if process is None:
+            return
+        if kill and process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        else:
+            _stop(process)
+        if self.ports:
+            _remove_grpc_sockets(self.ports)
+
+
+@pytest.fixture
+def s3_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Process]:
+    """A SeaweedFS S3 server of the test's own, started, that the test may kill and start again."""
+    server = S3Process(tmp_path_factory.mktemp("s3-process"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
