@@ -41,13 +41,13 @@ def _marker(spec: ModelSpec, settings: Settings) -> dict[str, Any] | None:
 
 
 def is_provisioned(spec: ModelSpec, settings: Settings) -> bool:
-    own = spec.source in ("random", "local") or _marker(spec, settings) is not None
-    return own and all(is_provisioned(resolve(part), settings) for part in spec.parts)
+    own = spec.source in ("random", "local", "remote") or _marker(spec, settings) is not None
+    return own and all(is_provisioned(resolve(part, settings), settings) for part in spec.parts)
 
 
 def weights_path(spec: ModelSpec, settings: Settings) -> Path | None:
-    """The file or folder the family loader reads; None for random weights."""
-    if spec.source == "random":
+    """The file or folder the family loader reads; None for random weights and remote models."""
+    if spec.source in ("random", "remote"):
         return None
     if spec.source == "local":
         path = Path(spec.ref).expanduser()
@@ -89,10 +89,10 @@ def pull(name: str, settings: Settings | None = None, force: bool = False, from_
     ``from_path`` adopts weights already on this machine (a checkpoint file or a hub
     snapshot folder copied from a machine with internet) instead of downloading them."""
     settings = settings or get_settings()
-    spec = resolve(name)
+    spec = resolve(name, settings)
     for part in spec.parts:
         pull(part, settings, force=force)
-    if spec.source in ("random", "local"):
+    if spec.source in ("random", "local", "remote"):  # nothing to fetch (remote: the provider has the weights)
         return weights_path(spec, settings) or model_dir(spec, settings)
     if is_provisioned(spec, settings) and not force and from_path is None:
         return weights_path(spec, settings)  # type: ignore[return-value]
@@ -124,7 +124,7 @@ def model_version(spec: ModelSpec, settings: Settings) -> str:
     retrained model never serves another's vectors."""
     files = {}
     for name in (spec.name, *spec.parts):
-        part = resolve(name)
+        part = spec if name == spec.name else resolve(name, settings)
         marker = model_dir(part, settings) / MARKER
         files[name] = json.loads(marker.read_text())["files"] if marker.is_file() else [part.family, part.ref, part.tag]
     return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
@@ -201,7 +201,7 @@ def load(name: str, settings: Settings | None = None) -> LoadedModel:
     """Load a model's encoders, provisioning it first where that needs no network
     (or where downloads are allowed)."""
     settings = settings or get_settings()
-    spec = resolve(name)
+    spec = resolve(name, settings)
     if not is_provisioned(spec, settings):
         if not (spec.offline or settings.allow_downloads):
             raise ModelNotAvailable(_missing_message(spec, settings))
@@ -230,6 +230,10 @@ def load(name: str, settings: Settings | None = None) -> LoadedModel:
                                        settings.whisper_beam_size, settings.whisper_language)  # fmt: skip
     elif spec.family == "custom":
         encoders = CUSTOM_LOADERS[spec.name](spec, weights, device, dtype, settings)
+    elif spec.family == "remote":
+        from encoders.remote import load_remote, remote_config
+
+        encoders = {Modality.TEXT: load_remote(remote_config(spec.name, settings), settings)}  # type: ignore[arg-type]
     else:  # bind: a trained head over a frozen backbone, in a frozen joint space
         from encoders.bind import load_bind
         from encoders.whisper_family import WhisperFeatures, load_whisper
@@ -271,10 +275,10 @@ def verify(name: str, settings: Settings | None = None) -> dict[str, Any]:
     """Files match their recorded hashes, the model loads, dimensions agree with the
     catalogue, and a real forward pass gives finite unit vectors. Raises on failure."""
     settings = settings or get_settings()
-    spec = resolve(name)
+    spec = resolve(name, settings)
     report: dict[str, Any] = {"model": spec.name, "source": spec.source}
     marker = _marker(spec, settings)
-    if spec.source not in ("random", "local"):
+    if spec.source not in ("random", "local", "remote"):
         if marker is None:
             raise ModelNotAvailable(_missing_message(spec, settings))
         actual = _file_hashes(model_dir(spec, settings))

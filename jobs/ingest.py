@@ -29,6 +29,8 @@ from tenacity import retry, retry_if_exception, stop_after_attempt, wait_random_
 from tqdm import tqdm
 
 from encoders import LoadedModel, Prepared, load, model_version
+from encoders.remote.costs import plan_line as remote_plan_line
+from encoders.remote.costs import summary_line as remote_summary_line
 from jobs.state import DONE, JobStore, job_id
 from loaders.audio import AudioLimits
 from loaders.images import DecodeLimits
@@ -37,7 +39,7 @@ from mmembed.config import Settings
 from store.cache import EmbeddingCache, cache_key, open_cache
 from store.catalog import Catalog, NewItem, vector_name
 from store.objects import ObjectStoreError, object_store
-from store.spaces import item_encoders, layout
+from store.spaces import item_encoders, layout, transcriber
 from store.vectors import DimensionError, StoreError, open_store, point_id
 
 DEFAULT_MODELS = ("demo-clip", "all-MiniLM-L6-v2", "whisper-base", "bind")
@@ -99,6 +101,7 @@ class Plan:
     price_per_hour: float = 1.0
     todo: list[SourceItem] = field(default_factory=list, repr=False)
     gone: list[str] = field(default_factory=list, repr=False)
+    remote_costs: dict[str, dict[str, Any]] = field(default_factory=dict)  # per remote model: tokens, usd (estimate)
 
     @property
     def estimated_seconds(self) -> float:
@@ -121,6 +124,7 @@ class Plan:
             f"  gone from the source: {self.deleted}",
             f"  estimate: {minutes:.1f} min at {self.seconds_per_item * 1000:.0f} ms/item on this machine, "
             f"${self.estimated_cost_usd:.4f} at ${self.price_per_hour}/h",
+            *(remote_plan_line(name, c) for name, c in self.remote_costs.items()),
         ]
 
 
@@ -136,6 +140,7 @@ class Summary:
                                                                 "write": 0.0})  # fmt: skip
     elapsed_s: float = 0.0
     price_per_hour: float = 1.0
+    remote_costs: dict[str, dict[str, Any]] = field(default_factory=dict)  # per remote model: this run's usage
 
     def cache_savings(self) -> dict[str, float]:
         """Forward passes the cache answered, priced at this run's own encode time per miss."""
@@ -157,6 +162,7 @@ class Summary:
             f"({rate:.1f} items/s)",
             f"  stages (summed over workers): {stages}",
             f"  cache: {cache or 'off'}",
+            *(remote_summary_line(name, c) for name, c in self.remote_costs.items()),
         ]
 
 
@@ -242,9 +248,10 @@ class BatchEncoder:
         self.models, self.cache = models, cache
 
     def encode(
-        self, batch: Sequence[Loaded], items: Mapping[int, SourceItem], use_cache: bool = True
+        self, batch: Sequence[Loaded], items: Mapping[int, SourceItem], use_cache: bool = True, remote: bool = True
     ) -> dict[int, Result]:
-        """``items``: the listed item of each loaded one, by ``Loaded.index``."""
+        """``items``: the listed item of each loaded one, by ``Loaded.index``. ``remote=False`` skips
+        remote (paid, rate-limited) text models, as calibration must."""
         out: dict[int, Any] = {}
         good = [b for b in batch if b.error is None]
         for b in batch:
@@ -253,7 +260,7 @@ class BatchEncoder:
             group = [b for b in good if items[b.index].kind == kind]
             for model in self.models.direct(kind) if group else []:
                 self._encode_model(model, kind, group, out, use_cache)
-        self._encode_texts(batch, items, out)
+        self._encode_texts(batch, items, out, remote)
         return out
 
     def _encode_model(self, model: str, kind: str, group: list[Loaded], out: dict, use_cache: bool) -> None:
@@ -281,18 +288,25 @@ class BatchEncoder:
         if cacheable and fresh:
             self.cache.put_many(model, fresh)  # type: ignore[union-attr]
 
-    def _encode_texts(self, batch: Sequence[Loaded], items: Mapping[int, SourceItem], encoded: dict) -> None:
-        """Captions (images) and transcripts (audio) through every text tower."""
+    def _encode_texts(
+        self, batch: Sequence[Loaded], items: Mapping[int, SourceItem], encoded: dict, remote: bool = True
+    ) -> None:
+        """Captions (images) and transcripts (audio) through every text tower. A text a remote provider
+        failed to embed past its retries makes the item a dead letter, to be retried, not a point without it."""
         for kind in ("image", "audio"):
             rows = [(b, encoded[b.index]) for b in batch
                     if items[b.index].kind == kind and isinstance(encoded[b.index], dict)]  # fmt: skip
             rows = [(b, r, items[b.index].caption if kind == "image" else r.get("_transcript")) for b, r in rows]
             rows = [(b, r, words) for b, r, words in rows if words and words.strip()]
             for model in self.models.text(kind) if rows else []:
+                if not remote and self.models.described[model]["family"] == "remote":
+                    continue
                 results = self.models.loaded[model].encoder("text").encode_items([w for _, _, w in rows])
-                for (_, r, _), result in zip(rows, results, strict=True):
+                for (b, r, _), result in zip(rows, results, strict=True):
                     if result.ok:
                         r[vector_name(model, "text")] = result.vector
+                    elif result.error is not None and result.error.code == "provider_failed":
+                        encoded[b.index] = (result.error.code, f"{model}: {result.error}")
 
 
 class Ingest:
@@ -353,6 +367,7 @@ class Ingest:
                     price_per_hour=self.options.price_per_hour, todo=todo, gone=gone)  # fmt: skip
         if calibrate and todo:
             plan.seconds_per_item = self._calibrate(todo[: self.options.calibrate])
+        plan.remote_costs = self._remote_estimates(todo)
         return plan
 
     def _calibrate(self, sample: list[SourceItem]) -> float:
@@ -360,7 +375,7 @@ class Ingest:
         started = time.perf_counter()
         loader = make_loader(self._dataset(sample), batch_size=len(sample), workers=0)
         for batch in loader:
-            self.encoder.encode(batch, {b.index: sample[b.index] for b in batch}, use_cache=False)
+            self.encoder.encode(batch, {b.index: sample[b.index] for b in batch}, use_cache=False, remote=False)
         return (time.perf_counter() - started) / len(sample)
 
     # --- run -------------------------------------------------------------------------------
@@ -369,6 +384,7 @@ class Ingest:
         plan = plan or self.plan(calibrate=False)
         summary = Summary(self.job, price_per_hour=self.options.price_per_hour)
         started = time.perf_counter()
+        remote_before = {name: enc.meter.snapshot() for name, enc in self._remote_encoders().items()}
         if not plan.resumed:
             self.jobs.reset_items(self.job)
             self.jobs.plan(self.job, [i.uri for i in plan.todo])
@@ -399,6 +415,10 @@ class Ingest:
             bar.close()
         summary.elapsed_s = time.perf_counter() - started
         summary.cache = self.cache.stats.as_dict() if self.cache else {}
+        if self.options.engine == "local":  # the ray engine's calls are counted in its actors, not here
+            summary.remote_costs = {name: (enc.meter.snapshot() - remote_before[name]).as_dict()
+                                    | {"usd_per_million": enc.meter.usd_per_million}
+                                    for name, enc in self._remote_encoders().items()}  # fmt: skip
         self.jobs.update(self.job, status="done", counts=self._counts(summary, plan))
         return summary
 
@@ -422,6 +442,18 @@ class Ingest:
             started = time.perf_counter()
             results = encoder.encode(fresh, {b.index: todo[b.index] for b in fresh})
             yield EncodedBatch(fresh, unchanged, results, time.perf_counter() - started)
+
+    def _remote_encoders(self) -> dict[str, Any]:
+        """The job's remote text models (their meters count this process's calls: the local engine's)."""
+        return {n: m.encoder("text") for n, m in self.models.loaded.items() if m.spec.family == "remote"}
+
+    def _remote_estimates(self, todo: list[SourceItem]) -> dict[str, dict[str, Any]]:
+        """Tokens and dollars the remote models will cost: captions are counted now; transcripts
+        exist only once the audio is transcribed, so those items are only counted."""
+        captions = [i.caption for i in todo if i.kind == "image" and i.caption and i.caption.strip()]
+        audio = sum(1 for i in todo if i.kind == "audio") if transcriber(self.models.described) else 0
+        return {name: enc.estimate(captions) | {"transcripts_not_counted": audio}
+                for name, enc in self._remote_encoders().items()}  # fmt: skip
 
     def _counts(self, summary: Summary, plan: Plan) -> dict[str, Any]:
         return {"plan": plan.counts(), "written": summary.written, "refreshed": summary.refreshed,

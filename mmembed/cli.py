@@ -51,10 +51,13 @@ def models_list() -> None:
             "yes" if is_provisioned(spec, settings) else "no",
             spec.licence,
         )
+    for name, remote in settings.all_remote_models().items():
+        table.add_row(name, f"remote ({remote.kind})", remote.base_url, str(remote.dim), "text", "n/a (remote)", "")
     console.print(table)
     console.print(f"models directory: {settings.models_path}")
     console.print(
-        "Also: any open_clip ARCH@TAG, local-dir:/path, hf-clip:/path, sentence-transformers/NAME, whisper-SIZE"
+        "Also: any open_clip ARCH@TAG, local-dir:/path, hf-clip:/path, sentence-transformers/NAME, whisper-SIZE, "
+        "and remote APIs openai:MODEL / cohere:MODEL (text; key in OPENAI_API_KEY / COHERE_API_KEY)"
     )
 
 
@@ -71,8 +74,14 @@ def models_pull(
 
     if from_path and (not names or len(names) != 1):
         _fail(ValueError("--from needs exactly one model name"))
+    from encoders import resolve
+
     for name in names or OFFLINE_MODELS:
         try:
+            spec = resolve(name, get_settings())
+            if spec.source == "remote":  # the provider holds the weights: nothing to download, ever
+                console.print(f"[green]remote[/green] {name}: nothing to pull, it calls {spec.ref.split()[1]}")
+                continue
             path = pull(name, get_settings(), force=force, from_path=from_path)
         except EncoderError as exc:
             _fail(exc)

@@ -7,17 +7,69 @@ the same fields. Nothing else in the project reads the environment.
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 if TYPE_CHECKING:
     from loaders.url_policy import UrlPolicy
 
 TokenPolicy = Literal["truncate", "error"]
+RemoteKind = Literal["openai", "cohere"]
+
+# USD per million input tokens, by the provider's model name (list prices, November 2026).
+# ``MMEMBED_REMOTE_PRICES`` overrides or extends them; a remote model's own ``usd_per_million_tokens`` wins.
+DEFAULT_PRICES: dict[str, float] = {
+    "text-embedding-3-small": 0.02,
+    "text-embedding-3-large": 0.13,
+    "text-embedding-ada-002": 0.10,
+    "embed-english-v3.0": 0.10,
+    "embed-multilingual-v3.0": 0.10,
+    "embed-english-light-v3.0": 0.10,
+    "embed-multilingual-light-v3.0": 0.10,
+}
+
+
+class RemoteModelConfig(BaseModel):
+    """One embedding model behind an HTTP API: an OpenAI-compatible ``/embeddings`` (OpenAI,
+    Azure OpenAI, another mmembed server) or a Cohere-style ``/v1/embed``. Used by name like a
+    local model (``mmembed ingest --model NAME``, a served model's ``name``). The key itself is
+    never configuration: ``api_key_env`` names the environment variable that holds it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="Registry name, e.g. 'azure:embed-small' or 'team-mmembed'.")
+    kind: RemoteKind = Field(default="openai", description="Request/response shape: openai or cohere.")
+    base_url: str = Field(description="e.g. https://api.openai.com/v1 (POST {base_url}/embeddings) or "
+                          "https://api.cohere.com (POST {base_url}/v1/embed).")  # fmt: skip
+    model: str = Field(description="The provider's model name, sent in every request and used for prices.")
+    dim: int = Field(ge=1, description="Vector size; a provider answering another size is an error.")
+    api_key_env: str | None = Field(default=None, description="Env var holding the API key; None: no auth.")
+    auth_header: str = Field(default="Authorization", description="Azure OpenAI: 'api-key'.")
+    auth_scheme: str = Field(default="Bearer", description="Prefix of the key in auth_header; '' for none.")
+    query: dict[str, str] = Field(default_factory=dict, description="Query parameters, e.g. Azure's api-version.")
+    max_tokens: int | None = Field(default=None, ge=1, description="Tokens per input; default: the provider's.")
+    max_inputs: int | None = Field(default=None, ge=1, description="Inputs per call; default 2048 (openai), 96.")
+    max_call_tokens: int | None = Field(default=None, ge=1, description="Tokens per call; default: the provider's.")
+    rpm: int | None = Field(default=None, ge=1, description="Requests per rate window; None: unlimited.")
+    tpm: int | None = Field(default=None, ge=1, description="Tokens per rate window; None: unlimited.")
+    rate_window_s: float = Field(default=60.0, gt=0, description="The window rpm/tpm count over (a minute).")
+    concurrency: int = Field(default=4, ge=1, description="Requests in flight at once, per process.")
+    timeout_s: float = Field(default=30.0, gt=0, description="Per request; a timeout is retried.")
+    max_attempts: int = Field(default=6, ge=1, description="Tries per call before its items fail.")
+    backoff_s: float = Field(default=0.5, gt=0, description="First backoff; doubles per try, with full jitter.")
+    backoff_max_s: float = Field(default=30.0, gt=0, description="Longest single backoff.")
+    tokenizer: str = Field(
+        default="auto",
+        description="'auto' (tiktoken's encoding for OpenAI models where its file is on disk, else the estimate), "
+        "'estimate', a tiktoken encoding name, or a path to a .tiktoken file.",
+    )
+    usd_per_million_tokens: float | None = Field(default=None, ge=0, description="Price; default: the price table.")
+    input_type: str = Field(default="search_document", description="Cohere's input_type.")
 
 
 class Settings(BaseSettings):
@@ -96,6 +148,24 @@ class Settings(BaseSettings):
         default_factory=list, description="Web origins allowed to call the API from a browser; none by default."
     )
 
+    # Remote embedding providers (encoders/remote): more models by name, prices, tokenizer files.
+    remote_models: list[RemoteModelConfig] = Field(
+        default_factory=list,
+        description="Remote models as a JSON list of objects (the RemoteModelConfig fields), besides the "
+        "built-in openai:MODEL and cohere:MODEL names.",
+    )
+    remote_models_file: Path | None = Field(
+        default=None, description="A YAML or JSON file with a list of remote models (same fields)."
+    )
+    remote_prices: dict[str, float] = Field(
+        default_factory=dict, description="USD per million tokens by provider model name, over the built-in table."
+    )
+    remote_tokenizer_dir: Path | None = Field(
+        default=None,
+        description="Folder of tiktoken files (cl100k_base.tiktoken) for exact token counts offline; "
+        "tiktoken's own cache is used too.",
+    )
+
     @field_validator("api_keys_write", "api_keys_read", "cors_origins", "ingest_roots", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
@@ -123,6 +193,36 @@ class Settings(BaseSettings):
                     raise ValueError(f"{self.api_keys_file}:{number}: expected `read:KEY` or `write:KEY`")
                 (read if scope.strip() == "read" else write).append(key.strip())
         return read, write
+
+    def all_remote_models(self) -> dict[str, RemoteModelConfig]:
+        """``remote_models`` plus those of ``remote_models_file``, by name."""
+        models = list(self.remote_models)
+        if self.remote_models_file is not None:
+            import yaml  # YAML is a superset of JSON: one reader for both
+
+            raw = yaml.safe_load(self.remote_models_file.expanduser().read_text()) or []
+            raw = raw.get("remote_models", []) if isinstance(raw, dict) else raw
+            models += [RemoteModelConfig.model_validate(m) for m in raw]
+        return {m.name: m for m in models}
+
+    def remote_price(self, model: str) -> float | None:
+        """USD per million tokens for a provider's model name, or None when no table names it."""
+        return {**DEFAULT_PRICES, **self.remote_prices}.get(model)
+
+    @staticmethod
+    def secret_from_env(variable: str) -> SecretStr | None:
+        """A remote provider's API key, read from the variable its configuration names. Read
+        here, with the rest of the environment, and kept a SecretStr so no repr or log shows it."""
+        value = os.environ.get(variable, "").strip()
+        return SecretStr(value) if value else None
+
+    @staticmethod
+    def tiktoken_cache_dir() -> Path:
+        """Where tiktoken keeps the encoding files it has downloaded (its own variables, its default)."""
+        import tempfile
+
+        folder = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR")
+        return Path(folder) if folder else Path(tempfile.gettempdir()) / "data-gym-cache"
 
     @property
     def vectors_path(self) -> Path:

@@ -196,11 +196,16 @@ def _parse_meta(meta: str | None) -> dict[str, Any]:
     return parsed
 
 
+def _item_status(code: str) -> int:
+    """A failed item is the client's input (422), unless a remote provider behind the model failed (502)."""
+    return 502 if code == "provider_failed" else 422
+
+
 def _first(results: list[dict[str, Any]], what: str) -> dict[str, Any]:
-    """The one result of a one-item encode, or its error as a 422."""
+    """The one result of a one-item encode, or its error."""
     r = results[0]
     if r["error"] is not None:
-        raise ApiError(422, r["error"]["code"], f"{what}: {r['error']['message']}")
+        raise ApiError(_item_status(r["error"]["code"]), r["error"]["code"], f"{what}: {r['error']['message']}")
     return r
 
 
@@ -364,7 +369,8 @@ class Ingress:
         for (modality, group), results in zip(groups.items(), outcomes, strict=True):
             for (index, _), r in zip(group, results, strict=True):
                 if r["error"] is not None:
-                    raise ApiError(422, r["error"]["code"], f"input[{index}] ({modality}): {r['error']['message']}")
+                    code, message = r["error"]["code"], f"input[{index}] ({modality}): {r['error']['message']}"
+                    raise ApiError(_item_status(code), code, message)
                 tokens += int(r["info"].get("tokens", 0))
                 data[index] = {"object": "embedding", "index": index, "embedding": _format(r["vector"], body)}
         self.metrics.requests.labels("/v1/embeddings", "200").inc()
@@ -409,8 +415,8 @@ class Ingress:
             for i, r in enumerate(results)
         ]  # fmt: skip
         if all(r["error"] is not None for r in results):
-            first = results[0]["error"]
-            raise ApiError(422, first["code"], f"every item failed; items[0]: {first['message']}")
+            code, message = results[0]["error"]["code"], results[0]["error"]["message"]
+            raise ApiError(_item_status(code), code, f"every item failed; items[0]: {message}")
         self.metrics.requests.labels(f"/encode/{modality}", "200").inc()
         return JSONResponse({"model": model, "modality": modality, "data": out})
 
