@@ -11,6 +11,7 @@ import math
 from typing import Any
 
 from ray import serve
+from ray.serve.config import BackpressureConfig
 
 from serve.catalog import build_catalog
 from serve.config import ServeConfig
@@ -21,8 +22,14 @@ from serve.ingress import Ingress
 def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     config = ServeConfig.model_validate(args or {})
     encoders = {m.name: build_encoder(m, config.env) for m in config.models}
-    ingress = Ingress.options(ray_actor_options={"runtime_env": {"env_vars": config.env}}) if config.env else Ingress
-    return ingress.bind(encoders, build_catalog(config.env), config.model_dump())
+    options: dict[str, Any] = {
+        "max_ongoing_requests": config.ingress_max_ongoing_requests,
+        "max_queued_requests": config.ingress_max_queued_requests,
+        "backpressure_config": BackpressureConfig(status_code=429, retry_after_s=config.retry_after_s),
+    }
+    if config.env:
+        options["ray_actor_options"] = {"runtime_env": {"env_vars": config.env}}
+    return Ingress.options(**options).bind(encoders, build_catalog(config.env), config.model_dump())
 
 
 def logical_cpus(args: dict[str, Any] | None, physical: int) -> int:

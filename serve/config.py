@@ -52,7 +52,9 @@ class ModelConfig(BaseModel):
                 "num_gpus": self.num_gpus,
                 # OpenMP threads sleep between torch ops instead of spinning, leaving the CPU
                 # to the request path: batched CPU forwards ran 25-35% faster under load.
-                "runtime_env": {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE", **(env or {})}},
+                # glibc gives each thread its own malloc arena; with the replica's preprocessing
+                # threads that grew RSS by ~250 MB/min under load (bench/load_test.py). Two cap it.
+                "runtime_env": {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE", "MALLOC_ARENA_MAX": "2", **(env or {})}},
             },
         }
         if self.min_replicas == self.max_replicas:
@@ -91,7 +93,14 @@ class ServeConfig(BaseModel):
         description="Environment of every replica of this app: MMEMBED_* settings (collection, Qdrant URL, "
         "S3 bucket) and credentials such as AWS_ACCESS_KEY_ID.",
     )
-    retry_after_s: int = Field(default=1, ge=1, description="Retry-After on 429 when a model's queue is full.")
+    retry_after_s: int = Field(default=1, ge=1, description="Retry-After on 429 when a queue is full.")
+    ingress_max_ongoing_requests: int = Field(default=256, ge=1, description="HTTP requests the ingress works on.")
+    ingress_max_queued_requests: int = Field(
+        default=1024,
+        ge=1,
+        description="HTTP requests waiting for the ingress; past it Serve's proxy answers 429 with Retry-After "
+        "(plain text), so overload is refused instead of queued without bound.",
+    )
     dashboard_url: str = Field(
         default="http://127.0.0.1:8265",
         description="The Ray dashboard the search page links to; `mmembed serve` fills in the running cluster's.",

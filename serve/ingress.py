@@ -276,7 +276,7 @@ def _public_info(info: dict[str, Any]) -> dict[str, Any]:
         "queue_ms": round(info.get("queue_ms", 0.0), 2), "encode_ms": round(info.get("encode_ms", 0.0), 2)}  # fmt: skip
 
 
-@serve.deployment(name="ingress", max_ongoing_requests=256)
+@serve.deployment(name="ingress")  # queue limits: serve.app.build_app, from the config
 @serve.ingress(app)
 class Ingress:
     def __init__(

@@ -194,6 +194,30 @@ def test_a_full_queue_answers_429_with_retry_after(ray_cluster, api: str):
     assert refused.headers["Retry-After"] == "1" and refused.json()["error"]["code"] == "overloaded"
 
 
+def test_a_full_ingress_queue_answers_429_with_retry_after(ray_cluster, api: str):
+    """Past the ingress's own queue, Serve's proxy refuses instead of queueing without bound."""
+    import asyncio
+
+    narrow = {"models": [{"name": "demo-clip", "batch": {"max_batch_size": 1}}], "ingress_max_ongoing_requests": 1,
+              "ingress_max_queued_requests": 1}  # fmt: skip
+    serve.run(build_app(narrow), name="narrow", route_prefix="/narrow")
+    image = base64.b64encode(_png((10, 200, 10))).decode()
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=120) as client:
+            body = {"model": "demo-clip", "items": [image]}
+            calls = (client.post(f"{api}/narrow/encode/image", json=body) for _ in range(30))
+            return list(await asyncio.gather(*calls))
+
+    try:
+        responses = asyncio.run(burst())
+    finally:
+        serve.delete("narrow")
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) == {200, 429}, statuses
+    assert next(r for r in responses if r.status_code == 429).headers["Retry-After"] == "1"
+
+
 @pytest.fixture(scope="module")
 def media_site() -> str:
     """A real local HTTP server with one image, one web page, and nothing else."""
