@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import io
 import json
 import os
 import platform
@@ -56,6 +55,7 @@ import aiohttp
 import numpy as np
 import psutil
 import yaml
+from serve_throughput import jpegs  # the same 640x480 JPEGs (bench/ is on the path of a script run from it)
 
 from mmembed.config import Settings
 from mmembed.demo import world
@@ -85,15 +85,11 @@ class Payloads:
 
 
 def payloads(n_images: int, n_texts: int) -> Payloads:
-    rng = random.Random(0)
-    jpegs = []
-    for _ in range(n_images):
-        image = world.render(world.random_scene(rng), rng, size=640).crop((0, 80, 640, 560))
-        buf = io.BytesIO()
-        image.save(buf, "JPEG", quality=90)
-        jpegs.append(buf.getvalue())
+    """The serving benchmark's 640x480 JPEGs, and demo-world captions."""
+    images = jpegs(n_images)
+    rng = random.Random(1)
     texts = [world.render_query(world.training_query(world.random_scene(rng), rng), rng) for _ in range(n_texts)]
-    return Payloads(jpegs, [base64.b64encode(j).decode() for j in jpegs], texts)
+    return Payloads(images, [base64.b64encode(j).decode() for j in images], texts)
 
 
 # --- one request --------------------------------------------------------------------------
