@@ -13,7 +13,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
+from loaders.fetch import FetchLimits, fetch_sync
+from mmembed.config import get_settings
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 AUDIO_SUFFIXES = {".wav", ".flac", ".mp3", ".ogg", ".m4a", ".aac", ".webm", ".aiff", ".amr"}
@@ -66,10 +67,11 @@ class EvalSet:
 
 
 def _read(uri: str) -> bytes:
+    """URLs go through the same address policy, timeouts and size cap as every other fetch
+    (``MMEMBED_FETCH_ALLOW_PRIVATE`` / ``_ALLOW_HOSTS`` for an eval set on a private host)."""
     if uri.startswith(("http://", "https://")):
-        response = httpx.get(uri, timeout=30, follow_redirects=True)
-        response.raise_for_status()
-        return response.content
+        settings = get_settings()
+        return fetch_sync(uri, FetchLimits(max_bytes=settings.max_image_bytes, policy=settings.url_policy()))
     return Path(uri).read_bytes()
 
 

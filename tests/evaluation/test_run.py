@@ -9,11 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from evaluation.dataset import DatasetError, EvalSet, load_eval_set
+from evaluation.dataset import DatasetError, EvalSet, Item, load_eval_set
 from evaluation.demo import build_demo_set
 from evaluation.embedders import LocalEmbedder
 from evaluation.report import write_report
 from evaluation.run import Costs, evaluate_model
+from loaders.fetch import FetchError
 from mmembed.config import Settings
 
 ITEMS = 60
@@ -90,3 +91,11 @@ def test_a_malformed_queries_file_names_its_line(tmp_path: Path):
     (tmp_path / "queries.jsonl").write_text('{"id": "q", "text": "x", "relevant": ["nope"]}\n')
     with pytest.raises(DatasetError, match="not in the manifest"):
         load_eval_set(tmp_path / "items.jsonl", tmp_path / "queries.jsonl")
+
+
+def test_item_urls_follow_the_fetch_address_policy():
+    """An eval set is fetched like any other URL input: a private address is refused unless allowed."""
+    item = Item(id="a", kind="image", uri="http://169.254.169.254/latest/meta-data/cat.png")
+    with pytest.raises(FetchError) as refused:
+        item.content()
+    assert refused.value.code == "url_forbidden_address"
