@@ -104,14 +104,18 @@ class Catalog:
         self.vectors.upsert([Point(item_id, {}, payload)])
 
     def delete(self, item_id: str) -> bool:
-        """Removes the point, and its object unless another item holds the same bytes."""
+        """Removes the point, and its object unless another item holds the same bytes.
+
+        The object goes first: if deleting the point then fails, a retry finds the point again and
+        finishes (both deletes are idempotent). Point first would leave the object orphaned, with
+        nothing left to find it by."""
         found = self.vectors.retrieve([item_id])
         if not found:
             return False
         payload = found[0].payload
-        self.vectors.delete([item_id])
-        if self.vectors.count({"content_hash": payload["content_hash"]}) == 0:
+        if self.vectors.count({"content_hash": payload["content_hash"]}) == 1:  # this point is the only holder
             self.objects.delete(payload["object_uri"])
+        self.vectors.delete([item_id])
         return True
 
     def get(self, item_id: str, with_vectors: bool = False) -> Point | None:

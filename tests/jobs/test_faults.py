@@ -9,10 +9,12 @@ the same job ends with exactly one point per good item: nothing lost, nothing do
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from catalogue_files import SCENES, write_catalogue
 from redis_server import RedisProcess
@@ -289,3 +291,54 @@ def test_redis_killed_mid_run_is_bypassed_with_one_warning_and_the_run_completes
     points = _points(catalog)
     assert set(points) == _ids(_scenes(env))
     _assert_whole(points, objects, env)
+
+
+# --- deletes (--sync) with the object store failing --------------------------------------------
+
+
+class ObjectsThatFailToDelete(LocalObjects):
+    """A real local store whose first ``failures`` deletes fail, as an S3 endpoint mid-restart does."""
+
+    def __init__(self, root: Path, failures: int) -> None:
+        super().__init__(root)
+        self.failures = failures
+
+    def delete(self, uri: str) -> None:
+        if self.failures > 0:
+            self.failures -= 1
+            raise ObjectStoreError("endpoint unavailable (injected)")
+        super().delete(uri)
+
+
+def test_a_sync_delete_with_the_object_store_failing_leaves_no_orphan_object(env: dict, tmp_path: Path) -> None:
+    objects = ObjectsThatFailToDelete(tmp_path / "objects", failures=0)
+    catalog = Catalog(EdgeStore(tmp_path / "vectors"), objects)
+    _ingest(env, catalog).run(progress=False)
+    gone = env["manifest"].parent / "scene-2.png"
+    stored = catalog.get(point_id(_uri(env, "scene-2.png")))
+    assert stored is not None and objects.exists(stored.payload["object_uri"])
+    gone.unlink()
+    rows = [json.loads(line) for line in env["manifest"].read_text().splitlines()]
+    env["manifest"].write_text("".join(json.dumps(r) + "\n" for r in rows if r["uri"] != gone.name))
+    objects.failures = 1  # the first delete of the sync fails; its retry must finish the job
+    summary = Ingest(IngestOptions(str(env["manifest"]), MODELS, batch_size=BATCH, workers=0, attempts=ATTEMPTS,
+                                   sync=True), env["settings"], catalog=catalog, cache=False,
+                     jobs=env["jobs"]).run(progress=False)  # fmt: skip
+    assert summary.deleted == 1 and objects.failures == 0
+    assert catalog.get(point_id(_uri(env, "scene-2.png"))) is None
+    assert not objects.exists(stored.payload["object_uri"])  # not orphaned
+    _assert_whole(_points(catalog), objects, env)
+
+
+def test_an_object_two_items_share_goes_with_the_last_of_them(tmp_path: Path) -> None:
+    objects = LocalObjects(tmp_path / "objects")
+    catalog = Catalog(EdgeStore(tmp_path / "vectors"), objects)
+    catalog.open({"v": 4})
+    vector = {"v": np.array([1.0, 0.0, 0.0, 0.0], np.float32)}
+    first, second = (catalog.add(NewItem(b"same bytes", "image", "image/png", vector, source_uri=f"file:///{n}.png"))
+                     for n in ("a", "b"))  # fmt: skip
+    uri = catalog.get(first).payload["object_uri"]
+    assert catalog.get(second).payload["object_uri"] == uri
+    assert catalog.delete(first) and objects.exists(uri)  # the other item still shows it
+    assert catalog.delete(second) and not objects.exists(uri)
+    assert not catalog.delete(second)
