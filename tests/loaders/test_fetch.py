@@ -13,13 +13,14 @@ import ssl
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
+from http_handler import SiteHandler
 
 from loaders.fetch import FetchError, FetchLimits, fetch, fetch_sync
 from loaders.sources import SourceError, SourceItem, read_item
@@ -51,7 +52,7 @@ class Site(ThreadingHTTPServer):
         return [path for path, _ in self.requests]
 
 
-class Handler(BaseHTTPRequestHandler):
+class Handler(SiteHandler):
     server: Site
 
     def do_GET(self) -> None:
@@ -88,26 +89,6 @@ class Handler(BaseHTTPRequestHandler):
             self._send(302, b"", "text/plain")
         else:
             self._send(404, b"not here", "text/plain")
-
-    def _send(self, status: int, body: bytes, ctype: str) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def _redirect(self, to: str) -> None:
-        self.send_response(302)
-        self.send_header("Location", to)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-    def handle(self) -> None:
-        with contextlib.suppress(ConnectionError):  # the client stopped reading at its size cap
-            super().handle()
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ in worker processes without ever letting one bad item stop the run."""
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import hashlib
 import io
@@ -16,7 +15,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from functools import partial
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 import torch
+from http_handler import SiteHandler
 from PIL import Image
 from s3 import S3Server
 
@@ -333,7 +333,7 @@ PAGE = png((5, 6, 7))
 BIG = bytes(5000)
 
 
-class Handler(BaseHTTPRequestHandler):
+class Handler(SiteHandler):
     def do_GET(self) -> None:
         if self.path == "/img/ok.png":
             self._send(200, PAGE)
@@ -349,25 +349,6 @@ class Handler(BaseHTTPRequestHandler):
             self._redirect("/loop.png")
         else:
             self._send(404, b"not here")
-
-    def _send(self, status: int, body: bytes) -> None:
-        self.send_response(status)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def _redirect(self, to: str) -> None:
-        self.send_response(302)
-        self.send_header("Location", to)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-    def handle(self) -> None:
-        with contextlib.suppress(ConnectionError):  # the client stopped reading at its size cap
-            super().handle()
 
 
 @pytest.fixture(scope="module")
