@@ -29,6 +29,7 @@ from tenacity import retry, retry_if_exception, stop_after_attempt, wait_random_
 from tqdm import tqdm
 
 from encoders import LoadedModel, Prepared, load, model_version
+from encoders.remote.costs import Usage
 from encoders.remote.costs import plan_line as remote_plan_line
 from encoders.remote.costs import summary_line as remote_summary_line
 from jobs.state import DONE, JobStore, job_id
@@ -181,6 +182,10 @@ class Models:
     def text(self, kind: str) -> list[str]:
         return [m for m, k in item_encoders(self.described, kind) if k == "text"]
 
+    def remote(self) -> dict[str, Any]:
+        """The remote text models' encoders (``RemoteEncoder``: they count tokens and keep a cost meter)."""
+        return {n: m.encoder("text") for n, m in self.loaded.items() if m.spec.family == "remote"}
+
     def preprocessors(self) -> dict[str, Callable[[Any], dict[str, Prepared]]]:
         """Per kind, one callable giving every direct model its own preprocessed input (a 64 px
         demo-clip view and a 224 px ViT view of the same decoded image), run in the workers."""
@@ -229,6 +234,7 @@ class EncodedBatch:
     unchanged: list[Loaded]  # the listing's version moved, the bytes did not: only the version is updated
     results: dict[int, Result]  # by ``Loaded.index``
     encode_s: float  # seconds spent in the encode step (cache lookups, forward passes)
+    remote_usage: dict[str, Usage] = field(default_factory=dict)  # what each remote model's calls cost
 
     def __len__(self) -> int:
         return len(self.fresh) + len(self.unchanged)
@@ -246,6 +252,18 @@ class BatchEncoder:
 
     def __init__(self, models: Models, cache: EmbeddingCache | None) -> None:
         self.models, self.cache = models, cache
+
+    def encode_batch(
+        self, fresh: list[Loaded], unchanged: list[Loaded], items: Mapping[int, SourceItem]
+    ) -> EncodedBatch:
+        """``encode`` with its figures: the seconds it took and what the remote models' calls cost, read off
+        their meters here, in whichever process runs the step."""
+        meters = {name: encoder.meter for name, encoder in self.models.remote().items()}
+        before = {name: meter.snapshot() for name, meter in meters.items()}
+        started = time.perf_counter()
+        results = self.encode(fresh, items)
+        usage = {name: meter.snapshot() - before[name] for name, meter in meters.items()}
+        return EncodedBatch(fresh, unchanged, results, time.perf_counter() - started, usage)
 
     def encode(
         self, batch: Sequence[Loaded], items: Mapping[int, SourceItem], use_cache: bool = True, remote: bool = True
@@ -384,7 +402,6 @@ class Ingest:
         plan = plan or self.plan(calibrate=False)
         summary = Summary(self.job, price_per_hour=self.options.price_per_hour)
         started = time.perf_counter()
-        remote_before = {name: enc.meter.snapshot() for name, enc in self._remote_encoders().items()}
         if not plan.resumed:
             self.jobs.reset_items(self.job)
             self.jobs.plan(self.job, [i.uri for i in plan.todo])
@@ -395,11 +412,15 @@ class Ingest:
             summary.deleted = len(plan.gone)
         todo = [i for i in plan.todo if i.uri in set(self.jobs.pending(self.job))]
         done: list[str] = []
+        remote = self.models.remote()
+        usage = {name: Usage() for name in remote}
         bar = tqdm(total=len(todo), unit="item", desc="ingest", disable=not progress)
         try:
             with self._engine(todo, progress) as batches:
                 for n, batch in enumerate(batches, 1):
                     self._write_batch(todo, batch, summary, done)
+                    for name, used in batch.remote_usage.items():
+                        usage[name] += used
                     bar.update(len(batch))
                     bar.set_postfix({k: f"{v:.0f}s" for k, v in summary.stages_s.items()})
                     if n % self.options.checkpoint_every == 0:
@@ -415,10 +436,8 @@ class Ingest:
             bar.close()
         summary.elapsed_s = time.perf_counter() - started
         summary.cache = self.cache.stats.as_dict() if self.cache else {}
-        if self.options.engine == "local":  # the ray engine's calls are counted in its actors, not here
-            summary.remote_costs = {name: (enc.meter.snapshot() - remote_before[name]).as_dict()
-                                    | {"usd_per_million": enc.meter.usd_per_million}
-                                    for name, enc in self._remote_encoders().items()}  # fmt: skip
+        summary.remote_costs = {name: used.as_dict() | {"usd_per_million": remote[name].meter.usd_per_million}
+                                for name, used in usage.items()}  # fmt: skip
         self.jobs.update(self.job, status="done", counts=self._counts(summary, plan))
         return summary
 
@@ -439,13 +458,7 @@ class Ingest:
             stored = {b.index: known.get(point_id(b.uri), {}).get("content_hash") for b in batch}
             unchanged = [b for b in batch if unchanged_content(b, stored[b.index])]
             fresh = [b for b in batch if not unchanged_content(b, stored[b.index])]
-            started = time.perf_counter()
-            results = encoder.encode(fresh, {b.index: todo[b.index] for b in fresh})
-            yield EncodedBatch(fresh, unchanged, results, time.perf_counter() - started)
-
-    def _remote_encoders(self) -> dict[str, Any]:
-        """The job's remote text models (their meters count this process's calls: the local engine's)."""
-        return {n: m.encoder("text") for n, m in self.models.loaded.items() if m.spec.family == "remote"}
+            yield encoder.encode_batch(fresh, unchanged, {b.index: todo[b.index] for b in fresh})
 
     def _remote_estimates(self, todo: list[SourceItem]) -> dict[str, dict[str, Any]]:
         """Tokens and dollars the remote models will cost: captions are counted now; transcripts
@@ -453,7 +466,7 @@ class Ingest:
         captions = [i.caption for i in todo if i.kind == "image" and i.caption and i.caption.strip()]
         audio = sum(1 for i in todo if i.kind == "audio") if transcriber(self.models.described) else 0
         return {name: enc.estimate(captions) | {"transcripts_not_counted": audio}
-                for name, enc in self._remote_encoders().items()}  # fmt: skip
+                for name, enc in self.models.remote().items()}  # fmt: skip
 
     def _counts(self, summary: Summary, plan: Plan) -> dict[str, Any]:
         return {"plan": plan.counts(), "written": summary.written, "refreshed": summary.refreshed,

@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import pickle
-import time
 from collections.abc import Generator, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ import numpy as np
 import ray
 import ray.data
 
+from encoders.remote.costs import Usage
 from jobs.ingest import BatchEncoder, EncodedBatch, Loading, Models, Result, unchanged_content
 from loaders.sources import Loaded, SourceItem
 from mmembed.config import Settings
@@ -119,17 +119,16 @@ class EncodeBatches:
         unchanged = [unchanged_content(b, str(h) or None) for b, h in zip(loaded, batch["stored_hash"], strict=True)]
         fresh = [b for b, same in zip(loaded, unchanged, strict=True) if not same]
         before = dataclasses.replace(self.cache.stats) if self.cache is not None else CacheStats()
-        started = time.perf_counter()
-        results = self.encoder.encode(fresh, items)
-        encode_s = time.perf_counter() - started
+        encoded = self.encoder.encode_batch(fresh, [], items)
         after = self.cache.stats if self.cache is not None else CacheStats()
         out = {
             "index": batch["index"],
             # The preprocessed tensors have served their purpose: only the bytes travel on to the driver.
             "loaded": _pickled([dataclasses.replace(b, prepared=None) for b in loaded]),
             "unchanged": np.array(unchanged, dtype=bool),
-            "result": _pickled([results.get(b.index) for b in loaded]),
-            "encode_s": _on_first_row(encode_s, len(loaded)),
+            "result": _pickled([encoded.results.get(b.index) for b in loaded]),
+            "encode_s": _on_first_row(encoded.encode_s, len(loaded)),
+            "remote_usage": _pickled([encoded.remote_usage] + [{}] * (len(loaded) - 1)),  # on the first row too
         }
         for name in CACHE_COUNTS:
             out[f"cache_{name}"] = _on_first_row(getattr(after, name) - getattr(before, name), len(loaded))
@@ -188,13 +187,17 @@ def _encoded(batch: dict[str, np.ndarray]) -> EncodedBatch:
     loaded: list[Loaded] = [_unpickled(row) for row in batch["loaded"]]
     results: list[Result | None] = [_unpickled(row) for row in batch["result"]]
     fresh, unchanged, by_index = [], [], {}
+    usage: dict[str, Usage] = {}
+    for row in batch["remote_usage"]:
+        for name, used in _unpickled(row).items():
+            usage[name] = usage.get(name, Usage()) + used
     for b, same, result in zip(loaded, batch["unchanged"], results, strict=True):
         if same:
             unchanged.append(b)
         else:
             fresh.append(b)
             by_index[b.index] = result
-    return EncodedBatch(fresh, unchanged, by_index, float(batch["encode_s"].sum()))
+    return EncodedBatch(fresh, unchanged, by_index, float(batch["encode_s"].sum()), usage)
 
 
 def _encoder_settings(ingest: Ingest) -> Settings:

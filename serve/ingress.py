@@ -20,9 +20,11 @@ import time
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import fastapi_offline
 import numpy as np
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, Field, model_validator
@@ -42,10 +44,12 @@ from store.objects import LocalObjects, ObjectStoreError, object_store
 from store.spaces import RoutingError, default_vector, item_encoders, layout, plan_query
 from store.vectors import DimensionError, StoreError
 
-app = FastAPI(title="mmembed", description="Multi-modal embeddings: text, images and audio.")
+# FastAPI's own /docs and /redoc load their scripts from a CDN; ours serve them from /ui/.
+app = FastAPI(title="mmembed", description="Multi-modal embeddings: text, images and audio.", docs_url=None,
+              redoc_url=None)  # fmt: skip
 QUERY_ROUTES = (("text", "direct"), ("image", "direct"), ("audio", "direct"), ("audio", "transcript"))
-UI_DIR = Path(__file__).parent / "ui"
-UI_FILES = {p.name: p for p in UI_DIR.iterdir() if p.is_file()}  # the page's files: nothing else is served
+UI_DIRS = (Path(__file__).parent / "ui", Path(fastapi_offline.__file__).parent / "static")
+UI_FILES = {p.name: p for d in UI_DIRS for p in d.iterdir() if p.is_file()}  # the pages' files: nothing else
 DATA_URI = re.compile(r"^data:(?P<kind>image|audio)/[\w.+-]+;base64,(?P<data>.*)$", re.DOTALL)
 
 
@@ -612,8 +616,22 @@ class Ingress:
     @app.get("/", include_in_schema=False)
     async def page(self, request: Request) -> HTMLResponse:
         """The search page; its links are relative to where the app is mounted."""
-        base = request.scope.get("root_path", "").rstrip("/") + "/"
-        return HTMLResponse(UI_FILES["index.html"].read_text().replace("{{BASE}}", base))
+        return HTMLResponse(UI_FILES["index.html"].read_text().replace("{{BASE}}", _mounted(request, "/")))
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs(self, request: Request) -> HTMLResponse:
+        base = _mounted(request, "/")
+        return get_swagger_ui_html(openapi_url=f"{base}openapi.json", title="mmembed API",
+                                   swagger_js_url=f"{base}ui/swagger-ui-bundle.js",
+                                   swagger_css_url=f"{base}ui/swagger-ui.css",
+                                   swagger_favicon_url=f"{base}ui/favicon.png")  # fmt: skip
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc(self, request: Request) -> HTMLResponse:
+        base = _mounted(request, "/")
+        return get_redoc_html(openapi_url=f"{base}openapi.json", title="mmembed API",
+                              redoc_js_url=f"{base}ui/redoc.standalone.js", redoc_favicon_url=f"{base}ui/favicon.png",
+                              with_google_fonts=False)  # fmt: skip
 
     @app.get("/ui/{name}", include_in_schema=False)
     async def page_file(self, name: str) -> FileResponse:

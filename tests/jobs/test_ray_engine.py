@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 import ray
 from catalogue_files import SCENES, write_catalogue
+from remote_stub import StubProvider, stub_tokens
 
 from jobs.ingest import Ingest, IngestOptions, Summary
 from jobs.state import JobStore
-from mmembed.config import Settings
+from mmembed.config import RemoteModelConfig, Settings
 from mmembed.demo import world
 from store.cache import SqliteCache
 from store.catalog import Catalog
@@ -152,3 +153,21 @@ def test_an_incremental_rerun_with_sync_matches_too(both: dict):
     assert _counts(remote_summary) == _counts(local_summary)
     _assert_same_points(both["local"].catalog, both["ray"].catalog)
     assert _letters(both["ray"]) == _letters(both["local"])
+
+
+def test_remote_calls_made_in_the_actors_are_billed_in_the_summary(tmp_path: Path, settings: Settings, ray_cluster):
+    """A remote model's calls happen in the encoder actors; their costs ride back with the batches."""
+    manifest = write_catalogue(tmp_path / "catalogue")
+    captions = [row["caption"] for row in map(json.loads, manifest.read_text().splitlines()) if "caption" in row]
+    with StubProvider(key=None) as stub:
+        config = RemoteModelConfig.model_validate(stub.config("stub:captions", usd_per_million_tokens=1000.0))
+        run = _collection(tmp_path, "billed", settings)
+        run.settings = run.settings.model_copy(update={"remote_models": [config]})
+        opts = IngestOptions(str(manifest), ("demo-clip", "stub:captions"), batch_size=4, workers=0, engine="ray")
+        summary = Ingest(opts, run.settings, catalog=run.catalog, cache=run.cache, jobs=run.jobs).run(progress=False)
+    assert (summary.written, summary.failed) == (SCENES, 1)
+    cost = summary.remote_costs["stub:captions"]
+    billed = sum(stub_tokens(c) for c in captions)
+    assert (cost["calls"], cost["inputs"], cost["tokens_billed"]) == (len(stub.ok_calls()), len(captions), billed)
+    assert cost["usd"] == pytest.approx(billed * 1000.0 / 1e6) and cost["usd_per_million"] == 1000.0
+    assert any(line.startswith("  remote stub:captions: ") for line in summary.lines())
