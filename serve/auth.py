@@ -26,7 +26,7 @@ Scope = Literal["open", "read", "write"]
 # Always open: probes, the page's own files and the API description. Objects are open too:
 # their keys are SHA-256 content hashes, unguessable links like presigned S3 URLs, which the
 # page's <img> and <audio> tags fetch without headers.
-OPEN_PATHS = ("/healthz", "/readyz", "/", "/docs", "/redoc", "/openapi.json")
+OPEN_PATHS = ("/healthz", "/readyz", "/", "/docs", "/openapi.json")
 OPEN_PREFIXES = ("/ui/", "/objects/")
 
 

@@ -24,7 +24,7 @@ import fastapi_offline
 import numpy as np
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, Field, model_validator
@@ -44,7 +44,8 @@ from store.objects import LocalObjects, ObjectStoreError, object_store
 from store.spaces import RoutingError, default_vector, item_encoders, layout, plan_query
 from store.vectors import DimensionError, StoreError
 
-# FastAPI's own /docs and /redoc load their scripts from a CDN; ours serve them from /ui/.
+# FastAPI's own /docs loads its scripts from a CDN; ours serves them from /ui/. No ReDoc page: its bundle
+# fetches a logo from cdn.redoc.ly, so it cannot be served offline as shipped.
 app = FastAPI(title="mmembed", description="Multi-modal embeddings: text, images and audio.", docs_url=None,
               redoc_url=None)  # fmt: skip
 QUERY_ROUTES = (("text", "direct"), ("image", "direct"), ("audio", "direct"), ("audio", "transcript"))
@@ -620,18 +621,13 @@ class Ingress:
 
     @app.get("/docs", include_in_schema=False)
     async def docs(self, request: Request) -> HTMLResponse:
+        """Swagger UI from /ui/; no validator badge, which would be fetched from validator.swagger.io."""
         base = _mounted(request, "/")
         return get_swagger_ui_html(openapi_url=f"{base}openapi.json", title="mmembed API",
                                    swagger_js_url=f"{base}ui/swagger-ui-bundle.js",
                                    swagger_css_url=f"{base}ui/swagger-ui.css",
-                                   swagger_favicon_url=f"{base}ui/favicon.png")  # fmt: skip
-
-    @app.get("/redoc", include_in_schema=False)
-    async def redoc(self, request: Request) -> HTMLResponse:
-        base = _mounted(request, "/")
-        return get_redoc_html(openapi_url=f"{base}openapi.json", title="mmembed API",
-                              redoc_js_url=f"{base}ui/redoc.standalone.js", redoc_favicon_url=f"{base}ui/favicon.png",
-                              with_google_fonts=False)  # fmt: skip
+                                   swagger_favicon_url=f"{base}ui/favicon.png",
+                                   swagger_ui_parameters={"validatorUrl": None})  # fmt: skip
 
     @app.get("/ui/{name}", include_in_schema=False)
     async def page_file(self, name: str) -> FileResponse:
