@@ -49,8 +49,10 @@ from store.vectors import DimensionError, StoreError
 app = FastAPI(title="mmembed", description="Multi-modal embeddings: text, images and audio.", docs_url=None,
               redoc_url=None)  # fmt: skip
 QUERY_ROUTES = (("text", "direct"), ("image", "direct"), ("audio", "direct"), ("audio", "transcript"))
-UI_DIRS = (Path(__file__).parent / "ui", Path(fastapi_offline.__file__).parent / "static")
-UI_FILES = {p.name: p for d in UI_DIRS for p in d.iterdir() if p.is_file()}  # the pages' files: nothing else
+SWAGGER_UI = Path(fastapi_offline.__file__).parent / "static"
+UI_FILES = {p.name: p for p in (Path(__file__).parent / "ui").iterdir() if p.is_file()} | {
+    name: SWAGGER_UI / name for name in ("swagger-ui-bundle.js", "swagger-ui.css", "favicon.png")
+}  # the pages' files: nothing else
 DATA_URI = re.compile(r"^data:(?P<kind>image|audio)/[\w.+-]+;base64,(?P<data>.*)$", re.DOTALL)
 
 
