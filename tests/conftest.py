@@ -5,7 +5,9 @@ air-gapped machine."""
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -78,4 +80,18 @@ def ray_cluster(settings: Settings) -> Iterator[int]:
 
 # Real S3 (SeaweedFS `weed mini`) and Redis servers, started only for the tests that ask for them.
 from redis_server import RedisProcess, redis_process, redis_server  # noqa: E402, F401
+from s3 import LOGS as S3_LOGS  # noqa: E402
 from s3 import S3Process, S3Server, s3_process, s3_server  # noqa: E402, F401
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatus: int) -> None:
+    """A failed run shows the S3 servers' own errors: CI keeps the printed output, not the temp folder."""
+    if exitstatus == 0:
+        return
+    disk = shutil.disk_usage(tempfile.gettempdir())
+    terminalreporter.write_line(f"temp disk: {disk.free / 2**30:.1f} GiB free of {disk.total / 2**30:.1f} GiB")
+    for log in S3_LOGS:
+        lines = log.read_text(errors="replace").splitlines() if log.is_file() else []
+        complaints = [line for line in lines if line[:1] in ("E", "W", "F") and line[1:5].isdigit()]
+        terminalreporter.write_sep("-", f"{log}: last errors and warnings of {len(complaints)}")
+        terminalreporter.write_line("\n".join(complaints[-20:]) or "(none)")

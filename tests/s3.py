@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -28,7 +29,10 @@ import pytest
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-READY_SECONDS = 30.0
+READY_SECONDS = 60.0
+PROBE_BUCKET = "mmembed-ready-probe"
+# Every weed.log of the run, printed (errors and warnings) in the summary of a run that failed.
+LOGS: list[Path] = []
 STOP_SECONDS = 15.0
 # Every server that `weed mini` runs listens on an HTTP port and a gRPC port; each gets a free one.
 PORT_FLAGS = [
@@ -86,22 +90,42 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
         process.wait()
 
 
+def _round_trip(client: Any) -> None:
+    """Writes, reads back and removes one object in a bucket of its own (kept: a restarted server
+    finds it there). A server whose gateway and filer are up but whose volume server never
+    registered lists and creates buckets, yet answers every PutObject with InternalError: only a
+    write proves it can store anything."""
+    try:
+        client.create_bucket(Bucket=PROBE_BUCKET)
+    except ClientError as e:
+        if e.response["Error"]["Code"] not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+            raise
+    client.put_object(Bucket=PROBE_BUCKET, Key="probe", Body=b"ready")
+    if client.get_object(Bucket=PROBE_BUCKET, Key="probe")["Body"].read() != b"ready":
+        raise RuntimeError("the probe object came back changed")
+    client.delete_object(Bucket=PROBE_BUCKET, Key="probe")
+
+
 def _wait_until_ready(process: subprocess.Popen[bytes], server: S3Server) -> None:
-    """Ready means a signed S3 request succeeds, not that a port is open: the S3 gateway accepts
-    connections before its filer and credentials are in place."""
-    client = server.client(config=Config(connect_timeout=1, read_timeout=2, retries={"max_attempts": 1}))
+    """Ready means a signed write round trip succeeds, not that a port is open: the S3 gateway accepts
+    connections before its filer, credentials and volumes are in place."""
+    client = server.client(config=Config(connect_timeout=1, read_timeout=5, retries={"max_attempts": 1}))
     deadline = time.monotonic() + READY_SECONDS
     last_error: Exception | None = None
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"weed mini exited with status {process.returncode} before it was ready")
         try:
-            client.list_buckets()
+            _round_trip(client)
             return
-        except (BotoCoreError, ClientError) as e:
+        except (BotoCoreError, ClientError, RuntimeError) as e:
             last_error = e
         time.sleep(0.1)  # poll interval, not synchronisation: the deadline bounds the wait
-    raise RuntimeError(f"S3 at {server.endpoint_url} not ready after {READY_SECONDS:.0f} s: {last_error}")
+    disk = shutil.disk_usage(server.log.parent if server.log else tempfile.gettempdir())
+    raise RuntimeError(
+        f"S3 at {server.endpoint_url} stored nothing in {READY_SECONDS:.0f} s ({disk.free / 2**30:.1f} GiB of "
+        f"{disk.total / 2**30:.1f} GiB free; weed makes volumes read-only under 1%): {last_error}"
+    )
 
 
 def _listed_volumes(status: Any) -> set[int]:
@@ -180,6 +204,8 @@ def _start(
     ]
     # weed mini turns these into its admin identity; every request must be signed with them.
     env = os.environ | {"AWS_ACCESS_KEY_ID": server.access_key, "AWS_SECRET_ACCESS_KEY": server.secret_key}
+    if directory / "weed.log" not in LOGS:
+        LOGS.append(directory / "weed.log")
     for leftover in ("filer.sock", "s3.sock"):  # left behind by a killed server; weed would not bind them
         (directory / leftover).unlink(missing_ok=True)
     with open(directory / "weed.log", "ab") as log:
@@ -193,8 +219,8 @@ def _start(
 def weed_mini(directory: Path, attempts: int = 3) -> Iterator[S3Server]:
     """Runs ``weed mini`` with its data, log and sockets in ``directory`` until the block ends.
 
-    If weed exits while starting, it tries again on fresh ports: another process can take a port
-    between our picking it and weed binding it.
+    If weed exits or cannot store an object while starting, it tries again on fresh ports: another
+    process can take a port between our picking it and weed binding it.
     """
     for attempt in range(1, attempts + 1):
         run_dir = directory / f"attempt-{attempt}"
@@ -204,10 +230,9 @@ def weed_mini(directory: Path, attempts: int = 3) -> Iterator[S3Server]:
             _wait_until_ready(process, server)
             break
         except RuntimeError as e:
-            exited_early = process.poll() is not None
             _stop(process)
             _remove_grpc_sockets(ports)
-            if attempt == attempts or not exited_early:
+            if attempt == attempts:
                 log_text = (run_dir / "weed.log").read_text(errors="replace")
                 pytest.fail(f"{e}\n$ {' '.join(command)}\n--- {run_dir / 'weed.log'} ---\n{log_text}")
     try:
@@ -246,18 +271,17 @@ class S3Process:
         self.starts = 0
 
     def start(self, attempts: int = 3) -> S3Server:
-        """If weed exits while starting, the first start tries fresh ports (another process took one);
-        a restart keeps its ports, since clients already hold the URL."""
+        """If weed exits or cannot store an object while starting, the first start tries fresh ports
+        (another process may have taken one); a restart keeps its ports, since clients hold the URL."""
         for attempt in range(1, attempts + 1):
             process, server, command, ports = _start(self.directory, self.ports, self.server)
             try:
                 _wait_until_ready(process, server)
                 _wait_for_volumes(process, self.directory, ports["-master.port"])
             except RuntimeError as e:
-                exited_early = process.poll() is not None
                 _stop(process)
                 _remove_grpc_sockets(ports)
-                if attempt == attempts or not exited_early or self.starts > 0:
+                if attempt == attempts or self.starts > 0:
                     log_text = (self.directory / "weed.log").read_text(errors="replace")
                     pytest.fail(f"{e}\n$ {' '.join(command)}\n--- {self.directory / 'weed.log'} ---\n{log_text}")
                 continue

@@ -37,7 +37,9 @@ ATTEMPTS = 2
 @pytest.fixture
 def env(tmp_path: Path, settings: Settings) -> dict:
     return {
-        "settings": settings.model_copy(update={"data_dir": tmp_path / "data", "collection": "faults"}),
+        "settings": settings.model_copy(
+            update={"data_dir": tmp_path / "data", "models_dir": settings.models_path, "collection": "faults"}
+        ),
         "manifest": write_catalogue(tmp_path / "catalogue"),
         "jobs": JobStore(tmp_path / "jobs.sqlite"),
     }

@@ -30,7 +30,9 @@ MODELS = ("demo-clip", "all-MiniLM-L6-v2")
 
 @pytest.fixture
 def env(tmp_path: Path, settings: Settings) -> dict:
-    job_settings = settings.model_copy(update={"data_dir": tmp_path / "data", "collection": "ingest"})
+    job_settings = settings.model_copy(
+        update={"data_dir": tmp_path / "data", "models_dir": settings.models_path, "collection": "ingest"}
+    )
     return {
         "settings": job_settings,
         "manifest": write_catalogue(tmp_path / "catalogue"),

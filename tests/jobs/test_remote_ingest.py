@@ -36,7 +36,9 @@ def env(tmp_path: Path, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> 
     manifest = write_catalogue(tmp_path / "catalogue")
     rows = [json.loads(line) for line in manifest.read_text().splitlines()]
     return {
-        "settings": settings.model_copy(update={"data_dir": tmp_path / "data", "collection": "remote"}),
+        "settings": settings.model_copy(
+            update={"data_dir": tmp_path / "data", "models_dir": settings.models_path, "collection": "remote"}
+        ),
         "manifest": manifest,
         "captions": {(manifest.parent / r["uri"]).as_uri(): r["caption"] for r in rows if "caption" in r},
         "catalog": Catalog(EdgeStore(tmp_path / "vectors"), LocalObjects(tmp_path / "objects")),
