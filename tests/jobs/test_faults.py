@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from catalogue_files import SCENES, write_catalogue
+from catalogue_files import SCENES, job_settings, write_catalogue
 from redis_server import RedisProcess
 from s3 import S3Process
 
@@ -37,9 +37,7 @@ ATTEMPTS = 2
 @pytest.fixture
 def env(tmp_path: Path, settings: Settings) -> dict:
     return {
-        "settings": settings.model_copy(
-            update={"data_dir": tmp_path / "data", "models_dir": settings.models_path, "collection": "faults"}
-        ),
+        "settings": job_settings(settings, tmp_path / "data", "faults"),
         "manifest": write_catalogue(tmp_path / "catalogue"),
         "jobs": JobStore(tmp_path / "jobs.sqlite"),
     }

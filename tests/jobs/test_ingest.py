@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from catalogue_files import SCENES, write_catalogue
+from catalogue_files import SCENES, job_settings, write_catalogue
 
 from jobs.ingest import Ingest, IngestOptions
 from jobs.state import JobStore
@@ -30,11 +30,8 @@ MODELS = ("demo-clip", "all-MiniLM-L6-v2")
 
 @pytest.fixture
 def env(tmp_path: Path, settings: Settings) -> dict:
-    job_settings = settings.model_copy(
-        update={"data_dir": tmp_path / "data", "models_dir": settings.models_path, "collection": "ingest"}
-    )
     return {
-        "settings": job_settings,
+        "settings": job_settings(settings, tmp_path / "data", "ingest"),
         "manifest": write_catalogue(tmp_path / "catalogue"),
         "catalog": Catalog(EdgeStore(tmp_path / "vectors"), LocalObjects(tmp_path / "objects")),
         "cache": SqliteCache(tmp_path / "cache.sqlite"),

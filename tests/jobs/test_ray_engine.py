@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import ray
-from catalogue_files import SCENES, write_catalogue
+from catalogue_files import SCENES, job_settings, write_catalogue
 from remote_stub import StubProvider, stub_tokens
 
 from jobs.ingest import Ingest, IngestOptions, Summary
@@ -60,12 +60,10 @@ class Run:
 
 
 def _collection(root: Path, name: str, settings: Settings, cache: SqliteCache | None = None) -> Run:
-    job_settings = settings.model_copy(
-        update={"data_dir": root / name, "models_dir": settings.models_path, "collection": name}
-    )
     # One object store for all: objects are content-addressed, so their URIs in the payloads agree.
     catalog = Catalog(EdgeStore(root / name / "vectors"), LocalObjects(root / "objects"))
-    return Run(job_settings, catalog, JobStore(root / name / "jobs.sqlite"), cache or SqliteCache(root / name / "c.db"))
+    jobs = JobStore(root / name / "jobs.sqlite")
+    return Run(job_settings(settings, root / name, name), catalog, jobs, cache or SqliteCache(root / name / "c.db"))
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from catalogue_files import SCENES, write_catalogue
+from catalogue_files import SCENES, job_settings, write_catalogue
 from remote_stub import StubProvider, stub_tokens, stub_vector
 
 from encoders.remote import RemoteEncoder
@@ -36,9 +36,7 @@ def env(tmp_path: Path, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> 
     manifest = write_catalogue(tmp_path / "catalogue")
     rows = [json.loads(line) for line in manifest.read_text().splitlines()]
     return {
-        "settings": settings.model_copy(
-            update={"data_dir": tmp_path / "data", "models_dir": settings.models_path, "collection": "remote"}
-        ),
+        "settings": job_settings(settings, tmp_path / "data", "remote"),
         "manifest": manifest,
         "captions": {(manifest.parent / r["uri"]).as_uri(): r["caption"] for r in rows if "caption" in r},
         "catalog": Catalog(EdgeStore(tmp_path / "vectors"), LocalObjects(tmp_path / "objects")),
