@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-from encoders import Encoder, Modality, load
-from loaders.audio import decode_audio
 from mmembed.config import Settings
 from mmembed.demo.speech import PLAIN_SENTENCES, Voice, espeak_wav
+from mmembed.encoders import Encoder, Modality, load
+from mmembed.loaders.audio import decode_audio
 
 BATCH_SIZES = (1, 8)
 

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-from encoders import Encoder, Modality, load
 from mmembed.config import Settings
 from mmembed.demo import world
+from mmembed.encoders import Encoder, Modality, load
 
 MODELS = ("ViT-B-32@random", "demo-clip")
 BATCH_SIZES = (1, 8, 32)

@@ -391,8 +391,8 @@ def main() -> int:
     import torch
     from ray import serve
 
-    from serve.app import build_app, logical_cpus
-    from serve.config import deployment_name
+    from mmembed.serve.app import build_app, logical_cpus
+    from mmembed.serve.config import deployment_name
 
     cpus = os.cpu_count() or 2
     load_before = os.getloadavg()

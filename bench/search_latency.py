@@ -27,7 +27,7 @@ import numpy as np
 import qdrant_edge
 from qdrant_client import QdrantClient
 
-from store.vectors import ClientStore, EdgeStore, Point, VectorStore, point_id
+from mmembed.store.vectors import ClientStore, EdgeStore, Point, VectorStore, point_id
 
 DIM = 512
 TOP_K = 10

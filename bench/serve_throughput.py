@@ -36,10 +36,10 @@ import torch
 from PIL import Image
 from ray import serve
 
-from encoders import Modality, load
 from mmembed.config import Settings
 from mmembed.demo import world
-from serve.app import build_app
+from mmembed.encoders import Modality, load
+from mmembed.serve.app import build_app
 
 N_ITEMS = 256
 CONCURRENCY = (1, 8, 32)

@@ -1,11 +1,11 @@
 """Models only: pure torch, no Ray, no HTTP, no vector store.
 
-from encoders import load
+from mmembed.encoders import load
 clip = load("demo-clip")
 vectors = clip.encoder("text").encode_items(["red circle"])
 """
 
-from encoders.base import (
+from mmembed.encoders.base import (
     EmptyInput,
     Encoder,
     EncoderError,
@@ -18,8 +18,8 @@ from encoders.base import (
     TooManyTokens,
     UnknownModel,
 )
-from encoders.provision import LoadedModel, is_provisioned, load, model_version, pull, register_model, verify
-from encoders.registry import CATALOGUE, ModelSpec, resolve
+from mmembed.encoders.provision import LoadedModel, is_provisioned, load, model_version, pull, register_model, verify
+from mmembed.encoders.registry import CATALOGUE, ModelSpec, resolve
 
 __all__ = [
     "CATALOGUE",

@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from encoders.base import Encoder, EncoderError, Limits, Modality, Prepared
-from encoders.whisper_family import WINDOW_SECONDS, WhisperFeatures, prepare_audio, windows
-from loaders.audio import AudioInput, AudioLimits
+from mmembed.encoders.base import Encoder, EncoderError, Limits, Modality, Prepared
+from mmembed.encoders.whisper_family import WINDOW_SECONDS, WhisperFeatures, prepare_audio, windows
+from mmembed.loaders.audio import AudioInput, AudioLimits
 
 CONFIG_FILE, WEIGHTS_FILE = "bind_config.json", "head.safetensors"
 

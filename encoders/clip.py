@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from encoders.base import Encoder, InputError, Limits, Modality, Prepared
-from encoders.device import ImageToDevice, tokens_to_device
-from encoders.tokens import check_text, fit_tokens
+from mmembed.encoders.base import Encoder, InputError, Limits, Modality, Prepared
+from mmembed.encoders.device import ImageToDevice, tokens_to_device
+from mmembed.encoders.tokens import check_text, fit_tokens
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)

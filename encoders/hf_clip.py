@@ -8,10 +8,10 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 
-from encoders.base import Encoder, Modality
-from encoders.clip import OPENAI_MEAN, OPENAI_STD, ClipImageEncoder, ClipTextEncoder, TextTokens
-from encoders.device import ImageToDevice
-from encoders.registry import ModelSpec
+from mmembed.encoders.base import Encoder, Modality
+from mmembed.encoders.clip import OPENAI_MEAN, OPENAI_STD, ClipImageEncoder, ClipTextEncoder, TextTokens
+from mmembed.encoders.device import ImageToDevice
+from mmembed.encoders.registry import ModelSpec
 
 
 def _pooled(out: object) -> torch.Tensor:

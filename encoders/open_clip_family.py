@@ -9,10 +9,10 @@ import open_clip
 import torch
 from open_clip.transformer import text_global_pool
 
-from encoders.base import Encoder, Modality
-from encoders.clip import ClipImageEncoder, ClipTextEncoder, TextTokens
-from encoders.device import ImageToDevice
-from encoders.registry import ModelSpec
+from mmembed.encoders.base import Encoder, Modality
+from mmembed.encoders.clip import ClipImageEncoder, ClipTextEncoder, TextTokens
+from mmembed.encoders.device import ImageToDevice
+from mmembed.encoders.registry import ModelSpec
 
 
 def create(spec: ModelSpec, weights: Path | None) -> torch.nn.Module:

@@ -22,11 +22,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from encoders.base import Encoder, EncoderError, Modality, ModelNotAvailable
-from encoders.device import pick_device, pick_dtype
-from encoders.registry import CATALOGUE, ModelSpec, resolve
-from loaders.audio import AudioLimits, Pcm
 from mmembed.config import Settings, get_settings
+from mmembed.encoders.base import Encoder, EncoderError, Modality, ModelNotAvailable
+from mmembed.encoders.device import pick_device, pick_dtype
+from mmembed.encoders.registry import CATALOGUE, ModelSpec, resolve
+from mmembed.loaders.audio import AudioLimits, Pcm
 
 MARKER = "mmembed-model.json"
 
@@ -147,7 +147,7 @@ def _fetch(spec: ModelSpec, target: Path) -> str:
         shutil.copytree(Path(str(resources.files(spec.ref))) / "model", target / "sentence_transformers")
         return "sentence_transformers"
     if spec.family == "whisper" and spec.source == "wheel":
-        from encoders.whisper_convert import convert_to_openai_whisper
+        from mmembed.encoders.whisper_convert import convert_to_openai_whisper
 
         convert_to_openai_whisper(target / "base.pt")
         return "base.pt"
@@ -211,19 +211,19 @@ def load(name: str, settings: Settings | None = None) -> LoadedModel:
     dtype = pick_dtype(device, settings.precision)
     policy, pixels = settings.token_policy, settings.max_image_pixels
     if spec.family == "open_clip":
-        from encoders import open_clip_family
+        from mmembed.encoders import open_clip_family
 
         encoders = open_clip_family.load(spec, weights, device, dtype, policy, pixels)
     elif spec.family == "hf_clip":
-        from encoders import hf_clip
+        from mmembed.encoders import hf_clip
 
         encoders = hf_clip.load(spec, weights, device, dtype, policy, pixels)
     elif spec.family == "sentence_transformers":
-        from encoders import text
+        from mmembed.encoders import text
 
         encoders = text.load(spec.name, weights, device, dtype, policy)  # type: ignore[arg-type]
     elif spec.family == "whisper":
-        from encoders.whisper_family import load_speech_encoder
+        from mmembed.encoders.whisper_family import load_speech_encoder
 
         text = load(spec.parts[0], settings).encoder(Modality.TEXT)
         encoders = load_speech_encoder(spec.name, weights, text, device, audio_limits(settings),  # type: ignore[arg-type]
@@ -231,12 +231,12 @@ def load(name: str, settings: Settings | None = None) -> LoadedModel:
     elif spec.family == "custom":
         encoders = CUSTOM_LOADERS[spec.name](spec, weights, device, dtype, settings)
     elif spec.family == "remote":
-        from encoders.remote import load_remote, remote_config
+        from mmembed.encoders.remote import load_remote, remote_config
 
         encoders = {Modality.TEXT: load_remote(remote_config(spec.name, settings), settings)}  # type: ignore[arg-type]
     else:  # bind: a trained head over a frozen backbone, in a frozen joint space
-        from encoders.bind import load_bind
-        from encoders.whisper_family import WhisperFeatures, load_whisper
+        from mmembed.encoders.bind import load_bind
+        from mmembed.encoders.whisper_family import WhisperFeatures, load_whisper
 
         backbone = weights_path(resolve(spec.parts[0]), settings)
         features = WhisperFeatures(load_whisper(backbone, device), device)  # type: ignore[arg-type]

@@ -14,8 +14,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
-from encoders.base import Modality, UnknownModel
 from mmembed.config import Settings, get_settings
+from mmembed.encoders.base import Modality, UnknownModel
 
 Family = Literal["open_clip", "hf_clip", "sentence_transformers", "whisper", "bind", "custom", "remote"]
 Source = Literal["shipped", "wheel", "hub", "local", "random", "remote"]
@@ -159,12 +159,12 @@ def resolve(name: str, settings: Settings | None = None) -> ModelSpec:
 
 
 def _remote(name: str, settings: Settings) -> ModelSpec | None:
-    from encoders.remote.presets import remote_config  # imports httpx: only for names not in the catalogue
+    from mmembed.encoders.remote.presets import remote_config  # imports httpx: only for names not in the catalogue
 
     config = remote_config(name, settings)
     if config is None:
         return None
-    from encoders.remote.providers import endpoint
+    from mmembed.encoders.remote.providers import endpoint
 
     # ref and tag feed model_version: another provider, model or size is another vector space.
     ref = f"{config.kind} {endpoint(config)} {config.model}"

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from sentence_transformers import SentenceTransformer
 
-from encoders.base import Encoder, Limits, Modality, Prepared
-from encoders.tokens import check_text, fit_tokens
+from mmembed.encoders.base import Encoder, Limits, Modality, Prepared
+from mmembed.encoders.tokens import check_text, fit_tokens
 
 
 class SentenceEncoder(Encoder[str]):

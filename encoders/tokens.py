@@ -7,7 +7,7 @@ tokens were dropped) or ``error`` (a TooManyTokens naming the count and the limi
 
 from __future__ import annotations
 
-from encoders.base import EmptyInput, InputError, TooManyTokens
+from mmembed.encoders.base import EmptyInput, InputError, TooManyTokens
 
 
 def check_text(text: object) -> str:

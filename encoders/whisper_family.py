@@ -25,8 +25,8 @@ from whisper.audio import HOP_LENGTH, SAMPLE_RATE
 from whisper.decoding import DecodingTask
 from whisper.tokenizer import get_tokenizer
 
-from encoders.base import Encoder, EncoderError, InputError, ItemResult, Limits, Modality, Prepared
-from loaders.audio import AudioDecodeError, AudioInput, AudioLimits, decode_audio
+from mmembed.encoders.base import Encoder, EncoderError, InputError, ItemResult, Limits, Modality, Prepared
+from mmembed.loaders.audio import AudioDecodeError, AudioInput, AudioLimits, decode_audio
 
 WINDOW_SECONDS = 30  # Whisper's receptive field; longer audio is cut into windows
 BUCKET_SECONDS = 5  # the feature path pads each clip up to a multiple of this

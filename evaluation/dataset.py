@@ -13,8 +13,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loaders.fetch import FetchLimits, fetch_sync
 from mmembed.config import get_settings
+from mmembed.loaders.fetch import FetchLimits, fetch_sync
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 AUDIO_SUFFIXES = {".wav", ".flac", ".mp3", ".ogg", ".m4a", ".aac", ".webm", ".aiff", ".amr"}

@@ -6,8 +6,8 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from evaluation.dataset import EvalSet, Item, Query, write_eval_set
 from mmembed.demo import world
+from mmembed.evaluation.dataset import EvalSet, Item, Query, write_eval_set
 
 DEMO_MODELS = ("demo-clip", "ViT-B-32@random", "all-MiniLM-L6-v2")
 

@@ -13,9 +13,9 @@ from typing import Protocol
 import httpx
 import numpy as np
 
-from encoders import Modality, load
-from loaders.images import ImageDecodeError, decode_image
 from mmembed.config import Settings
+from mmembed.encoders import Modality, load
+from mmembed.loaders.images import ImageDecodeError, decode_image
 
 
 class Embedder(Protocol):

@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from evaluation.run import ModelResult, as_dict
+from mmembed.evaluation.run import ModelResult, as_dict
 
 # Recall@10 differences below this are noise on a few hundred queries; speed decides then.
 RECALL_TIE = 0.02

@@ -14,9 +14,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from evaluation.dataset import EvalSet
-from evaluation.embedders import Embedder
-from evaluation.metrics import ndcg_at_k, recall_at_k, reciprocal_rank
+from mmembed.evaluation.dataset import EvalSet
+from mmembed.evaluation.embedders import Embedder
+from mmembed.evaluation.metrics import ndcg_at_k, recall_at_k, reciprocal_rank
 
 KS = (1, 5, 10)
 

@@ -16,8 +16,8 @@ import numpy as np
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from encoders import Encoder, InputError, Prepared
-from loaders.images import DecodeLimits, ImageDecodeError, decode_image
+from mmembed.encoders import Encoder, InputError, Prepared
+from mmembed.loaders.images import DecodeLimits, ImageDecodeError, decode_image
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 

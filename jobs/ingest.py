@@ -28,20 +28,20 @@ from typing import Any
 from tenacity import retry, retry_if_exception, stop_after_attempt, wait_random_exponential
 from tqdm import tqdm
 
-from encoders import LoadedModel, Prepared, load, model_version
-from encoders.remote.costs import Usage
-from encoders.remote.costs import plan_line as remote_plan_line
-from encoders.remote.costs import summary_line as remote_summary_line
-from jobs.state import DONE, JobStore, job_id
-from loaders.audio import AudioLimits
-from loaders.images import DecodeLimits
-from loaders.sources import Loaded, SourceDataset, SourceItem, list_source, make_loader, s3_client_from_settings
 from mmembed.config import Settings
-from store.cache import EmbeddingCache, cache_key, open_cache
-from store.catalog import Catalog, NewItem, vector_name
-from store.objects import ObjectStoreError, object_store
-from store.spaces import item_encoders, layout, transcriber
-from store.vectors import DimensionError, StoreError, open_store, point_id
+from mmembed.encoders import LoadedModel, Prepared, load, model_version
+from mmembed.encoders.remote.costs import Usage
+from mmembed.encoders.remote.costs import plan_line as remote_plan_line
+from mmembed.encoders.remote.costs import summary_line as remote_summary_line
+from mmembed.jobs.state import DONE, JobStore, job_id
+from mmembed.loaders.audio import AudioLimits
+from mmembed.loaders.images import DecodeLimits
+from mmembed.loaders.sources import Loaded, SourceDataset, SourceItem, list_source, make_loader, s3_client_from_settings
+from mmembed.store.cache import EmbeddingCache, cache_key, open_cache
+from mmembed.store.catalog import Catalog, NewItem, vector_name
+from mmembed.store.objects import ObjectStoreError, object_store
+from mmembed.store.spaces import item_encoders, layout, transcriber
+from mmembed.store.vectors import DimensionError, StoreError, open_store, point_id
 
 DEFAULT_MODELS = ("demo-clip", "all-MiniLM-L6-v2", "whisper-base", "bind")
 ENGINES = ("local", "ray")
@@ -445,7 +445,7 @@ class Ingest:
         """The encoded batches of ``todo`` (indexes into it), from the engine the options name; a context,
         because the ray engine may start Ray and must stop it however the run ends."""
         if self.options.engine == "ray":
-            from jobs.ray_engine import ray_batches  # Ray is imported only by jobs that use it
+            from mmembed.jobs.ray_engine import ray_batches  # Ray is imported only by jobs that use it
 
             return ray_batches(self, todo, progress)
         return nullcontext(self._local_batches(todo))
@@ -474,7 +474,7 @@ class Ingest:
                 "stages_s": summary.stages_s}  # fmt: skip
 
     def loading(self, items: Sequence[SourceItem]) -> Loading:
-        from encoders.provision import audio_limits
+        from mmembed.encoders.provision import audio_limits
 
         limits = DecodeLimits(max_bytes=self.settings.max_image_bytes, max_pixels=self.settings.max_image_pixels)
         s3 = None

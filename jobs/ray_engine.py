@@ -38,16 +38,16 @@ import numpy as np
 import ray
 import ray.data
 
-from encoders.remote.costs import Usage
-from jobs.ingest import BatchEncoder, EncodedBatch, Loading, Models, Result, unchanged_content
-from loaders.sources import Loaded, SourceItem
 from mmembed.config import Settings
-from store.cache import CacheStats, EmbeddingCache, RedisCache, SqliteCache
-from store.catalog import Catalog
-from store.vectors import point_id
+from mmembed.encoders.remote.costs import Usage
+from mmembed.jobs.ingest import BatchEncoder, EncodedBatch, Loading, Models, Result, unchanged_content
+from mmembed.loaders.sources import Loaded, SourceItem
+from mmembed.store.cache import CacheStats, EmbeddingCache, RedisCache, SqliteCache
+from mmembed.store.catalog import Catalog
+from mmembed.store.vectors import point_id
 
 if TYPE_CHECKING:
-    from jobs.ingest import Ingest
+    from mmembed.jobs.ingest import Ingest
 
 # Enough blocks for every CPU of a large cluster to get decode work, few enough that per-block
 # scheduling stays negligible: a job of a million items gets blocks of about a thousand.

@@ -1,5 +1,5 @@
 """Getting bytes in and turning them into decoded media; knows nothing of models."""
 
-from loaders.images import DecodeLimits, ImageDecodeError, decode_image
+from mmembed.loaders.images import DecodeLimits, ImageDecodeError, decode_image
 
 __all__ = ["DecodeLimits", "ImageDecodeError", "decode_image"]

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from loaders.url_policy import STRICT_POLICY, AsyncPolicyClient, FetchError, PolicyClient, UrlPolicy, check_url
+from mmembed.loaders.url_policy import STRICT_POLICY, AsyncPolicyClient, FetchError, PolicyClient, UrlPolicy, check_url
 
 __all__ = ["ACCEPTED_TYPES", "STRICT_POLICY", "FetchError", "FetchLimits", "UrlPolicy", "fetch", "fetch_sync"]
 

@@ -37,11 +37,11 @@ from botocore.exceptions import BotoCoreError, ClientError
 from tenacity import retry, retry_if_exception, stop_after_attempt, wait_random_exponential
 from torch.utils.data import DataLoader, Dataset
 
-from encoders.base import Prepared
-from loaders.audio import SUPPORTED_FORMATS, AudioLimits, sniff_format
-from loaders.fetch import FetchError, FetchLimits, fetch_sync
-from loaders.images import DecodeLimits, decode_image
-from loaders.url_policy import STRICT_POLICY, PolicyClient, UrlPolicy
+from mmembed.encoders.base import Prepared
+from mmembed.loaders.audio import SUPPORTED_FORMATS, AudioLimits, sniff_format
+from mmembed.loaders.fetch import FetchError, FetchLimits, fetch_sync
+from mmembed.loaders.images import DecodeLimits, decode_image
+from mmembed.loaders.url_policy import STRICT_POLICY, PolicyClient, UrlPolicy
 
 if TYPE_CHECKING:
     from mmembed.config import Settings

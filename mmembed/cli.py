@@ -14,7 +14,7 @@ from rich.table import Table
 from mmembed.config import get_settings
 
 if TYPE_CHECKING:
-    from serve.launch import Running
+    from mmembed.serve.launch import Running
 
 app = typer.Typer(help="Multi-modal embedding server and pipeline.", no_args_is_help=True)
 models_app = typer.Typer(help="Provision and check model weights.", no_args_is_help=True)
@@ -37,7 +37,7 @@ def _fail(exc: Exception) -> NoReturn:
 @models_app.command("list")
 def models_list() -> None:
     """Every catalogue model: family, where its weights come from, and whether it is here."""
-    from encoders import CATALOGUE, is_provisioned
+    from mmembed.encoders import CATALOGUE, is_provisioned
 
     settings = get_settings()
     table = Table("name", "family", "source", "dim", "modalities", "provisioned", "licence")
@@ -70,11 +70,11 @@ def models_pull(
     ] = None,
 ) -> None:
     """Put weights into the models directory (hub models need internet, or --from a copy)."""
-    from encoders import EncoderError, pull
+    from mmembed.encoders import EncoderError, pull
 
     if from_path and (not names or len(names) != 1):
         _fail(ValueError("--from needs exactly one model name"))
-    from encoders import resolve
+    from mmembed.encoders import resolve
 
     for name in names or OFFLINE_MODELS:
         try:
@@ -93,7 +93,7 @@ def models_verify(
     names: Annotated[list[str] | None, typer.Argument(help="Model names; none: every offline model.")] = None,
 ) -> None:
     """Check files against their recorded hashes, dimensions, and a real forward pass."""
-    from encoders import EncoderError, verify
+    from mmembed.encoders import EncoderError, verify
 
     for name in names or OFFLINE_MODELS:
         try:
@@ -184,7 +184,7 @@ def transcribe(
     ),
 ) -> None:
     """Transcribe audio files with Whisper; prints transcript, language and timed segments."""
-    from encoders import EncoderError, Modality, load
+    from mmembed.encoders import EncoderError, Modality, load
 
     try:
         speech = load(model, get_settings()).encoder(Modality.AUDIO)
@@ -209,9 +209,9 @@ def embed(
     query: Annotated[list[str] | None, typer.Option(help="Text queries to try against the result.")] = None,
 ) -> None:
     """Embed every image in a folder; writes vectors.npy and items.jsonl."""
-    from encoders import EncoderError, Modality, load
-    from jobs.embed_folder import embed_folder
-    from loaders import DecodeLimits
+    from mmembed.encoders import EncoderError, Modality, load
+    from mmembed.jobs.embed_folder import embed_folder
+    from mmembed.loaders import DecodeLimits
 
     settings = get_settings()
     try:
@@ -246,7 +246,7 @@ def serve_command(
     ] = "127.0.0.1",
 ) -> None:
     """Start Ray (or join --address), deploy the encoders behind the HTTP API, and serve until Ctrl-C."""
-    from serve import launch
+    from mmembed.serve import launch
 
     running = _start_server(config, address, host, port, dashboard_host=dashboard_host)
     console.print("serving; Ctrl-C to stop")
@@ -263,7 +263,7 @@ def _start_server(
     quiet: bool = False,
     dashboard_host: str = "127.0.0.1",
 ) -> Running:
-    from serve import launch
+    from mmembed.serve import launch
 
     try:
         running = launch.start(config, address, host, port, quiet, dashboard_host)
@@ -345,11 +345,11 @@ def eval_command(
 ) -> None:
     """Compare models on your own data: Recall@1/5/10, MRR, nDCG@10, speed, cost and index size,
     with plots and a recommendation."""
-    from evaluation.dataset import DatasetError, load_eval_set
-    from evaluation.demo import DEMO_MODELS, build_demo_set
-    from evaluation.embedders import HttpEmbedder, LocalEmbedder
-    from evaluation.report import write_report
-    from evaluation.run import Costs, evaluate_model
+    from mmembed.evaluation.dataset import DatasetError, load_eval_set
+    from mmembed.evaluation.demo import DEMO_MODELS, build_demo_set
+    from mmembed.evaluation.embedders import HttpEmbedder, LocalEmbedder
+    from mmembed.evaluation.report import write_report
+    from mmembed.evaluation.run import Costs, evaluate_model
 
     if demo:
         items, queries = build_demo_set(out / "data")
@@ -401,7 +401,7 @@ def ingest_command(
     num_gpus_per_encoder: Annotated[float, typer.Option(help="Ray engine: GPUs per encoder actor.")] = 0.0,
 ) -> None:
     """Embed a catalogue into the collection: plan, estimate, then an incremental, resumable run."""
-    from jobs.ingest import DEFAULT_MODELS, Ingest, IngestOptions
+    from mmembed.jobs.ingest import DEFAULT_MODELS, Ingest, IngestOptions
 
     options = IngestOptions(source, tuple(model or DEFAULT_MODELS), batch_size, workers, sync=sync,
                             price_per_hour=price_per_hour, checkpoint_every=checkpoint_every, engine=engine,
@@ -421,7 +421,7 @@ def ingest_command(
 
 
 def _jobs():  # type: ignore[no-untyped-def]
-    from jobs.state import JobStore
+    from mmembed.jobs.state import JobStore
 
     return JobStore(get_settings().data_dir.expanduser() / "jobs.sqlite")
 
@@ -437,7 +437,7 @@ def dlq_list(job: Annotated[str | None, typer.Option(help="Only this job.")] = N
 @dlq_app.command("retry")
 def dlq_retry(job: Annotated[str, typer.Argument(help="The job whose dead letters to try again.")]) -> None:
     """Put the job's dead letters back in its plan and run it again."""
-    from jobs.ingest import Ingest, IngestOptions
+    from mmembed.jobs.ingest import Ingest, IngestOptions
 
     store = _jobs()
     row = store.get(job)
@@ -468,7 +468,7 @@ def quickstart(
     """The main job on embedded defaults: provision the offline models, start the server,
     ingest the demo catalogue (scenes, photos, spoken clips), and serve the search page."""
     from mmembed.demo.catalogue import build_demo_catalogue
-    from serve import launch
+    from mmembed.serve import launch
 
     settings = get_settings()
     models_pull(None)

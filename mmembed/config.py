@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 if TYPE_CHECKING:
-    from loaders.url_policy import UrlPolicy
+    from mmembed.loaders.url_policy import UrlPolicy
 
 TokenPolicy = Literal["truncate", "error"]
 RemoteKind = Literal["openai", "cohere"]
@@ -175,7 +175,7 @@ class Settings(BaseSettings):
         return tuple(str(p.expanduser()) for p in self.ingest_roots or [self.data_dir])
 
     def url_policy(self) -> UrlPolicy:
-        from loaders.url_policy import UrlPolicy  # loaders import this module: import on use
+        from mmembed.loaders.url_policy import UrlPolicy  # loaders import this module: import on use
 
         return UrlPolicy(self.fetch_allow_private, self.fetch_allow_hosts)
 

@@ -2,7 +2,7 @@
 
 ``build_app`` is a Serve application builder, so the same YAML works three ways:
 ``mmembed serve --config serve.yaml``, ``serve run serve.yaml`` and ``serve deploy serve.yaml``
-(``import_path: serve.app:build_app``, the ServeConfig fields under ``args``).
+(``import_path: mmembed.serve.app:build_app``, the ServeConfig fields under ``args``).
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from typing import Any
 from ray import serve
 from ray.serve.config import BackpressureConfig
 
-from serve.catalog import build_catalog
-from serve.config import ServeConfig
-from serve.deployments import build_encoder
-from serve.ingress import Ingress
+from mmembed.serve.catalog import build_catalog
+from mmembed.serve.config import ServeConfig
+from mmembed.serve.deployments import build_encoder
+from mmembed.serve.ingress import Ingress
 
 
 def build_app(args: dict[str, Any] | None = None) -> serve.Application:

@@ -22,13 +22,13 @@ from urllib.request import url2pathname
 import numpy as np
 from ray import serve
 
-from jobs.ingest import Ingest, IngestOptions
-from jobs.state import JobStore, job_id
-from loaders.sources import SourceError, check_inside_roots
 from mmembed.config import get_settings
-from store.catalog import Catalog, NewItem
-from store.objects import object_store
-from store.vectors import open_store
+from mmembed.jobs.ingest import Ingest, IngestOptions
+from mmembed.jobs.state import JobStore, job_id
+from mmembed.loaders.sources import SourceError, check_inside_roots
+from mmembed.store.catalog import Catalog, NewItem
+from mmembed.store.objects import object_store
+from mmembed.store.vectors import open_store
 
 log = logging.getLogger(__name__)
 

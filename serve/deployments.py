@@ -22,11 +22,11 @@ from typing import Any
 
 from ray import serve
 
-from encoders import Encoder, InputError, ItemResult, LoadedModel, Modality, Prepared, load, model_version
-from loaders.images import DecodeLimits, ImageDecodeError, decode_image
 from mmembed.config import get_settings
-from serve.config import BatchConfig, ModelConfig
-from store.cache import cache_key, open_cache
+from mmembed.encoders import Encoder, InputError, ItemResult, LoadedModel, Modality, Prepared, load, model_version
+from mmembed.loaders.images import DecodeLimits, ImageDecodeError, decode_image
+from mmembed.serve.config import BatchConfig, ModelConfig
+from mmembed.store.cache import cache_key, open_cache
 
 
 @dataclass

@@ -34,15 +34,15 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from loaders.audio import sniff_format
-from loaders.fetch import FetchError, FetchLimits, fetch
 from mmembed.config import get_settings
-from serve.auth import ApiKeys, Cors, RequireKey
-from serve.config import ServeConfig
-from store.catalog import NewItem
-from store.objects import LocalObjects, ObjectStoreError, object_store
-from store.spaces import RoutingError, default_vector, item_encoders, layout, plan_query
-from store.vectors import DimensionError, StoreError
+from mmembed.loaders.audio import sniff_format
+from mmembed.loaders.fetch import FetchError, FetchLimits, fetch
+from mmembed.serve.auth import ApiKeys, Cors, RequireKey
+from mmembed.serve.config import ServeConfig
+from mmembed.store.catalog import NewItem
+from mmembed.store.objects import LocalObjects, ObjectStoreError, object_store
+from mmembed.store.spaces import RoutingError, default_vector, item_encoders, layout, plan_query
+from mmembed.store.vectors import DimensionError, StoreError
 
 # FastAPI's own /docs loads its scripts from a CDN; ours serves them from /ui/. No ReDoc page: its bundle
 # fetches a logo from cdn.redoc.ly, so it cannot be served offline as shipped.

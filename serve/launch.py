@@ -20,7 +20,7 @@ import ray
 import yaml
 from ray import serve
 
-from serve.app import build_app, logical_cpus
+from mmembed.serve.app import build_app, logical_cpus
 
 # Never put into a runtime env: Ray's runtime-env agent logs its environment variables. Give a
 # joined cluster's nodes these in their own environment, or MMEMBED_API_KEYS_FILE (a path).

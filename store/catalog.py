@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from store.objects import ObjectStore, object_key
-from store.vectors import Hit, Point, VectorStore, point_id
+from mmembed.store.objects import ObjectStore, object_key
+from mmembed.store.vectors import Hit, Point, VectorStore, point_id
 
 # Fields searches filter on; every other payload key (user metadata under "meta") is still
 # filterable, only slower on a large collection.

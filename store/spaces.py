@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from store.catalog import vector_name
+from mmembed.store.catalog import vector_name
 
 Described = dict[str, dict[str, Any]]
 

@@ -17,8 +17,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("MPLCONFIGDIR", "/tmp/mmembed-mpl")
 
-from encoders import LoadedModel, load, pull
 from mmembed.config import Settings
+from mmembed.encoders import LoadedModel, load, pull
 
 SHIPPED_DEMO_CLIP = Path(__file__).resolve().parents[1] / "encoders" / "weights" / "demo-clip"
 

@@ -90,7 +90,7 @@ def test_serve_starts_ray_serves_http_and_stops_cleanly_on_ctrl_c(data_dir: Path
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     config = tmp_path / "serve.yaml"
-    config.write_text("applications:\n  - name: mmembed\n    import_path: serve.app:build_app\n"
+    config.write_text("applications:\n  - name: mmembed\n    import_path: mmembed.serve.app:build_app\n"
                       "    args:\n      models:\n        - name: demo-clip\n")  # fmt: skip
     env = os.environ | {"MMEMBED_DATA_DIR": str(data_dir), "MMEMBED_ALLOW_DOWNLOADS": "false", "COLUMNS": "200"}
     exe = Path(sys.executable).parent / "mmembed"

@@ -22,8 +22,8 @@ from typer.testing import CliRunner
 from mmembed.cli import OFFLINE_MODELS
 from mmembed.cli import app as cli
 from mmembed.config import Settings
-from serve.config import ServeConfig
-from serve.ingress import app as ingress_app
+from mmembed.serve.config import ServeConfig
+from mmembed.serve.ingress import app as ingress_app
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
@@ -326,7 +326,7 @@ def test_docker_serve_yaml_is_the_root_app_listening_on_every_interface() -> Non
     [root_app] = root["applications"]
     config = ServeConfig.model_validate(app["args"])
     root_config = ServeConfig.model_validate(root_app["args"])
-    assert app["import_path"] == root_app["import_path"] == "serve.app:build_app"
+    assert app["import_path"] == root_app["import_path"] == "mmembed.serve.app:build_app"
     assert (app["name"], app["route_prefix"]) == (root_app["name"], root_app["route_prefix"])
     assert [m.name for m in config.models] == [m.name for m in root_config.models]
 

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from mmembed.cli import app as cli
 from mmembed.config import Settings
-from serve.ingress import app as http
+from mmembed.serve.ingress import app as http
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 NOT_SETTINGS = {"MMEMBED_URL", "MMEMBED_DEMO_CATALOGUE"}  # what the notebooks read, not the server

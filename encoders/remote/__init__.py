@@ -8,12 +8,18 @@ retry and how long to wait), ``costs`` (tokens and dollars), ``presets`` (names 
 
 from __future__ import annotations
 
-from encoders.base import ModelNotAvailable
-from encoders.remote.costs import CostMeter, Usage
-from encoders.remote.encoder import DimensionMismatch, ProviderFailed, ProviderRejected, RemoteEncoder, RemoteText
-from encoders.remote.presets import builtin_names, remote_config
-from encoders.remote.tokens import TokenCounter, counter_for
 from mmembed.config import RemoteModelConfig, Settings
+from mmembed.encoders.base import ModelNotAvailable
+from mmembed.encoders.remote.costs import CostMeter, Usage
+from mmembed.encoders.remote.encoder import (
+    DimensionMismatch,
+    ProviderFailed,
+    ProviderRejected,
+    RemoteEncoder,
+    RemoteText,
+)
+from mmembed.encoders.remote.presets import builtin_names, remote_config
+from mmembed.encoders.remote.tokens import TokenCounter, counter_for
 
 
 def price_for(config: RemoteModelConfig, settings: Settings) -> float | None:

@@ -22,13 +22,22 @@ import httpx
 import numpy as np
 from pydantic import SecretStr
 
-from encoders.base import Encoder, EncoderError, InputError, ItemResult, Limits, Modality, Prepared, l2_normalise
-from encoders.remote.costs import CostMeter, Usage, estimate, usd
-from encoders.remote.providers import BadResponse, endpoint, limits, parse_response, request_body
-from encoders.remote.rate_limit import RateLimiter
-from encoders.remote.retry import Rejected, Retryable, classify, retrying, transport_error
-from encoders.remote.tokens import TokenCounter
 from mmembed.config import RemoteModelConfig
+from mmembed.encoders.base import (
+    Encoder,
+    EncoderError,
+    InputError,
+    ItemResult,
+    Limits,
+    Modality,
+    Prepared,
+    l2_normalise,
+)
+from mmembed.encoders.remote.costs import CostMeter, Usage, estimate, usd
+from mmembed.encoders.remote.providers import BadResponse, endpoint, limits, parse_response, request_body
+from mmembed.encoders.remote.rate_limit import RateLimiter
+from mmembed.encoders.remote.retry import Rejected, Retryable, classify, retrying, transport_error
+from mmembed.encoders.remote.tokens import TokenCounter
 
 
 class ProviderFailed(InputError):

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from encoders.base import UnknownModel
 from mmembed.config import RemoteModelConfig, Settings
+from mmembed.encoders.base import UnknownModel
 
 # Defaults for the public APIs. Rate limits are the lowest paid tiers' (OpenAI tier 1; a Cohere
 # trial key): raise them in a configured model to match your account.

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from encoders.base import ModelNotAvailable, TooManyTokens
-from encoders.tokens import check_text
 from mmembed.config import RemoteModelConfig, Settings
+from mmembed.encoders.base import ModelNotAvailable, TooManyTokens
+from mmembed.encoders.tokens import check_text
 
 ESTIMATE = "estimate:utf8-bytes+2"
 ESTIMATE_SPECIALS = 2

@@ -17,13 +17,13 @@ from typing import Any
 
 import numpy as np
 
-from encoders import Encoder, Modality, load
-from loaders.audio import AudioClip
 from mmembed.config import Settings, get_settings
 from mmembed.demo import world
 from mmembed.demo.metrics import SHORT_QUERIES, parse_short_query
 from mmembed.demo.speech import random_voice, speak
 from mmembed.demo.train_bind import EVAL_SEED, GALLERY, recall_at
+from mmembed.encoders import Encoder, Modality, load
+from mmembed.loaders.audio import AudioClip
 
 REPORT_DIR = Path("docs")
 TARGET_R5 = 0.70

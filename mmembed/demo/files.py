@@ -12,7 +12,7 @@ import numpy as np
 from mmembed.demo import world
 
 if TYPE_CHECKING:  # importing encoders loads torch: seconds, for a type hint
-    from encoders import Encoder
+    from mmembed.encoders import Encoder
 
 
 def write_scenes(out: Path, count: int, seed: int = 7, size: int = 256) -> int:

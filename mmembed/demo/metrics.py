@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from encoders.base import l2_normalise
 from mmembed.demo import world
+from mmembed.encoders.base import l2_normalise
 
 EncodeImages = Callable[[Sequence[Image.Image]], np.ndarray]
 EncodeTexts = Callable[[Sequence[str]], np.ndarray]

@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from encoders import Modality, load
 from mmembed.demo.metrics import retrieval_report
+from mmembed.encoders import Modality, load
 
 REPORT_DIR = Path("docs")
 TARGET_R5 = 0.90

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from loaders.audio import AudioClip, decode_audio
+from mmembed.loaders.audio import AudioClip, decode_audio
 
 TRAIN_ACCENTS = ("en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-029")
 TRAIN_VARIANTS = ("", "m1", "m2", "m3", "m4", "m5", "f1", "f2", "f3", "klatt", "klatt2", "croak", "Alex", "Andy")

@@ -24,13 +24,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from encoders import Modality, load
-from encoders.bind import BindHead, HeadConfig, pad_frames, save_head
-from encoders.whisper_family import WhisperFeatures, load_whisper
 from mmembed.config import Settings, get_settings
 from mmembed.demo import world
 from mmembed.demo.speech import random_voice, speak
 from mmembed.demo.train_clip import soft_clip_loss
+from mmembed.encoders import Modality, load
+from mmembed.encoders.bind import BindHead, HeadConfig, pad_frames, save_head
+from mmembed.encoders.whisper_family import WhisperFeatures, load_whisper
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ def train_bind(
     torch.manual_seed(data.seed)
     torch.set_num_threads(threads)
     device = torch.device("cpu")
-    from encoders.provision import pull
+    from mmembed.encoders.provision import pull
 
     features = WhisperFeatures(load_whisper(pull(BACKBONE, settings), device), device)
     text = load(SPACE, settings).encoder(Modality.TEXT)

@@ -28,11 +28,11 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, IterableDataset
 
-from encoders.clip import OPENAI_MEAN as MEAN
-from encoders.clip import OPENAI_STD as STD
-from encoders.clip import square_uint8
-from encoders.device import ImageToDevice
 from mmembed.demo import metrics, world
+from mmembed.encoders.clip import OPENAI_MEAN as MEAN
+from mmembed.encoders.clip import OPENAI_STD as STD
+from mmembed.encoders.clip import square_uint8
+from mmembed.encoders.device import ImageToDevice
 
 log = logging.getLogger(__name__)
 

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from encoders import load
 from mmembed.config import Settings
 from mmembed.demo.report import TARGET_R5, evaluate
 from mmembed.demo.train_clip import MODEL_CONFIG, PairBatches, soft_clip_loss, train
+from mmembed.encoders import load
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from encoders import LoadedModel, Modality, load
 from mmembed.config import Settings
 from mmembed.demo import world
 from mmembed.demo.speech import speak
+from mmembed.encoders import LoadedModel, Modality, load
 
 
 @pytest.fixture(scope="module")

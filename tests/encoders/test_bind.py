@@ -8,11 +8,11 @@ import random
 import numpy as np
 import pytest
 
-from encoders import LoadedModel, Modality, load
-from loaders.audio import AudioClip, Pcm
 from mmembed.config import Settings
 from mmembed.demo import world
 from mmembed.demo.speech import random_voice, speak
+from mmembed.encoders import LoadedModel, Modality, load
+from mmembed.loaders.audio import AudioClip, Pcm
 
 
 @pytest.fixture(scope="module")

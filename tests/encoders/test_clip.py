@@ -5,9 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-from encoders import EmptyInput, InputError, LoadedModel, Modality, TooManyTokens, load
-from encoders.clip import square_uint8
 from mmembed.config import Settings
+from mmembed.encoders import EmptyInput, InputError, LoadedModel, Modality, TooManyTokens, load
+from mmembed.encoders.clip import square_uint8
 
 
 def _image(colour: tuple[int, int, int], size: tuple[int, int] = (80, 60)) -> Image.Image:

@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from encoders import EncoderError, LoadedModel, Modality, ModelSpec, load, register_model
-from encoders.provision import CUSTOM_LOADERS
-from encoders.registry import CATALOGUE
 from mmembed.config import Settings
+from mmembed.encoders import EncoderError, LoadedModel, Modality, ModelSpec, load, register_model
+from mmembed.encoders.provision import CUSTOM_LOADERS
+from mmembed.encoders.registry import CATALOGUE
 
 
 @pytest.fixture

@@ -2,8 +2,8 @@ import pytest
 import torch
 from torchvision.transforms.functional import normalize
 
-from encoders.clip import OPENAI_MEAN, OPENAI_STD
-from encoders.device import ImageToDevice, pick_device, pick_dtype
+from mmembed.encoders.clip import OPENAI_MEAN, OPENAI_STD
+from mmembed.encoders.device import ImageToDevice, pick_device, pick_dtype
 
 
 def test_device_is_chosen_at_run_time() -> None:

@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
-from encoders import LoadedModel, load
 from mmembed.config import Settings
+from mmembed.encoders import LoadedModel, load
 
 
 def _openai_tokenizer() -> CLIPTokenizer:

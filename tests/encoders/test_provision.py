@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from encoders import ModelNotAvailable, load, pull, resolve, verify
-from encoders.base import EncoderError
-from encoders.provision import MARKER, model_dir
 from mmembed.config import Settings
+from mmembed.encoders import ModelNotAvailable, load, pull, resolve, verify
+from mmembed.encoders.base import EncoderError
+from mmembed.encoders.provision import MARKER, model_dir
 
 OFFLINE = ["demo-clip", "all-MiniLM-L6-v2", "whisper-base", "bind"]
 

@@ -1,6 +1,6 @@
 import pytest
 
-from encoders import CATALOGUE, Modality, UnknownModel, resolve
+from mmembed.encoders import CATALOGUE, Modality, UnknownModel, resolve
 
 
 def test_catalogue_names_resolve_to_themselves() -> None:

@@ -17,12 +17,21 @@ from hypothesis import strategies as st
 from remote_stub import StubProvider, stub_tokens, stub_vector
 from tenacity import RetryCallState
 
-from encoders import EncoderError, ModelNotAvailable, TooManyTokens, UnknownModel, is_provisioned, load, pull, resolve
-from encoders.remote import DimensionMismatch, RemoteEncoder, price_for, remote_config
-from encoders.remote.rate_limit import RateLimiter
-from encoders.remote.retry import WaitBackoffOrRetryAfter, retry_after
-from encoders.remote.tokens import ESTIMATE, counter_for, tiktoken_counter
 from mmembed.config import RemoteModelConfig, Settings
+from mmembed.encoders import (
+    EncoderError,
+    ModelNotAvailable,
+    TooManyTokens,
+    UnknownModel,
+    is_provisioned,
+    load,
+    pull,
+    resolve,
+)
+from mmembed.encoders.remote import DimensionMismatch, RemoteEncoder, price_for, remote_config
+from mmembed.encoders.remote.rate_limit import RateLimiter
+from mmembed.encoders.remote.retry import WaitBackoffOrRetryAfter, retry_after
+from mmembed.encoders.remote.tokens import ESTIMATE, counter_for, tiktoken_counter
 
 FAST = {"backoff_s": 0.01, "backoff_max_s": 0.05, "timeout_s": 2.0}
 
@@ -208,7 +217,7 @@ def test_backoff_grows_exponentially_with_jitter_and_never_undercuts_retry_after
         assert max(waits) <= min(4.0, 0.5 * 2 ** (attempt - 1)) + 1e-9
         assert len({round(w, 6) for w in waits}) > 100  # jittered, not fixed
     assert np.mean([wait(state(4)) for _ in range(400)]) > 2 * np.mean([wait(state(1)) for _ in range(400)])
-    from encoders.remote.retry import Retryable
+    from mmembed.encoders.remote.retry import Retryable
 
     assert min(wait(state(1, Retryable("429", 429, retry_after=3.0))) for _ in range(50)) >= 3.0
 

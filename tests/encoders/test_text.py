@@ -3,8 +3,8 @@
 import numpy as np
 from sentence_transformers import SentenceTransformer
 
-from encoders import LoadedModel, TooManyTokens, load
 from mmembed.config import Settings
+from mmembed.encoders import LoadedModel, TooManyTokens, load
 
 
 def test_matches_sentence_transformers(minilm: LoadedModel) -> None:

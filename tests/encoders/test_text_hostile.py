@@ -11,7 +11,7 @@ from hostile import DECODES, Hostile, hostile_texts
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from encoders.base import Encoder, InputError, ItemResult
+from mmembed.encoders.base import Encoder, InputError, ItemResult
 
 TEXTS = hostile_texts()
 GOOD = [

@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from encoders import LoadedModel, Modality, load
-from loaders.audio import AudioClip, Pcm
 from mmembed.config import Settings
 from mmembed.demo.metrics import word_error_rate
 from mmembed.demo.speech import PLAIN_SENTENCES, espeak_wav, speak
+from mmembed.encoders import LoadedModel, Modality, load
+from mmembed.loaders.audio import AudioClip, Pcm
 
 
 def test_transcribes_ten_held_out_sentences_within_the_error_budget(whisper_base: LoadedModel, minilm: LoadedModel):

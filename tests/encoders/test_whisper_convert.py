@@ -6,7 +6,7 @@ import pytest
 import torch
 import whisper
 
-from encoders.whisper_convert import _collect_wheel_files, convert_to_openai_whisper
+from mmembed.encoders.whisper_convert import _collect_wheel_files, convert_to_openai_whisper
 
 SENTENCE = "the quick brown fox jumps over the lazy dog"
 BASE_DIMS = {

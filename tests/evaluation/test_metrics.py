@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from evaluation.metrics import ndcg_at_k, recall_at_k, reciprocal_rank
+from mmembed.evaluation.metrics import ndcg_at_k, recall_at_k, reciprocal_rank
 
 RANKED = ["a", "b", "c", "d", "e"]
 

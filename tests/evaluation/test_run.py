@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from evaluation.dataset import DatasetError, EvalSet, Item, load_eval_set
-from evaluation.demo import build_demo_set
-from evaluation.embedders import LocalEmbedder
-from evaluation.report import write_report
-from evaluation.run import Costs, evaluate_model
-from loaders.fetch import FetchError
 from mmembed.config import Settings
+from mmembed.evaluation.dataset import DatasetError, EvalSet, Item, load_eval_set
+from mmembed.evaluation.demo import build_demo_set
+from mmembed.evaluation.embedders import LocalEmbedder
+from mmembed.evaluation.report import write_report
+from mmembed.evaluation.run import Costs, evaluate_model
+from mmembed.loaders.fetch import FetchError
 
 ITEMS = 60
 

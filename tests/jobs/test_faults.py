@@ -20,13 +20,13 @@ from catalogue_files import SCENES, job_settings, write_catalogue
 from redis_server import RedisProcess
 from s3 import S3Process
 
-from jobs.ingest import Ingest, IngestOptions, Plan
-from jobs.state import DONE, FAILED, JobStore
 from mmembed.config import Settings
-from store.cache import RedisCache
-from store.catalog import Catalog, NewItem
-from store.objects import LocalObjects, ObjectStore, ObjectStoreError, S3Objects
-from store.vectors import EdgeStore, Point, StoreError, point_id
+from mmembed.jobs.ingest import Ingest, IngestOptions, Plan
+from mmembed.jobs.state import DONE, FAILED, JobStore
+from mmembed.store.cache import RedisCache
+from mmembed.store.catalog import Catalog, NewItem
+from mmembed.store.objects import LocalObjects, ObjectStore, ObjectStoreError, S3Objects
+from mmembed.store.vectors import EdgeStore, Point, StoreError, point_id
 
 MODELS = ("demo-clip", "all-MiniLM-L6-v2")
 VECTORS = {"demo-clip.image", "demo-clip.text", "all-MiniLM-L6-v2.text"}  # every scene has a caption
@@ -277,7 +277,7 @@ def test_redis_killed_mid_run_is_bypassed_with_one_warning_and_the_run_completes
     plan = job.plan(calibrate=False)
     first = set(_batches(plan)[0]) & _scenes(env)
 
-    with caplog.at_level(logging.WARNING, logger="store.cache"):
+    with caplog.at_level(logging.WARNING, logger="mmembed.store.cache"):
         summary = job.run(plan, progress=False)
 
     assert redis_process.process is None, "Redis was killed during the run"
@@ -285,7 +285,7 @@ def test_redis_killed_mid_run_is_bypassed_with_one_warning_and_the_run_completes
     # The first batch's image vectors went to Redis; every later lookup and store was a bypass.
     assert summary.cache["puts"] == len(first) > 0 and summary.cache["hits"] == 0
     assert summary.cache["misses"] == SCENES and summary.cache["errors"] >= 2
-    warnings = [r for r in caplog.records if r.name == "store.cache" and r.levelno == logging.WARNING]
+    warnings = [r for r in caplog.records if r.name == "mmembed.store.cache" and r.levelno == logging.WARNING]
     assert len(warnings) == 1, [r.getMessage() for r in warnings]
     assert "embedding cache" in warnings[0].getMessage() and "carrying on without the cache" in warnings[0].getMessage()
     points = _points(catalog)

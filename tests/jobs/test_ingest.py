@@ -16,14 +16,14 @@ from pathlib import Path
 import pytest
 from catalogue_files import SCENES, job_settings, write_catalogue
 
-from jobs.ingest import Ingest, IngestOptions
-from jobs.state import JobStore
 from mmembed.config import Settings
 from mmembed.demo import world
-from store.cache import SqliteCache
-from store.catalog import Catalog
-from store.objects import LocalObjects, ObjectStoreError
-from store.vectors import EdgeStore, point_id
+from mmembed.jobs.ingest import Ingest, IngestOptions
+from mmembed.jobs.state import JobStore
+from mmembed.store.cache import SqliteCache
+from mmembed.store.catalog import Catalog
+from mmembed.store.objects import LocalObjects, ObjectStoreError
+from mmembed.store.vectors import EdgeStore, point_id
 
 MODELS = ("demo-clip", "all-MiniLM-L6-v2")
 

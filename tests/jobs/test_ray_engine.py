@@ -18,14 +18,14 @@ import ray
 from catalogue_files import SCENES, job_settings, write_catalogue
 from remote_stub import StubProvider, stub_tokens
 
-from jobs.ingest import Ingest, IngestOptions, Summary
-from jobs.state import JobStore
 from mmembed.config import RemoteModelConfig, Settings
 from mmembed.demo import world
-from store.cache import SqliteCache
-from store.catalog import Catalog
-from store.objects import LocalObjects
-from store.vectors import EdgeStore, Point
+from mmembed.jobs.ingest import Ingest, IngestOptions, Summary
+from mmembed.jobs.state import JobStore
+from mmembed.store.cache import SqliteCache
+from mmembed.store.catalog import Catalog
+from mmembed.store.objects import LocalObjects
+from mmembed.store.vectors import EdgeStore, Point
 
 MODELS = ("demo-clip", "all-MiniLM-L6-v2")
 

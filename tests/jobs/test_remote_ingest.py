@@ -17,14 +17,14 @@ import pytest
 from catalogue_files import SCENES, job_settings, write_catalogue
 from remote_stub import StubProvider, stub_tokens, stub_vector
 
-from encoders.remote import RemoteEncoder
-from jobs.ingest import Ingest, IngestOptions
-from jobs.state import JobStore
 from mmembed.config import RemoteModelConfig, Settings
-from store.cache import SqliteCache
-from store.catalog import Catalog
-from store.objects import LocalObjects
-from store.vectors import EdgeStore, point_id
+from mmembed.encoders.remote import RemoteEncoder
+from mmembed.jobs.ingest import Ingest, IngestOptions
+from mmembed.jobs.state import JobStore
+from mmembed.store.cache import SqliteCache
+from mmembed.store.catalog import Catalog
+from mmembed.store.objects import LocalObjects
+from mmembed.store.vectors import EdgeStore, point_id
 
 REMOTE = "stub:captions"  # a ':' in the name, as in openai:text-embedding-3-small
 FAST = {"backoff_s": 0.01, "backoff_max_s": 0.05, "timeout_s": 0.5}

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from loaders.audio import SAMPLE_RATE, AudioClip, AudioDecodeError, AudioLimits, Pcm, decode_audio, sniff_format
 from mmembed.demo.speech import espeak_wav, speak
+from mmembed.loaders.audio import SAMPLE_RATE, AudioClip, AudioDecodeError, AudioLimits, Pcm, decode_audio, sniff_format
 
 
 @pytest.fixture(scope="module")

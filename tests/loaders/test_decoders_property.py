@@ -13,8 +13,15 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from PIL import Image
 
-from loaders.audio import SUPPORTED_FORMATS, AudioClip, AudioDecodeError, AudioLimits, decode_audio, sniff_format
-from loaders.images import DecodeLimits, ImageDecodeError, decode_image
+from mmembed.loaders.audio import (
+    SUPPORTED_FORMATS,
+    AudioClip,
+    AudioDecodeError,
+    AudioLimits,
+    decode_audio,
+    sniff_format,
+)
+from mmembed.loaders.images import DecodeLimits, ImageDecodeError, decode_image
 
 MANY = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SOME = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -22,9 +22,9 @@ import httpx
 import pytest
 from http_handler import SiteHandler
 
-from loaders.fetch import FetchError, FetchLimits, fetch, fetch_sync
-from loaders.sources import SourceError, SourceItem, read_item
-from loaders.url_policy import STRICT_POLICY, AsyncPolicyClient, PolicyClient, UrlPolicy
+from mmembed.loaders.fetch import FetchError, FetchLimits, fetch, fetch_sync
+from mmembed.loaders.sources import SourceError, SourceItem, read_item
+from mmembed.loaders.url_policy import STRICT_POLICY, AsyncPolicyClient, PolicyClient, UrlPolicy
 
 IMAGE = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 8
 LOCAL = UrlPolicy(allow_hosts=("127.0.0.1",))

@@ -17,8 +17,8 @@ import pytest
 from hostile import DECODES, Hostile, encode_audio, hls_playlist, hostile_audio, hostile_images, tone
 from PIL import Image
 
-from loaders.audio import SAMPLE_RATE, AudioClip, AudioDecodeError, AudioLimits, decode_audio
-from loaders.images import ImageDecodeError, decode_image
+from mmembed.loaders.audio import SAMPLE_RATE, AudioClip, AudioDecodeError, AudioLimits, decode_audio
+from mmembed.loaders.images import ImageDecodeError, decode_image
 
 DEADLINE_S = 30.0  # ffmpeg on a loaded CI box included; a hang runs forever
 BOMB_BYTES = 200_000_000
@@ -111,8 +111,8 @@ _CHILD = """
 import json, sys
 sys.path[:0] = [sys.argv[1], sys.argv[2]]
 from hostile import hostile_audio, hostile_images, encode_image, noisy_image, wav_i16, tone
-from loaders.audio import AudioDecodeError, decode_audio
-from loaders.images import ImageDecodeError, decode_image
+from mmembed.loaders.audio import AudioDecodeError, decode_audio
+from mmembed.loaders.images import ImageDecodeError, decode_image
 
 def status(field):  # kB; VmHWM is this process's peak resident set (ru_maxrss survives exec)
     return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field + ":")) * 1024

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from loaders.images import DecodeLimits, ImageDecodeError, decode_image
+from mmembed.loaders.images import DecodeLimits, ImageDecodeError, decode_image
 
 
 def _encode(image: Image.Image, fmt: str, **kwargs: object) -> bytes:

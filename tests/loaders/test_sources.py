@@ -29,12 +29,13 @@ from http_handler import SiteHandler
 from PIL import Image
 from s3 import S3Server
 
-import loaders.sources as sources
-from encoders import LoadedModel, Prepared
-from encoders.whisper_family import prepare_audio
-from loaders.audio import AudioLimits
-from loaders.images import DecodeLimits, decode_image
-from loaders.sources import (
+import mmembed.loaders.sources as sources
+from mmembed.config import Settings
+from mmembed.encoders import LoadedModel, Prepared
+from mmembed.encoders.whisper_family import prepare_audio
+from mmembed.loaders.audio import AudioLimits
+from mmembed.loaders.images import DecodeLimits, decode_image
+from mmembed.loaders.sources import (
     Loaded,
     SourceDataset,
     SourceError,
@@ -45,8 +46,7 @@ from loaders.sources import (
     read_item,
     s3_client_from_settings,
 )
-from loaders.url_policy import UrlPolicy
-from mmembed.config import Settings
+from mmembed.loaders.url_policy import UrlPolicy
 
 LOCAL = UrlPolicy(allow_hosts=("127.0.0.1",))  # the local test servers; the default refuses them
 

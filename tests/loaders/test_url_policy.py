@@ -11,7 +11,7 @@ import pickle
 
 import pytest
 
-from loaders.url_policy import (
+from mmembed.loaders.url_policy import (
     STRICT_POLICY,
     FetchError,
     UrlPolicy,

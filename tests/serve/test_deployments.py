@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 from ray import serve
 
-from encoders import LoadedModel, Modality
-from serve.config import BatchConfig, ModelConfig
-from serve.deployments import Queued, batch_slots, build_encoder, item_cost
+from mmembed.encoders import LoadedModel, Modality
+from mmembed.serve.config import BatchConfig, ModelConfig
+from mmembed.serve.deployments import Queued, batch_slots, build_encoder, item_cost
 
 
 def test_concurrent_requests_are_grouped_into_batches(ray_cluster, demo_clip: LoadedModel):
@@ -36,7 +36,7 @@ def test_bad_items_fail_alone_in_a_request(ray_cluster):
 
 def test_batches_are_capped_by_tokens_as_well_as_count():
     batch = BatchConfig(max_batch_size=8, max_batch_tokens=80)  # 10 tokens per item on average
-    from encoders import Prepared
+    from mmembed.encoders import Prepared
 
     short, long = Prepared(list(range(5))), Prepared(list(range(40)))
     assert item_cost(Modality.TEXT, short, batch) == 0.5

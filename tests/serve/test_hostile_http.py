@@ -35,8 +35,8 @@ from hostile import (
 from PIL import Image
 from ray import serve
 
-from encoders import LoadedModel, Modality
-from serve.app import build_app
+from mmembed.encoders import LoadedModel, Modality
+from mmembed.serve.app import build_app
 
 APP = "hostile"
 MAX_TEXT_CHARS = 100_000

@@ -13,9 +13,9 @@ from openai import OpenAI
 from PIL import Image
 from ray import serve
 
-from encoders import LoadedModel, Modality
 from mmembed.demo.speech import espeak_wav
-from serve.app import build_app
+from mmembed.encoders import LoadedModel, Modality
+from mmembed.serve.app import build_app
 
 MODELS = [
     {"name": "demo-clip", "batch": {"max_batch_size": 8}},

@@ -16,9 +16,9 @@ import httpx
 import pytest
 from ray import serve
 
-from jobs.state import JobStore, job_id
 from mmembed.demo import world
-from serve.app import build_app
+from mmembed.jobs.state import JobStore, job_id
+from mmembed.serve.app import build_app
 
 MODELS = ["demo-clip", "all-MiniLM-L6-v2"]
 

@@ -18,10 +18,10 @@ import pytest
 from ray import serve
 from remote_stub import StubProvider, stub_vector
 
-from encoders import LoadedModel, Modality, load
-from encoders.remote import RemoteEncoder
 from mmembed.config import RemoteModelConfig, Settings
-from serve.app import build_app
+from mmembed.encoders import LoadedModel, Modality, load
+from mmembed.encoders.remote import RemoteEncoder
+from mmembed.serve.app import build_app
 
 TEXTS = ["a red circle", "the weather is nice today", "a small blue square at the top left"]
 

@@ -12,8 +12,8 @@ import pytest
 import ray
 from ray import serve
 
-from encoders import LoadedModel, Modality
-from serve.app import build_app
+from mmembed.encoders import LoadedModel, Modality
+from mmembed.serve.app import build_app
 
 APP = "faults"
 CLIENTS = 8

@@ -14,11 +14,11 @@ import httpx
 import pytest
 from ray import serve
 
-from evaluation.dataset import load_eval_set
 from mmembed.demo import world
 from mmembed.demo.speech import espeak_wav
-from serve.app import build_app
-from store.vectors import point_id
+from mmembed.evaluation.dataset import load_eval_set
+from mmembed.serve.app import build_app
+from mmembed.store.vectors import point_id
 
 MODELS = [
     {"name": "demo-clip", "batch": {"max_batch_size": 16}},
@@ -200,9 +200,9 @@ def test_the_command_line_searches_a_running_server(api: str, scenes):
 
 
 def test_an_evaluation_over_http_measures_what_the_server_gives(api: str, scenes, tmp_path, settings):
-    from evaluation.demo import build_demo_set
-    from evaluation.embedders import HttpEmbedder, LocalEmbedder
-    from evaluation.run import evaluate_model
+    from mmembed.evaluation.demo import build_demo_set
+    from mmembed.evaluation.embedders import HttpEmbedder, LocalEmbedder
+    from mmembed.evaluation.run import evaluate_model
 
     small = load_eval_set(*build_demo_set(tmp_path, items=40, text_queries=10, image_queries=4, seed=9))
     remote = evaluate_model(small, HttpEmbedder(api, "demo-clip"), batch_size=16)

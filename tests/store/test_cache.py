@@ -21,7 +21,7 @@ import redis
 from redis_server import RedisProcess
 
 from mmembed.config import Settings
-from store.cache import CacheStats, EmbeddingCache, RedisCache, SqliteCache, cache_key, open_cache
+from mmembed.store.cache import CacheStats, EmbeddingCache, RedisCache, SqliteCache, cache_key, open_cache
 
 MODEL = "demo-clip"
 OTHER_MODEL = "all-MiniLM-L6-v2"
@@ -71,7 +71,7 @@ def vec(seed: int, dim: int = 8) -> np.ndarray:
 
 
 def cache_warnings(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
-    return [r for r in caplog.records if r.name == "store.cache" and r.levelno == logging.WARNING]
+    return [r for r in caplog.records if r.name == "mmembed.store.cache" and r.levelno == logging.WARNING]
 
 
 def keys(*names: str) -> list[str]:
@@ -308,7 +308,7 @@ def test_sqlite_locked_past_the_timeout_is_a_miss(tmp_path: Path, caplog: pytest
     cache = SqliteCache(path, busy_timeout_seconds=0.05)
     blocker = sqlite3.connect(path, isolation_level=None)
     blocker.execute("BEGIN EXCLUSIVE")  # another process holding the write lock
-    with caplog.at_level(logging.WARNING, logger="store.cache"):
+    with caplog.at_level(logging.WARNING, logger="mmembed.store.cache"):
         assert cache.get_many(MODEL, ["a"]) == {}
         cache.put_many(MODEL, {"b": vec(2)})
     blocker.execute("ROLLBACK")
@@ -343,7 +343,7 @@ def test_redis_down_is_a_miss_with_one_warning(
     assert cache.get_many(MODEL, ["a"]).keys() == {"a"}
 
     redis_process.stop(kill=True)
-    with caplog.at_level(logging.INFO, logger="store.cache"):
+    with caplog.at_level(logging.INFO, logger="mmembed.store.cache"):
         assert cache.get_many(MODEL, ["a"]) == {}
         cache.put_many(MODEL, {"b": vec(2)})
         clock.advance(31)  # past the pause: it tries the server again, which is still down
@@ -365,7 +365,8 @@ def test_redis_down_is_a_miss_with_one_warning(
         assert cache.get_many(MODEL, ["d"]).keys() == {"d"}, "back in use once the pause is over"
         assert cache.stats.errors == errors
     assert any(
-        r.name == "store.cache" and r.levelno == logging.INFO and "again" in r.getMessage() for r in caplog.records
+        r.name == "mmembed.store.cache" and r.levelno == logging.INFO and "again" in r.getMessage()
+        for r in caplog.records
     )
     cache.close()
 
@@ -376,7 +377,7 @@ def test_redis_never_reachable_costs_little(caplog: pytest.LogCaptureFixture) ->
         port = s.getsockname()[1]
     cache = RedisCache(f"redis://127.0.0.1:{port}/0")
     started = time.monotonic()
-    with caplog.at_level(logging.WARNING, logger="store.cache"):
+    with caplog.at_level(logging.WARNING, logger="mmembed.store.cache"):
         for _ in range(5):
             assert cache.get_many(MODEL, ["a"]) == {}
             cache.put_many(MODEL, {"a": vec(1)})

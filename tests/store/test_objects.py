@@ -19,7 +19,7 @@ from botocore.config import Config
 from s3 import S3Server
 
 from mmembed.config import Settings
-from store.objects import (
+from mmembed.store.objects import (
     LocalObjects,
     ObjectNotFound,
     ObjectStore,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from store.spaces import RoutingError, item_encoders, layout, plan_query
+from mmembed.store.spaces import RoutingError, item_encoders, layout, plan_query
 
 
 def _model(name: str, space: str, family: str, dims: dict[str, int]) -> dict:

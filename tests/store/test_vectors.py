@@ -16,7 +16,7 @@ import qdrant_edge as edge
 from qdrant_client import QdrantClient, models
 
 from mmembed.config import Settings
-from store.vectors import (
+from mmembed.store.vectors import (
     ClientStore,
     DimensionError,
     EdgeStore,
@@ -411,7 +411,7 @@ def test_edge_keeps_acknowledged_writes_through_a_crash(tmp_path: Path) -> None:
 import os
 import numpy as np
 from pathlib import Path
-from store.vectors import EdgeStore, Point, point_id
+from mmembed.store.vectors import EdgeStore, Point, point_id
 s = EdgeStore(Path({str(tmp_path / "catalog")!r}))
 s.open({DIMS!r})
 s.upsert([Point(point_id(f"c-{{i}}"), {{"{IMAGE}": np.ones(8) + i}}, {{"n": i}}) for i in range(50)])
