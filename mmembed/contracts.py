@@ -1,0 +1,113 @@
+"""The typed objects that cross a module or a Ray boundary, in one place.
+
+Every layer may import this module and it imports none of them: an encoder deployment, the
+HTTP layer, the catalogue replica and the bulk engines agree on these shapes instead of on
+the keys of loose dicts. They are plain dataclasses, so Ray pickles them as they are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ItemError:
+    """Why one item was refused; ``code`` is stable for APIs and the dead-letter store."""
+
+    code: str
+    message: str
+
+
+@dataclass
+class EncodedItem:
+    """One item through one model's encoder for one modality: what an encoder deployment
+    answers per item. ``info`` is what the encoder reported (tokens, truncated, seconds,
+    transcript); the timing fields are the serving path's."""
+
+    vector: np.ndarray | None
+    error: ItemError | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+    cached: bool = False
+    batch_size: int | None = None
+    queue_ms: float = 0.0
+    encode_ms: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def transcript(self) -> str | None:
+        return self.info.get("transcript")
+
+
+@dataclass
+class ItemVectors:
+    """An item after every model has seen it: its named vectors (``model.modality``) and,
+    for speech, the transcript that was embedded."""
+
+    vectors: dict[str, np.ndarray] = field(default_factory=dict)
+    transcript: str | None = None
+
+
+# One item after the embedding step: its vectors, or why it failed.
+ItemOutcome = ItemVectors | ItemError
+
+
+@dataclass(frozen=True)
+class EncoderInfo:
+    name: str  # the vector space's name, e.g. demo-clip.image
+    dim: int
+    limits: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a loaded model is, as the encoder deployments report it to the HTTP layer and the
+    catalogue: no tensors, only what routing and the API need."""
+
+    name: str
+    space: str  # the model whose vector space its vectors live in (see ModelSpec.space)
+    family: str
+    device: str
+    dtype: str
+    encoders: dict[str, EncoderInfo]  # by modality
+    transcribes: bool = False  # answers a transcript with each audio vector
+    cacheable: bool = True  # same content, same vector: the embedding cache may answer for it
+
+    def native(self, modality: str) -> bool:
+        """Its vectors of this modality are its own (not borrowed from another model's tower)."""
+        return modality in self.encoders and (modality == "audio" or self.space == self.name)
+
+
+@dataclass(frozen=True)
+class QueryPlan:
+    """How a search query reaches the vector it searches."""
+
+    vector: str  # the named vector searched
+    model: str  # the model that encodes the query
+    modality: str  # what that model is given: the query's modality, or "text" for a transcript
+    transcribe_with: str | None = None  # speech through its transcript: this model first
+
+
+@dataclass(frozen=True)
+class JobStarted:
+    id: str
+
+
+@dataclass(frozen=True)
+class PathForbidden:
+    """The source names local files outside the folders server jobs may read."""
+
+    message: str
+
+
+@dataclass(frozen=True)
+class TooManyJobs:
+    running: int
+
+
+JobStart = JobStarted | PathForbidden | TooManyJobs
