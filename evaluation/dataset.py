@@ -13,7 +13,6 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mmembed.config import get_settings
 from mmembed.loaders.fetch import FetchLimits, fetch_sync
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
@@ -31,11 +30,11 @@ class Item:
     uri: str
     caption: str | None = None
 
-    def content(self) -> bytes | str:
+    def content(self, limits: FetchLimits = FetchLimits()) -> bytes | str:
         """Bytes for media, the text itself for text items."""
         if self.kind == "text":
             return self.caption or self.uri
-        return _read(self.uri)
+        return _read(self.uri, limits)
 
 
 @dataclass
@@ -45,14 +44,17 @@ class Query:
     value: str  # the text, or a path/URL
     relevant: set[str] = field(default_factory=set)
 
-    def content(self) -> bytes | str:
-        return self.value if self.kind == "text" else _read(self.value)
+    def content(self, limits: FetchLimits = FetchLimits()) -> bytes | str:
+        return self.value if self.kind == "text" else _read(self.value, limits)
 
 
 @dataclass
 class EvalSet:
     items: list[Item]
     queries: list[Query]
+    # URLs go through the same address policy, timeouts and size cap as every other fetch; the
+    # default refuses private addresses (the command line passes the configured policy).
+    fetch_limits: FetchLimits = field(default_factory=FetchLimits)
 
     def __post_init__(self) -> None:
         ids = {i.id for i in self.items}
@@ -66,12 +68,9 @@ class EvalSet:
                 raise DatasetError(f"query {q.id!r} has no relevant items")
 
 
-def _read(uri: str) -> bytes:
-    """URLs go through the same address policy, timeouts and size cap as every other fetch
-    (``MMEMBED_FETCH_ALLOW_PRIVATE`` / ``_ALLOW_HOSTS`` for an eval set on a private host)."""
+def _read(uri: str, limits: FetchLimits) -> bytes:
     if uri.startswith(("http://", "https://")):
-        settings = get_settings()
-        return fetch_sync(uri, FetchLimits(max_bytes=settings.max_image_bytes, policy=settings.url_policy()))
+        return fetch_sync(uri, limits)
     return Path(uri).read_bytes()
 
 
@@ -102,7 +101,7 @@ def _rows(path: Path) -> list[dict]:
     return rows
 
 
-def load_eval_set(items_path: Path, queries_path: Path) -> EvalSet:
+def load_eval_set(items_path: Path, queries_path: Path, fetch_limits: FetchLimits = FetchLimits()) -> EvalSet:
     items = []
     for n, row in enumerate(_rows(items_path), 1):
         if not row.get("id") or not (row.get("uri") or row.get("kind") == "text"):
@@ -119,7 +118,7 @@ def load_eval_set(items_path: Path, queries_path: Path) -> EvalSet:
         kind = given[0]
         value = row[kind] if kind == "text" else _resolve(row[kind], queries_path.parent)
         queries.append(Query(str(row["id"]), kind, value, {str(r) for r in row.get("relevant", [])}))
-    return EvalSet(items, queries)
+    return EvalSet(items, queries, fetch_limits)
 
 
 def write_eval_set(evalset: EvalSet, items_path: Path, queries_path: Path) -> None:

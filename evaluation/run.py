@@ -74,7 +74,10 @@ def evaluate_model(
         else:
             failed += 1
     for modality, rows in by_modality.items():
-        contents = [evalset.items[r].caption if modality == "caption" else evalset.items[r].content() for r in rows]
+        contents = [
+            evalset.items[r].caption if modality == "caption" else evalset.items[r].content(evalset.fetch_limits)
+            for r in rows
+        ]
         vectors, times, f = _timed_batches(
             embedder, "text" if modality == "caption" else modality, contents, batch_size
         )
@@ -88,7 +91,7 @@ def evaluate_model(
     per_query: dict[str, list[float]] = {f"recall@{k}": [] for k in KS} | {"mrr": [], "ndcg@10": []}
     for kind in sorted({q.kind for q in usable}):
         group = [q for q in usable if q.kind == kind]
-        vectors, _, _ = _timed_batches(embedder, kind, [q.content() for q in group], batch_size)
+        vectors, _, _ = _timed_batches(embedder, kind, [q.content(evalset.fetch_limits) for q in group], batch_size)
         scores = vectors @ item_vectors.T
         for q, row in zip(group, scores, strict=True):
             ranked = [evalset.items[j].id for j in np.argsort(-row, kind="stable")]
@@ -99,7 +102,7 @@ def evaluate_model(
     single = []
     for q in usable[:single_queries]:
         started = time.perf_counter()
-        embedder.embed(q.kind, [q.content()])
+        embedder.embed(q.kind, [q.content(evalset.fetch_limits)])
         single.append((time.perf_counter() - started) * 1000)
 
     result = ModelResult(

@@ -19,35 +19,32 @@ from __future__ import annotations
 
 import mimetypes
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from tenacity import retry, retry_if_exception, stop_after_attempt, wait_random_exponential
 from tqdm import tqdm
 
 from mmembed.config import Settings
-from mmembed.encoders import LoadedModel, Prepared, load, model_version
+from mmembed.contracts import ItemError
 from mmembed.encoders.remote.costs import Usage
 from mmembed.encoders.remote.costs import plan_line as remote_plan_line
 from mmembed.encoders.remote.costs import summary_line as remote_summary_line
+from mmembed.jobs.dataset import SourceDataset, make_loader
+from mmembed.jobs.encode import BatchEncoder, EncodedBatch, Loading, Models, unchanged_content
 from mmembed.jobs.state import DONE, JobStore, job_id
-from mmembed.loaders.audio import AudioLimits
 from mmembed.loaders.images import DecodeLimits
-from mmembed.loaders.sources import Loaded, SourceDataset, SourceItem, list_source, make_loader, s3_client_from_settings
-from mmembed.store.cache import EmbeddingCache, cache_key, open_cache
-from mmembed.store.catalog import Catalog, NewItem, vector_name
+from mmembed.loaders.sources import SourceItem, list_source, s3_client
+from mmembed.store.cache import EmbeddingCache, open_cache
+from mmembed.store.catalog import Catalog, NewItem
 from mmembed.store.objects import ObjectStoreError, object_store
-from mmembed.store.spaces import item_encoders, layout, transcriber
+from mmembed.store.spaces import transcriber
 from mmembed.store.vectors import DimensionError, StoreError, open_store, point_id
 
 DEFAULT_MODELS = ("demo-clip", "all-MiniLM-L6-v2", "whisper-base", "bind")
 ENGINES = ("local", "ray")
-
-# One item after the encode step: its vectors by name (and "_transcript"), or (code, message) on failure.
-Result = dict[str, Any] | tuple[str, str]
 
 
 def _transient(exc: BaseException) -> bool:
@@ -167,172 +164,14 @@ class Summary:
         ]
 
 
-class Models:
-    """The job's encoders, and which of them each kind of item goes through."""
-
-    def __init__(self, names: tuple[str, ...], settings: Settings) -> None:
-        self.loaded: dict[str, LoadedModel] = {n: load(n, settings) for n in names}
-        self.described = {n: m.describe() for n, m in self.loaded.items()}
-        self.versions = {n: model_version(m.spec, settings) for n, m in self.loaded.items()}
-        self.layout = layout(self.described)
-
-    def direct(self, kind: str) -> list[str]:
-        return [m for m, k in item_encoders(self.described, kind) if k == kind]
-
-    def text(self, kind: str) -> list[str]:
-        return [m for m, k in item_encoders(self.described, kind) if k == "text"]
-
-    def remote(self) -> dict[str, Any]:
-        """The remote text models' encoders (``RemoteEncoder``: they count tokens and keep a cost meter)."""
-        return {n: m.encoder("text") for n, m in self.loaded.items() if m.spec.family == "remote"}
-
-    def preprocessors(self) -> dict[str, Callable[[Any], dict[str, Prepared]]]:
-        """Per kind, one callable giving every direct model its own preprocessed input (a 64 px
-        demo-clip view and a 224 px ViT view of the same decoded image), run in the workers."""
-        out = {}
-        for kind in ("image", "audio"):
-            models = [(m, self.loaded[m].encoder(kind)) for m in self.direct(kind)]
-            if models:
-                out[kind] = _Preprocess(models)
-        return out
-
-
-class _Preprocess:
-    """A picklable callable (DataLoader workers may spawn)."""
-
-    def __init__(self, models: list) -> None:
-        self.models = models
-
-    def __call__(self, decoded: Any) -> dict[str, Prepared]:
-        return {name: encoder.preprocess(decoded) for name, encoder in self.models}
-
-
-@dataclass(frozen=True)
-class Loading:
-    """How to build the job's ``SourceDataset``, as plain data (model names, settings, limits, S3 endpoint):
-    the local engine's DataLoader workers inherit a dataset by fork, but a Ray task on another machine must
-    rebuild it from something that pickles small."""
-
-    models: tuple[str, ...]
-    settings: Settings
-    image_limits: DecodeLimits
-    audio_limits: AudioLimits
-    s3_config: dict[str, Any] | None = None
-    file_roots: tuple[str, ...] | None = None
-
-    def dataset(self, items: Sequence[SourceItem], models: Models) -> SourceDataset:
-        roots = None if self.file_roots is None else [Path(r) for r in self.file_roots]
-        return SourceDataset(items, models.preprocessors(), self.image_limits, self.audio_limits, self.s3_config,
-                             url_policy=self.settings.url_policy(), file_roots=roots)  # fmt: skip
-
-
-@dataclass
-class EncodedBatch:
-    """One batch after the encode step, whichever engine ran it: everything the write step needs."""
-
-    fresh: list[Loaded]  # new or changed content, and failures: each has a result in ``results``
-    unchanged: list[Loaded]  # the listing's version moved, the bytes did not: only the version is updated
-    results: dict[int, Result]  # by ``Loaded.index``
-    encode_s: float  # seconds spent in the encode step (cache lookups, forward passes)
-    remote_usage: dict[str, Usage] = field(default_factory=dict)  # what each remote model's calls cost
-
-    def __len__(self) -> int:
-        return len(self.fresh) + len(self.unchanged)
-
-
-def unchanged_content(loaded: Loaded, stored_hash: str | None) -> bool:
-    """Read fine and hashes like the point already stored for its URI: nothing to encode or store again."""
-    return loaded.error is None and stored_hash is not None and loaded.content_hash == stored_hash
-
-
-class BatchEncoder:
-    """The encode step of both engines: per direct model, cache lookups and one forward pass over the
-    misses, then captions and transcripts through every text tower. The local engine runs it in the
-    driving process, the ray engine in each encoder actor, so a vector never depends on the engine."""
-
-    def __init__(self, models: Models, cache: EmbeddingCache | None) -> None:
-        self.models, self.cache = models, cache
-
-    def encode_batch(
-        self, fresh: list[Loaded], unchanged: list[Loaded], items: Mapping[int, SourceItem]
-    ) -> EncodedBatch:
-        """``encode`` with its figures: the seconds it took and what the remote models' calls cost, read off
-        their meters here, in whichever process runs the step."""
-        meters = {name: encoder.meter for name, encoder in self.models.remote().items()}
-        before = {name: meter.snapshot() for name, meter in meters.items()}
-        started = time.perf_counter()
-        results = self.encode(fresh, items)
-        usage = {name: meter.snapshot() - before[name] for name, meter in meters.items()}
-        return EncodedBatch(fresh, unchanged, results, time.perf_counter() - started, usage)
-
-    def encode(
-        self, batch: Sequence[Loaded], items: Mapping[int, SourceItem], use_cache: bool = True, remote: bool = True
-    ) -> dict[int, Result]:
-        """``items``: the listed item of each loaded one, by ``Loaded.index``. ``remote=False`` skips
-        remote (paid, rate-limited) text models, as calibration must."""
-        out: dict[int, Any] = {}
-        good = [b for b in batch if b.error is None]
-        for b in batch:
-            out[b.index] = b.error if b.error is not None else {}
-        for kind in ("image", "audio"):
-            group = [b for b in good if items[b.index].kind == kind]
-            for model in self.models.direct(kind) if group else []:
-                self._encode_model(model, kind, group, out, use_cache)
-        self._encode_texts(batch, items, out, remote)
-        return out
-
-    def _encode_model(self, model: str, kind: str, group: list[Loaded], out: dict, use_cache: bool) -> None:
-        name, version = vector_name(model, kind), self.models.versions[model]
-        family = self.models.described[model]["family"]
-        cacheable = use_cache and self.cache is not None and family != "whisper"  # transcripts are not cached
-        keys = {b.index: cache_key(b.content_hash, model, version) for b in group}
-        hits = self.cache.get_many(model, list(keys.values())) if cacheable else {}  # type: ignore[union-attr]
-        misses = [b for b in group if keys[b.index] not in hits and isinstance(out[b.index], dict)]
-        for b in group:
-            if keys[b.index] in hits and isinstance(out[b.index], dict):
-                out[b.index][name] = hits[keys[b.index]]
-        if not misses:
-            return
-        results = self.models.loaded[model].encoder(kind).encode_prepared([b.prepared[model] for b in misses])
-        fresh = {}
-        for b, r in zip(misses, results, strict=True):
-            if not r.ok:
-                out[b.index] = (r.error.code or "encode_error", f"{model}: {r.error}")  # type: ignore[union-attr]
-                continue
-            out[b.index][name] = r.vector
-            fresh[keys[b.index]] = r.vector
-            if "transcript" in r.info:
-                out[b.index]["_transcript"] = r.info["transcript"]
-        if cacheable and fresh:
-            self.cache.put_many(model, fresh)  # type: ignore[union-attr]
-
-    def _encode_texts(
-        self, batch: Sequence[Loaded], items: Mapping[int, SourceItem], encoded: dict, remote: bool = True
-    ) -> None:
-        """Captions (images) and transcripts (audio) through every text tower. A text a remote provider
-        failed to embed past its retries makes the item a dead letter, to be retried, not a point without it."""
-        for kind in ("image", "audio"):
-            rows = [(b, encoded[b.index]) for b in batch
-                    if items[b.index].kind == kind and isinstance(encoded[b.index], dict)]  # fmt: skip
-            rows = [(b, r, items[b.index].caption if kind == "image" else r.get("_transcript")) for b, r in rows]
-            rows = [(b, r, words) for b, r, words in rows if words and words.strip()]
-            for model in self.models.text(kind) if rows else []:
-                if not remote and self.models.described[model]["family"] == "remote":
-                    continue
-                results = self.models.loaded[model].encoder("text").encode_items([w for _, _, w in rows])
-                for (b, r, _), result in zip(rows, results, strict=True):
-                    if result.ok:
-                        r[vector_name(model, "text")] = result.vector
-                    elif result.error is not None and result.error.code == "provider_failed":
-                        encoded[b.index] = (result.error.code, f"{model}: {result.error}")
-
-
 class Ingest:
     def __init__(self, options: IngestOptions, settings: Settings, catalog: Catalog | None = None,
                  cache: EmbeddingCache | bool | None = True, jobs: JobStore | None = None) -> None:  # fmt: skip
         self.options, self.settings = options, settings
-        self.catalog = catalog or Catalog(open_store(settings), object_store(settings))
-        self.cache = open_cache(settings) if cache is True else (cache or None)
+        self.catalog = catalog or Catalog(
+            open_store(settings.vectors_config()), object_store(settings.objects_config())
+        )
+        self.cache = open_cache(settings.cache_config()) if cache is True else (cache or None)
         self.jobs = jobs or JobStore(settings.data_dir.expanduser() / "jobs.sqlite")
         self.job = job_id(options.source, options.job_config(settings))
         self._models: Models | None = None
@@ -351,7 +190,7 @@ class Ingest:
 
     def _s3_client(self) -> Any:
         if self._s3 is None and (self.options.source.startswith("s3://") or self.settings.s3_bucket):
-            self._s3 = s3_client_from_settings(self.settings)
+            self._s3 = s3_client(self.settings.s3_endpoint_url, self.settings.s3_region)
         return self._s3
 
     # --- plan ------------------------------------------------------------------------------
@@ -445,9 +284,20 @@ class Ingest:
         """The encoded batches of ``todo`` (indexes into it), from the engine the options name; a context,
         because the ray engine may start Ray and must stop it however the run ends."""
         if self.options.engine == "ray":
-            from mmembed.jobs.ray_engine import ray_batches  # Ray is imported only by jobs that use it
+            from mmembed.jobs.ray_engine import RayJob, ray_batches  # Ray is imported only by jobs that use it
 
-            return ray_batches(self, todo, progress)
+            o = self.options
+            job = RayJob(
+                o.models,
+                o.batch_size,
+                o.ray_encoders,
+                o.num_gpus_per_encoder,
+                self.loading(todo),
+                self.settings,
+                self.catalog,
+                self.cache,
+            )
+            return ray_batches(job, todo, progress)
         return nullcontext(self._local_batches(todo))
 
     def _local_batches(self, todo: list[SourceItem]) -> Iterator[EncodedBatch]:
@@ -501,16 +351,15 @@ class Ingest:
         items, written = [], []
         for b in batch.fresh:
             result = batch.results[b.index]
-            if isinstance(result, tuple):
-                self.jobs.dead_letter(self.job, b.uri, result[0], result[1], attempts=1)
+            if isinstance(result, ItemError):
+                self.jobs.dead_letter(self.job, b.uri, result.code, result.message, attempts=1)
                 summary.failed += 1
                 continue
             source = todo[b.index]
-            transcript = result.pop("_transcript", None)
             media_type = mimetypes.guess_type(source.uri.split("?")[0])[0] or f"{source.kind}/octet-stream"
             items.append(NewItem(data=b.data, kind=source.kind, media_type=media_type,
-                                 vectors=result, source_uri=source.uri, filename=source.uri.rsplit("/", 1)[-1],
-                                 caption=source.caption, transcript=transcript, meta=source.meta,
+                                 vectors=result.vectors, source_uri=source.uri, filename=source.uri.rsplit("/", 1)[-1],
+                                 caption=source.caption, transcript=result.transcript, meta=source.meta,
                                  source=self.options.source, source_version=source.version))  # fmt: skip
             written.append(b.uri)
         if items:

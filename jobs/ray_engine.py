@@ -32,22 +32,21 @@ from collections.abc import Generator, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import ray
 import ray.data
 
 from mmembed.config import Settings
+from mmembed.contracts import ItemOutcome
 from mmembed.encoders.remote.costs import Usage
-from mmembed.jobs.ingest import BatchEncoder, EncodedBatch, Loading, Models, Result, unchanged_content
-from mmembed.loaders.sources import Loaded, SourceItem
+from mmembed.jobs.dataset import Loaded
+from mmembed.jobs.encode import BatchEncoder, EncodedBatch, Loading, Models, unchanged_content
+from mmembed.loaders.sources import SourceItem
 from mmembed.store.cache import CacheStats, EmbeddingCache, RedisCache, SqliteCache
 from mmembed.store.catalog import Catalog
 from mmembed.store.vectors import point_id
-
-if TYPE_CHECKING:
-    from mmembed.jobs.ingest import Ingest
 
 # Enough blocks for every CPU of a large cluster to get decode work, few enough that per-block
 # scheduling stays negligible: a job of a million items gets blocks of about a thousand.
@@ -135,15 +134,29 @@ class EncodeBatches:
         return out
 
 
+@dataclass(frozen=True)
+class RayJob:
+    """What the engine needs of a job (``Ingest`` builds it), so the engine knows nothing of ``Ingest``."""
+
+    models: tuple[str, ...]
+    batch_size: int
+    encoders: int  # encoder actors, each with its own copy of the job's models
+    num_gpus_per_encoder: float
+    loading: Loading
+    settings: Settings
+    catalog: Catalog
+    cache: EmbeddingCache | None
+
+
 @contextmanager
-def ray_batches(ingest: Ingest, todo: list[SourceItem], progress: bool = True) -> Iterator[Iterator[EncodedBatch]]:
+def ray_batches(job: RayJob, todo: list[SourceItem], progress: bool = True) -> Iterator[Iterator[EncodedBatch]]:
     """The encoded batches of ``todo``, for ``Ingest.run`` to write. Connects to the Ray cluster this
     process already has (a Serve replica's, a test's) or starts one as ``ray.init()`` would (``RAY_ADDRESS``
     names a cluster), and shuts down only one it started."""
     started_here = not ray.is_initialized()
     if started_here:
         ray.init()
-    batches = _batches(ingest, todo, progress)
+    batches = _batches(job, todo, progress)
     try:
         yield batches
     finally:
@@ -152,40 +165,38 @@ def ray_batches(ingest: Ingest, todo: list[SourceItem], progress: bool = True) -
             ray.shutdown()
 
 
-def _batches(ingest: Ingest, todo: list[SourceItem], progress: bool) -> Generator[EncodedBatch, None, None]:
+def _batches(job: RayJob, todo: list[SourceItem], progress: bool) -> Generator[EncodedBatch, None, None]:
     if not todo:
         return
-    options = ingest.options
-    stored = _stored_hashes(ingest.catalog, todo)
+    stored = _stored_hashes(job.catalog, todo)
     rows = [{"index": n, "item": pickle.dumps(item), "stored_hash": stored.get(point_id(item.uri), "")}
             for n, item in enumerate(todo)]  # fmt: skip
-    blocks = min(MAX_BLOCKS, math.ceil(len(rows) / options.batch_size))
+    blocks = min(MAX_BLOCKS, math.ceil(len(rows) / job.batch_size))
     # Decoding needs no accelerator: its models load on the CPU whatever the job's device.
-    loading = ingest.loading(todo)
-    loading = dataclasses.replace(loading, settings=loading.settings.model_copy(update={"device": "cpu"}))
-    cache = CacheAddress.of(ingest.cache) if ingest.cache is not None else None
+    loading = dataclasses.replace(job.loading, settings=job.loading.settings.model_copy(update={"device": "cpu"}))
+    cache = CacheAddress.of(job.cache) if job.cache is not None else None
     dataset = (
         ray.data.from_items(rows, override_num_blocks=blocks)
-        .map_batches(decode_batch, fn_kwargs={"loading": loading}, batch_size=options.batch_size)
+        .map_batches(decode_batch, fn_kwargs={"loading": loading}, batch_size=job.batch_size)
         .map_batches(
             EncodeBatches,
-            fn_constructor_kwargs={"models": options.models, "settings": _encoder_settings(ingest), "cache": cache},
-            batch_size=options.batch_size,
-            compute=ray.data.ActorPoolStrategy(size=options.ray_encoders),
-            num_gpus=options.num_gpus_per_encoder,
+            fn_constructor_kwargs={"models": job.models, "settings": _encoder_settings(job), "cache": cache},
+            batch_size=job.batch_size,
+            compute=ray.data.ActorPoolStrategy(size=job.encoders),
+            num_gpus=job.num_gpus_per_encoder,
         )
     )
     dataset.context.enable_progress_bars = progress  # the driver's own bar counts written items
-    for batch in dataset.iter_batches(batch_size=options.batch_size, batch_format="numpy"):
-        if ingest.cache is not None:
+    for batch in dataset.iter_batches(batch_size=job.batch_size, batch_format="numpy"):
+        if job.cache is not None:
             for name in CACHE_COUNTS:
-                setattr(ingest.cache.stats, name, getattr(ingest.cache.stats, name) + int(batch[f"cache_{name}"].sum()))
+                setattr(job.cache.stats, name, getattr(job.cache.stats, name) + int(batch[f"cache_{name}"].sum()))
         yield _encoded(batch)
 
 
 def _encoded(batch: dict[str, np.ndarray]) -> EncodedBatch:
     loaded: list[Loaded] = [_unpickled(row) for row in batch["loaded"]]
-    results: list[Result | None] = [_unpickled(row) for row in batch["result"]]
+    results: list[ItemOutcome | None] = [_unpickled(row) for row in batch["result"]]
     fresh, unchanged, by_index = [], [], {}
     usage: dict[str, Usage] = {}
     for row in batch["remote_usage"]:
@@ -200,11 +211,11 @@ def _encoded(batch: dict[str, np.ndarray]) -> EncodedBatch:
     return EncodedBatch(fresh, unchanged, by_index, float(batch["encode_s"].sum()), usage)
 
 
-def _encoder_settings(ingest: Ingest) -> Settings:
+def _encoder_settings(job: RayJob) -> Settings:
     """Ray hides no GPU from an actor that reserved none, so "auto" there means the CPU: an actor never
     takes a GPU the scheduler has not given it. A device named outright is the operator's call."""
-    settings = ingest.settings
-    if ingest.options.num_gpus_per_encoder == 0 and settings.device == "auto":
+    settings = job.settings
+    if job.num_gpus_per_encoder == 0 and settings.device == "auto":
         return settings.model_copy(update={"device": "cpu"})
     return settings
 

@@ -1,50 +1,35 @@
-"""Where a bulk catalogue job's items come from, and the worker-side step that turns each into a
-preprocessed item or a recorded failure.
+"""Where a bulk catalogue job's items come from, and how each one's bytes are read.
 
 A source is a local folder, a manifest (CSV, JSONL or Parquet) naming files, S3 objects or URLs, an
 ``s3://bucket/prefix``, or a ``.txt`` list of http(s) URLs. Listing happens once, in the driving
 process, and yields plain ``SourceItem`` records sorted by URI, so a job is deterministic and can
-be resumed or diffed by URI and ``version``. Reading, hashing, decoding and preprocessing happen in
-DataLoader worker processes (``SourceDataset``), where every failure becomes a ``Loaded`` with an
-error code instead of an exception: one unreadable object must never stop a run of millions.
+be resumed or diffed by URI and ``version``. Reading happens later, item by item, in the job's
+DataLoader workers (``jobs.dataset``); every failure is a ``SourceError`` with a stable code.
 
 URLs are fetched through ``loaders.fetch`` under the same address (SSRF) policy as the API's URL
 inputs, strict by default: a job can be submitted over HTTP, and a public listing can name, or
-redirect to, the metadata endpoint or a private service. ``SourceDataset(url_policy=...)`` (or
-``read_item(url_policy=...)``) allow-lists what a deployment means to read from its own network.
+redirect to, the metadata endpoint or a private service. ``read_item(url_policy=...)`` allow-lists
+what a deployment means to read from its own network.
 """
 
 from __future__ import annotations
 
 import csv
-import dataclasses
-import hashlib
 import json
-import multiprocessing
 import os
-import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import unquote, urlsplit
 from urllib.request import url2pathname
 
 import boto3.session
-import torch
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
-from tenacity import retry, retry_if_exception, stop_after_attempt, wait_random_exponential
-from torch.utils.data import DataLoader, Dataset
 
-from mmembed.encoders.base import Prepared
-from mmembed.loaders.audio import SUPPORTED_FORMATS, AudioLimits, sniff_format
 from mmembed.loaders.fetch import FetchError, FetchLimits, fetch_sync
-from mmembed.loaders.images import DecodeLimits, decode_image
 from mmembed.loaders.url_policy import STRICT_POLICY, PolicyClient, UrlPolicy
-
-if TYPE_CHECKING:
-    from mmembed.config import Settings
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 AUDIO_EXTENSIONS = frozenset(
@@ -323,10 +308,9 @@ def _s3_code(exc: ClientError) -> str:
 # Reading
 
 
-def s3_config_from_settings(settings: Settings) -> dict[str, Any]:
-    """Keyword arguments for ``boto3.client("s3", ...)`` (also ``SourceDataset``'s ``s3_config``): endpoint
-    and region from settings, credentials from boto3's usual chain so none is ever written down."""
-    endpoint = settings.s3_endpoint_url
+def s3_client_config(endpoint: str | None = None, region: str | None = None) -> dict[str, Any]:
+    """Keyword arguments for ``boto3.client("s3", ...)`` (also the job dataset's ``s3_config``): endpoint
+    and region as configured, credentials from boto3's usual chain so none is ever written down."""
     config = Config(
         retries={"mode": "standard", "max_attempts": 5},
         connect_timeout=5,
@@ -335,12 +319,12 @@ def s3_config_from_settings(settings: Settings) -> dict[str, Any]:
         # Self-hosted servers (MinIO, SeaweedFS) answer at endpoint/bucket/key; see store.objects.
         s3={"addressing_style": "path" if endpoint else "virtual"},
     )
-    return {"endpoint_url": endpoint, "region_name": settings.s3_region, "config": config}
+    return {"endpoint_url": endpoint, "region_name": region, "config": config}
 
 
-def s3_client_from_settings(settings: Settings) -> Any:
+def s3_client(endpoint: str | None = None, region: str | None = None) -> Any:
     # A session of its own: the default session caches the first credentials it finds process-wide.
-    return boto3.session.Session().client("s3", **s3_config_from_settings(settings))
+    return boto3.session.Session().client("s3", **s3_client_config(endpoint, region))
 
 
 def read_item(
@@ -457,173 +441,3 @@ def _read_http(uri: str, client: PolicyClient, max_bytes: int, timeout_s: float)
         return fetch_sync(uri, limits, client=client)
     except FetchError as exc:
         raise SourceError(str(exc), _FETCH_CODES.get(exc.code, exc.code)) from exc
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading in DataLoader workers
-
-
-@dataclass
-class Loaded:
-    index: int
-    uri: str
-    content_hash: str | None
-    prepared: Prepared | None
-    error: tuple[str, str] | None
-    read_ms: float
-    decode_ms: float
-    data: bytes | None = None  # the bytes read, for the job to store the object it embedded
-
-    def pin_memory(self) -> Loaded:
-        """Called by the DataLoader's pin thread (``pin_memory=True``); without it the loader would
-        pass this object through untouched and nothing would be pinned. ``prepared`` may also be
-        one Prepared per model (a job with several models of one modality)."""
-        if isinstance(self.prepared, dict):
-            return dataclasses.replace(self, prepared={k: _pinned(p) for k, p in self.prepared.items()})
-        return self if self.prepared is None else dataclasses.replace(self, prepared=_pinned(self.prepared))
-
-
-def _pinned(prepared: Prepared) -> Prepared:
-    if not isinstance(prepared.data, torch.Tensor):
-        return prepared
-    return Prepared(prepared.data.pin_memory(), prepared.info)
-
-
-Preprocessor = Callable[[Any], Prepared]
-
-
-class SourceDataset(Dataset[Loaded]):
-    """Items -> ``Loaded``, one per index, never an exception.
-
-    Images are decoded here (``decode_image``) and handed to ``preprocessors['image']`` as RGB
-    Pillow images; audio goes to ``preprocessors['audio']`` as the bytes read, since the audio
-    encoders decode (and resample) bytes themselves. Each read is capped at the decoder's own
-    ``max_bytes`` for the item's kind, so nothing larger than it would accept is ever buffered.
-    S3 and HTTP clients are made lazily in each worker process: they hold sockets and cannot be
-    pickled or shared across a fork. URLs are read under ``url_policy`` (``loaders.url_policy``;
-    default: public addresses only).
-    """
-
-    def __init__(
-        self,
-        items: Sequence[SourceItem],
-        preprocessors: Mapping[str, Preprocessor],
-        image_limits: DecodeLimits = DecodeLimits(),
-        audio_limits: AudioLimits = AudioLimits(),
-        s3_config: Mapping[str, Any] | None = None,
-        timeout_s: float = 30,
-        url_policy: UrlPolicy = STRICT_POLICY,
-        file_roots: Sequence[Path] | None = None,
-    ) -> None:
-        self.items = list(items)
-        self.preprocessors = dict(preprocessors)
-        self.image_limits, self.audio_limits = image_limits, audio_limits
-        self.s3_config = dict(s3_config or {})
-        self.timeout_s = timeout_s
-        self.url_policy = url_policy
-        self.file_roots = tuple(file_roots) if file_roots is not None else None
-        self._pid: int | None = None
-        self._s3: Any = None
-        self._http: PolicyClient | None = None
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getstate__(self) -> dict[str, Any]:
-        """Spawned workers get the dataset pickled: clients stay behind and are made anew there."""
-        return self.__dict__ | {"_pid": None, "_s3": None, "_http": None}
-
-    def __getitem__(self, index: int) -> Loaded:
-        item = self.items[index]
-        preprocess = self.preprocessors.get(item.kind)
-        if preprocess is None:  # known before any I/O: no reason to fetch what cannot be encoded
-            message = f"this job encodes {', '.join(self.preprocessors) or 'nothing'}, not {item.kind}"
-            return Loaded(index, item.uri, None, None, ("unsupported_kind", message), 0.0, 0.0)
-        started = time.perf_counter()
-        try:
-            data = _retry_transient(self._read, item)
-        except Exception as exc:  # a worker that raises ends the whole run
-            return Loaded(index, item.uri, None, None, _failure(exc), _ms_since(started), 0.0)
-        read_ms = _ms_since(started)
-        content_hash = hashlib.sha256(data).hexdigest()
-        started = time.perf_counter()
-        try:
-            prepared = self._prepare(item, data, preprocess)
-        except Exception as exc:
-            return Loaded(index, item.uri, content_hash, None, _failure(exc), read_ms, _ms_since(started))
-        return Loaded(index, item.uri, content_hash, prepared, None, read_ms, _ms_since(started), data)
-
-    def _read(self, item: SourceItem) -> bytes:
-        if self._pid != os.getpid():  # first use in this process, or inherited through a fork
-            self._pid, self._s3, self._http = os.getpid(), None, None
-        s3 = None
-        if item.uri.startswith("s3://"):
-            if self._s3 is None:
-                self._s3 = boto3.session.Session().client("s3", **self.s3_config)
-            s3 = self._s3
-        elif item.uri.startswith(("http://", "https://")) and self._http is None:
-            self._http = PolicyClient(self.url_policy)
-        max_bytes = self.image_limits.max_bytes if item.kind == "image" else self.audio_limits.max_bytes
-        return read_item(item, s3, max_bytes=max_bytes, timeout_s=self.timeout_s, http_client=self._http,
-                         file_roots=self.file_roots)  # fmt: skip
-
-    def _prepare(self, item: SourceItem, data: bytes, preprocess: Preprocessor) -> Prepared:
-        if item.kind == "image":
-            return preprocess(decode_image(data, self.image_limits))
-        # Any audio encoder, built-in or registered, sees only a container it could decode.
-        if sniff_format(data) is None:
-            raise SourceError(
-                f"not a supported audio format (supported: {', '.join(SUPPORTED_FORMATS)})", "unsupported_format"
-            )
-        return preprocess(data)
-
-
-# Worth another try after a pause: the network or the S3 endpoint, not the item itself.
-TRANSIENT_CODES = {"url_unreachable", "url_timeout", "s3_error"}
-_retry_transient = retry(
-    retry=retry_if_exception(lambda e: isinstance(e, SourceError) and e.code in TRANSIENT_CODES),
-    stop=stop_after_attempt(4),
-    wait=wait_random_exponential(multiplier=0.2, max=5),
-    reraise=True,
-)(lambda read, item: read(item))
-
-
-def _failure(exc: Exception) -> tuple[str, str]:
-    """Every error this project raises on purpose has a ``code``; anything else is a bug worth
-    seeing by its type, recorded rather than raised."""
-    code = getattr(exc, "code", None)
-    if isinstance(code, str) and code:
-        return code, str(exc)
-    return "internal_error", f"{type(exc).__name__}: {exc}"
-
-
-def _ms_since(started: float) -> float:
-    return (time.perf_counter() - started) * 1000.0
-
-
-def _as_list(batch: list[Loaded]) -> list[Loaded]:
-    """Collate that keeps a batch as its items: their ``prepared`` data differ in shape and type,
-    and failures have none, so stacking is the encoder's job on the good ones."""
-    return batch
-
-
-def make_loader(
-    dataset: SourceDataset, batch_size: int, workers: int, device: str = "cpu", prefetch: int = 2
-) -> DataLoader[Loaded]:
-    """At most ``workers * prefetch`` batches are in flight, so memory stays bounded however large
-    the source. Workers fork on Linux: the encoders' preprocessors are plain objects, and forking
-    skips re-importing torch and pickling the dataset in every worker."""
-    context = None
-    if workers > 0 and "fork" in multiprocessing.get_all_start_methods():
-        context = multiprocessing.get_context("fork")
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=workers,
-        collate_fn=_as_list,
-        pin_memory=str(device).startswith("cuda"),
-        prefetch_factor=prefetch if workers > 0 else None,
-        persistent_workers=False,
-        multiprocessing_context=context,
-    )

@@ -199,42 +199,6 @@ def transcribe(
             console.print(f"  [{seg['start']:6.2f} -> {seg['end']:6.2f}] {seg['text']}")
 
 
-@app.command("embed")
-def embed(
-    folder: Annotated[Path, typer.Argument(help="Folder of images (searched recursively).")],
-    model: Annotated[str, typer.Option(help="Model name (see `mmembed models list`).")] = "demo-clip",
-    out: Annotated[Path | None, typer.Option(help="Output folder; default DATA_DIR/embeddings/MODEL.")] = None,
-    batch_size: Annotated[int, typer.Option()] = 32,
-    workers: Annotated[int, typer.Option(help="DataLoader worker processes for decoding.")] = 1,
-    query: Annotated[list[str] | None, typer.Option(help="Text queries to try against the result.")] = None,
-) -> None:
-    """Embed every image in a folder; writes vectors.npy and items.jsonl."""
-    from mmembed.encoders import EncoderError, Modality, load
-    from mmembed.jobs.embed_folder import embed_folder
-    from mmembed.loaders import DecodeLimits
-
-    settings = get_settings()
-    try:
-        loaded = load(model, settings)
-    except EncoderError as exc:
-        _fail(exc)
-    out = out or settings.data_dir.expanduser() / "embeddings" / loaded.spec.name
-    limits = DecodeLimits(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
-    summary = embed_folder(folder, loaded.encoder(Modality.IMAGE), out, limits, batch_size, workers)
-    console.print(
-        f"embedded {summary.embedded}/{summary.files} images from {folder} with {model} "
-        f"({summary.dim}-d, {loaded.device}, {summary.images_per_second:.1f} images/s) -> {out}"
-    )
-    for path, error in summary.failed.items():
-        console.print(f"[yellow]skipped[/yellow] {path}: {error}")
-    if query:
-        from mmembed.demo.files import top_matches
-
-        for q in query:
-            hits = top_matches(loaded.encoder(Modality.TEXT), q, out)
-            console.print(f"query {q!r}: " + ", ".join(f"{p} ({s:.2f})" for p, s in hits))
-
-
 @app.command("serve")
 def serve_command(
     config: Annotated[Path | None, typer.Option(help="Serve config YAML (the file `serve run` takes).")] = None,
@@ -350,6 +314,7 @@ def eval_command(
     from mmembed.evaluation.embedders import HttpEmbedder, LocalEmbedder
     from mmembed.evaluation.report import write_report
     from mmembed.evaluation.run import Costs, evaluate_model
+    from mmembed.loaders.fetch import FetchLimits
 
     if demo:
         items, queries = build_demo_set(out / "data")
@@ -358,7 +323,9 @@ def eval_command(
     if items is None or queries is None or not model:
         _fail(ValueError("give --items, --queries and at least one --model (or --demo)"))
     try:
-        evalset = load_eval_set(items, queries)
+        settings = get_settings()
+        limits = FetchLimits(max_bytes=settings.max_image_bytes, policy=settings.url_policy())
+        evalset = load_eval_set(items, queries, limits)
     except (DatasetError, OSError) as exc:
         _fail(exc)
     costs = Costs(corpus_size, price_per_hour, traffic_qps)

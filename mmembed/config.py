@@ -3,6 +3,11 @@
 Every field can be set by an environment variable (``MMEMBED_`` + the field name in
 capitals, e.g. ``MMEMBED_MODELS_DIR``) or passed explicitly; the Serve config YAML feeds
 the same fields. Nothing else in the project reads the environment.
+
+Only entry points read ``Settings`` (the command line, the Serve app builder, the job runner,
+eval); they hand the layers below the small typed configs those declare (``models_config()``,
+``vectors_config()``, ``objects_config()``, ``cache_config()``, ``url_policy()``), so a layer
+can be used, and tested, without this module.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from mmembed.store.config import CacheConfig, ObjectsConfig, VectorsConfig
 
 if TYPE_CHECKING:
     from mmembed.loaders.url_policy import UrlPolicy
@@ -175,7 +182,7 @@ class Settings(BaseSettings):
         return tuple(str(p.expanduser()) for p in self.ingest_roots or [self.data_dir])
 
     def url_policy(self) -> UrlPolicy:
-        from mmembed.loaders.url_policy import UrlPolicy  # loaders import this module: import on use
+        from mmembed.loaders.url_policy import UrlPolicy  # httpx and friends: only for what fetches URLs
 
         return UrlPolicy(self.fetch_allow_private, self.fetch_allow_hosts)
 
@@ -223,6 +230,25 @@ class Settings(BaseSettings):
 
         folder = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR")
         return Path(folder) if folder else Path(tempfile.gettempdir()) / "data-gym-cache"
+
+    def vectors_config(self) -> VectorsConfig:
+        return VectorsConfig(self.vectors_path, self.collection, self.qdrant_url, self.qdrant_api_key)
+
+    def objects_config(self) -> ObjectsConfig:
+        return ObjectsConfig(
+            self.objects_path,
+            self.s3_bucket,
+            self.s3_prefix,
+            self.s3_endpoint_url,
+            self.s3_region,
+            self.s3_public_base_url,
+            self.s3_presign_seconds,
+        )
+
+    def cache_config(self) -> CacheConfig:
+        return CacheConfig(
+            self.cache_url, self.data_dir.expanduser() / "cache.sqlite", self.cache_ttl_seconds, self.cache_max_entries
+        )
 
     @property
     def vectors_path(self) -> Path:

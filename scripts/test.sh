@@ -1,13 +1,22 @@
 #!/usr/bin/env bash
-# Install everything, then run the whole test suite. Needs espeak-ng, ffmpeg, redis-server and
-# chromium on PATH (Debian: apt-get install -y espeak-ng ffmpeg redis-server chromium); .ci/run
-# installs them.
+# Install everything, then check the layout and run the tests.
+#   scripts/test.sh [PYTEST ARGS]          everything: the README's test command, and CI's
+#   scripts/test.sh --fast [PYTEST ARGS]   the fast lane while working: no Ray, browser, subprocess
+#                                          or slow tests (see the markers in pyproject.toml)
+# Needs espeak-ng, ffmpeg, redis-server and chromium on PATH (Debian: apt-get install -y espeak-ng
+# ffmpeg redis-server chromium); .ci/run installs them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+lane=()
+if [ "${1:-}" = "--fast" ]; then
+  shift
+  lane=(-m "not (ray or browser or subprocess or slow)")
+fi
 for tool in espeak-ng ffmpeg redis-server chromium; do
   command -v "$tool" >/dev/null || { echo "missing $tool: apt-get install -y espeak-ng ffmpeg redis-server chromium" >&2; exit 1; }
 done
 bash scripts/setup.sh
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-.venv/bin/python -m pytest "$@"
+bash scripts/lint-imports.sh
+.venv/bin/python -m pytest "${lane[@]}" "$@"

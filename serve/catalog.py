@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 class CatalogDeployment:
     def __init__(self) -> None:
         self.settings = get_settings()
-        self.catalog = Catalog(open_store(self.settings), object_store(self.settings))
+        self.catalog = Catalog(open_store(self.settings.vectors_config()), object_store(self.settings.objects_config()))
         self.layout: dict[str, int] | None = None
         self.jobs = JobStore(self.settings.data_dir.expanduser() / "jobs.sqlite")
         self.roots = self.settings.server_ingest_roots()  # clients name the paths: read only inside these

@@ -75,7 +75,7 @@ class EncoderDeployment:
         )
         # The same embedding cache bulk jobs use (key: content, model, weights version).
         # Transcribing models are not cached: their transcript is part of the answer.
-        self.cache = open_cache(settings) if self.model.spec.family != "whisper" else None
+        self.cache = open_cache(settings.cache_config()) if self.model.spec.family != "whisper" else None
         self.version = model_version(self.model.spec, settings)
         batch = self.config.batch
         self._seconds_per_item: dict[Modality, float] = {}

@@ -291,7 +291,7 @@ class Ingress:
     ) -> None:
         self.encoders, self.catalog, self.config = encoders, catalog, ServeConfig.model_validate(config)
         settings = get_settings()
-        self.objects = object_store(settings)
+        self.objects = object_store(settings.objects_config())
         app.state.api_keys = ApiKeys.from_strings(*settings.api_keys(), settings.open_reads)
         app.state.cors_origins = tuple(settings.cors_origins)
         self.vectors: dict[str, int] | None = None

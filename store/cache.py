@@ -27,7 +27,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from mmembed.config import Settings
+from mmembed.store.config import CacheConfig
 
 logger = logging.getLogger(__name__)
 
@@ -511,14 +511,14 @@ def _batched(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
         yield batch
 
 
-def open_cache(settings: Settings) -> EmbeddingCache | None:
-    """The cache ``settings.cache_url`` names; None when it is off."""
-    url = settings.cache_url
-    limits: dict[str, Any] = {"ttl_seconds": settings.cache_ttl_seconds, "max_entries": settings.cache_max_entries}
+def open_cache(config: CacheConfig) -> EmbeddingCache | None:
+    """The cache ``config.url`` names; None when it is off."""
+    url = config.url
+    limits: dict[str, Any] = {"ttl_seconds": config.ttl_seconds, "max_entries": config.max_entries}
     if url == "off":
         return None
     if url == "sqlite":
-        return SqliteCache(settings.data_dir.expanduser() / "cache.sqlite", **limits)
+        return SqliteCache(config.sqlite_path, **limits)
     if url.startswith("sqlite:///") and len(url) > len("sqlite:///"):
         return SqliteCache(Path(url.removeprefix("sqlite://")), **limits)
     if url.startswith(("redis://", "rediss://")):

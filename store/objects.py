@@ -26,7 +26,7 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
-from mmembed.config import Settings
+from mmembed.store.config import ObjectsConfig
 
 
 class ObjectStoreError(Exception):
@@ -346,14 +346,14 @@ def object_key(content_hash: str, filename: str | None, content_type: str) -> st
     return f"{content_hash[:2]}/{content_hash}{ext or ''}"
 
 
-def object_store(settings: Settings) -> ObjectStore:
-    if settings.s3_bucket:
+def object_store(config: ObjectsConfig) -> ObjectStore:
+    if config.s3_bucket:
         return S3Objects(
-            settings.s3_bucket,
-            settings.s3_prefix,
-            settings.s3_endpoint_url,
-            settings.s3_region,
-            settings.s3_public_base_url,
-            settings.s3_presign_seconds,
+            config.s3_bucket,
+            config.s3_prefix,
+            config.s3_endpoint_url,
+            config.s3_region,
+            config.s3_public_base_url,
+            config.s3_presign_seconds,
         )
-    return LocalObjects(settings.objects_path)
+    return LocalObjects(config.path)

@@ -29,10 +29,9 @@ import numpy as np
 import qdrant_edge as edge
 from qdrant_client import QdrantClient, models
 
-from mmembed.config import Settings
+from mmembed.store.config import VectorsConfig
 
 Vector = Sequence[float] | np.ndarray
-IndexKind = Literal["keyword", "integer", "float", "bool"]
 _RANGE_OPERATORS = ("gt", "gte", "lt", "lte")
 _SCROLL_PAGE = 1024
 
@@ -661,15 +660,15 @@ class ClientStore(VectorStore):
                 return ids
 
 
-def open_store(settings: Settings) -> VectorStore:
+def open_store(config: VectorsConfig) -> VectorStore:
     """The configured backend, not yet opened: embedded Qdrant Edge unless a Qdrant URL (or ':memory:') is set."""
-    if settings.qdrant_url is None:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", settings.collection):
+    if config.qdrant_url is None:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", config.collection):
             raise StoreError(
-                f"collection name {settings.collection!r} must be letters, digits, '.', '_' or '-' "
+                f"collection name {config.collection!r} must be letters, digits, '.', '_' or '-' "
                 "(it names a folder under the vectors directory)"
             )
-        return EdgeStore(settings.vectors_path / settings.collection)
-    if settings.qdrant_url == ":memory:":
-        return ClientStore(QdrantClient(location=":memory:"), settings.collection)
-    return ClientStore(QdrantClient(url=settings.qdrant_url, api_key=settings.qdrant_api_key), settings.collection)
+        return EdgeStore(config.path / config.collection)
+    if config.qdrant_url == ":memory:":
+        return ClientStore(QdrantClient(location=":memory:"), config.collection)
+    return ClientStore(QdrantClient(url=config.qdrant_url, api_key=config.qdrant_api_key), config.collection)

@@ -78,6 +78,13 @@ def ray_cluster(settings: Settings) -> Iterator[int]:
     ray.shutdown()
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test that uses the Ray cluster is in the ``ray`` tier, however it reaches it."""
+    for item in items:
+        if "ray_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)
+
+
 # Real S3 (SeaweedFS `weed mini`) and Redis servers, started only for the tests that ask for them.
 from redis_server import RedisProcess, redis_process, redis_server  # noqa: E402, F401
 from s3 import LOGS as S3_LOGS  # noqa: E402

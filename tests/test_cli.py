@@ -1,6 +1,5 @@
 """The `mmembed` console script, run as a user runs it (a subprocess, its own data dir)."""
 
-import json
 import os
 import re
 import subprocess
@@ -25,20 +24,14 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("cli-data")
 
 
-def test_render_then_embed_a_folder_and_query_it(data_dir: Path) -> None:
+def test_render_then_ingest_a_folder_with_one_model(data_dir: Path) -> None:
     images = data_dir / "demo-images"
     assert "rendered 60 scenes" in _run(data_dir, "demo", "render", str(images)).stdout
-    out = _run(data_dir, "embed", str(images), "--query", "red circle").stdout
-    assert re.search(r"embedded 60/60 images .* with demo-clip \(128-d", out), out
-    captions = {
-        json.loads(line)["file"]: json.loads(line)["objects"]
-        for line in (images / "captions.jsonl").read_text().splitlines()
-    }
-    hits = re.search(r"query 'red circle': (scene-\d+\.jpg)", out)
-    assert hits, out
-    assert any(o["colour"] == "red" and o["shape"] == "circle" for o in captions[hits.group(1)])
-    vectors = data_dir / "embeddings" / "demo-clip" / "vectors.npy"
-    assert vectors.stat().st_size > 60 * 128 * 4
+    out = _run(data_dir, "ingest", str(images), "--model", "demo-clip", "--workers", "0").stdout
+    assert re.search(r"60 items in the source", out), out
+    assert re.search(r"job \w+: 60 written, 0 unchanged content .* 0 failed", out), out
+    again = _run(data_dir, "ingest", str(images), "--model", "demo-clip", "--workers", "0").stdout
+    assert re.search(r"unchanged \(already embedded\): 60", again), again
 
 
 def test_models_list_and_verify_offline(data_dir: Path) -> None:
@@ -50,20 +43,18 @@ def test_models_list_and_verify_offline(data_dir: Path) -> None:
     assert verified.count("ok ") == 4, verified
 
 
-def test_embed_skips_bad_files_and_names_them(data_dir: Path, tmp_path: Path) -> None:
+def test_ingest_sends_bad_files_to_the_dead_letters_with_their_reason(data_dir: Path, tmp_path: Path) -> None:
     Image.new("RGB", (32, 32), (255, 0, 0)).save(tmp_path / "good.png")
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     (tmp_path / "empty.png").write_bytes(b"")
-    result = _run(data_dir, "embed", str(tmp_path), "--out", str(tmp_path / "out"), "--workers", "0")
-    assert "embedded 1/3 images" in result.stdout
-    assert re.search(r"skipped broken\.jpg: (not_an_image|truncated_image)", result.stdout), result.stdout
-    assert "skipped empty.png: empty_image" in result.stdout
-    items = [json.loads(line) for line in (tmp_path / "out" / "items.jsonl").read_text().splitlines()]
-    assert sorted(i["path"] for i in items) == ["broken.jpg", "empty.png", "good.png"]
+    result = _run(data_dir, "ingest", str(tmp_path), "--model", "demo-clip", "--workers", "0")
+    assert re.search(r"1 written, .* 2 failed", result.stdout), result.stdout
+    letters = _run(data_dir, "dlq", "list").stdout
+    assert re.search(r"not_an_image|truncated_image", letters) and "empty_image" in letters, letters
 
 
 def test_unknown_and_unavailable_models_exit_with_the_reason(data_dir: Path, tmp_path: Path) -> None:
-    unknown = _run(data_dir, "embed", str(tmp_path), "--model", "ViT-Z-1", check=False)
+    unknown = _run(data_dir, "ingest", str(tmp_path), "--model", "ViT-Z-1", check=False)
     assert unknown.returncode == 1 and "unknown model 'ViT-Z-1'" in unknown.stdout
     offline = _run(data_dir, "models", "pull", "ViT-L-14", check=False)
     assert offline.returncode == 1 and "mmembed models pull ViT-L-14" in offline.stdout

@@ -33,19 +33,10 @@ import mmembed.loaders.sources as sources
 from mmembed.config import Settings
 from mmembed.encoders import LoadedModel, Prepared
 from mmembed.encoders.whisper_family import prepare_audio
+from mmembed.jobs.dataset import Loaded, SourceDataset, make_loader
 from mmembed.loaders.audio import AudioLimits
 from mmembed.loaders.images import DecodeLimits, decode_image
-from mmembed.loaders.sources import (
-    Loaded,
-    SourceDataset,
-    SourceError,
-    SourceItem,
-    check_inside_roots,
-    list_source,
-    make_loader,
-    read_item,
-    s3_client_from_settings,
-)
+from mmembed.loaders.sources import SourceError, SourceItem, check_inside_roots, list_source, read_item, s3_client
 from mmembed.loaders.url_policy import UrlPolicy
 
 LOCAL = UrlPolicy(allow_hosts=("127.0.0.1",))  # the local test servers; the default refuses them
@@ -308,7 +299,7 @@ def test_s3_prefix_lists_pages_of_media_with_etags(
     assert code_of(lambda: list_source(f"s3://no-such-{uuid.uuid4().hex[:12]}/x", client)) == "source_not_found"
 
 
-def test_s3_client_from_settings_uses_the_credential_chain(
+def test_s3_client_uses_the_credential_chain(
     s3_server: S3Server, s3_bucket: tuple[str, dict[str, bytes]], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     bucket, objects = s3_bucket
@@ -319,12 +310,15 @@ def test_s3_client_from_settings_uses_the_credential_chain(
     for name in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
         monkeypatch.delenv(name, raising=False)
     settings = Settings(data_dir=tmp_path, s3_endpoint_url=s3_server.endpoint_url, s3_region=s3_server.region)
-    client = s3_client_from_settings(settings)
+    client = s3_client(settings.s3_endpoint_url, settings.s3_region)
     items = list_source(f"s3://{bucket}/photos/sub", client)
     assert [read_item(i, client) for i in items] == [objects["photos/sub/b.png"], objects["photos/sub/c d.png"]]
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
-    assert code_of(lambda: list_source(f"s3://{bucket}/photos", s3_client_from_settings(settings))) == "s3_error"
+    assert (
+        code_of(lambda: list_source(f"s3://{bucket}/photos", s3_client(settings.s3_endpoint_url, settings.s3_region)))
+        == "s3_error"
+    )
 
 
 # --- HTTP ----------------------------------------------------------------------------------------

@@ -392,23 +392,27 @@ def test_redis_never_reachable_costs_little(caplog: pytest.LogCaptureFixture) ->
 
 
 def test_open_cache_picks_the_backend(tmp_path: Path, redis_server: str) -> None:
-    assert open_cache(Settings(data_dir=tmp_path, cache_url="off")) is None
+    assert open_cache(Settings(data_dir=tmp_path, cache_url="off").cache_config()) is None
 
     default = open_cache(
-        Settings(data_dir=tmp_path / "data", cache_url="sqlite", cache_ttl_seconds=60, cache_max_entries=7)
+        Settings(
+            data_dir=tmp_path / "data", cache_url="sqlite", cache_ttl_seconds=60, cache_max_entries=7
+        ).cache_config()
     )
     assert isinstance(default, SqliteCache)
     assert default.path == tmp_path / "data" / "cache.sqlite" and default.path.is_file()
     assert (default.ttl_seconds, default.max_entries) == (60, 7)
     default.close()
 
-    explicit = open_cache(Settings(data_dir=tmp_path, cache_url=f"sqlite://{tmp_path}/elsewhere/c.sqlite"))
+    explicit = open_cache(
+        Settings(data_dir=tmp_path, cache_url=f"sqlite://{tmp_path}/elsewhere/c.sqlite").cache_config()
+    )
     assert isinstance(explicit, SqliteCache) and explicit.path == tmp_path / "elsewhere" / "c.sqlite"
     explicit.put_many(MODEL, {"k": vec(1)})
     assert explicit.count(MODEL) == 1
     explicit.close()
 
-    remote = open_cache(Settings(data_dir=tmp_path, cache_url=redis_server, cache_max_entries=5))
+    remote = open_cache(Settings(data_dir=tmp_path, cache_url=redis_server, cache_max_entries=5).cache_config())
     assert isinstance(remote, RedisCache) and remote.url == redis_server and remote.max_entries == 5
     remote.close()
 
@@ -416,4 +420,4 @@ def test_open_cache_picks_the_backend(tmp_path: Path, redis_server: str) -> None
 @pytest.mark.parametrize("url", ["", "memory", "sqlite://relative.sqlite", "sqlite:///", "postgres://db/x", "OFF"])
 def test_open_cache_refuses_a_bad_url(tmp_path: Path, url: str) -> None:
     with pytest.raises(ValueError, match=r"'off', 'sqlite', 'sqlite:///.*'redis://"):
-        open_cache(Settings(data_dir=tmp_path, cache_url=url))
+        open_cache(Settings(data_dir=tmp_path, cache_url=url).cache_config())

@@ -389,7 +389,7 @@ def test_object_key_needs_a_real_digest(bad: str) -> None:
 
 
 def test_object_store_from_settings(tmp_path: Path, s3_env: S3Server) -> None:
-    local = object_store(Settings(data_dir=tmp_path))
+    local = object_store(Settings(data_dir=tmp_path).objects_config())
     assert isinstance(local, LocalObjects)
     assert local.root == (tmp_path / "objects").resolve()
 
@@ -402,12 +402,12 @@ def test_object_store_from_settings(tmp_path: Path, s3_env: S3Server) -> None:
         s3_region=s3_env.region,
         s3_presign_seconds=120,
     )
-    remote = object_store(settings)
+    remote = object_store(settings.objects_config())
     assert isinstance(remote, S3Objects)
     uri = remote.put(key_for(IMAGE), IMAGE, "image/png")
     assert uri == f"s3://{bucket}/from-settings/{key_for(IMAGE)}"
     url = remote.http_url(uri)
     assert parse_qs(urlsplit(url).query)["X-Amz-Expires"] == ["120"]
     assert httpx.get(url).content == IMAGE
-    public = object_store(settings.model_copy(update={"s3_public_base_url": "https://cdn.example"}))
+    public = object_store(settings.model_copy(update={"s3_public_base_url": "https://cdn.example"}).objects_config())
     assert public.http_url(uri) == f"https://cdn.example/from-settings/{key_for(IMAGE)}"

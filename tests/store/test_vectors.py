@@ -426,12 +426,12 @@ os._exit(0)
 
 
 def test_open_store_picks_the_backend(tmp_path: Path) -> None:
-    embedded = open_store(Settings(data_dir=tmp_path, qdrant_url=None, collection="things"))
+    embedded = open_store(Settings(data_dir=tmp_path, qdrant_url=None, collection="things").vectors_config())
     assert isinstance(embedded, EdgeStore) and embedded.path == tmp_path / "vectors" / "things"
-    in_memory = open_store(Settings(data_dir=tmp_path, qdrant_url=":memory:", collection="things"))
+    in_memory = open_store(Settings(data_dir=tmp_path, qdrant_url=":memory:", collection="things").vectors_config())
     assert isinstance(in_memory, ClientStore) and in_memory.collection == "things"
     in_memory.open({IMAGE: 8})
     assert in_memory.count() == 0
     in_memory.close()
     with pytest.raises(StoreError, match="folder"):
-        open_store(Settings(data_dir=tmp_path, qdrant_url=None, collection="../escape"))
+        open_store(Settings(data_dir=tmp_path, qdrant_url=None, collection="../escape").vectors_config())
