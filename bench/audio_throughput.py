@@ -49,8 +49,10 @@ def main() -> None:
     args = parser.parse_args()
 
     voices = (Voice(), Voice("en-gb", "", 150, 45))
-    wavs = [espeak_wav(PLAIN_SENTENCES[i % len(PLAIN_SENTENCES)], voices[i // len(PLAIN_SENTENCES) % 2])
-            for i in range(args.clips)]  # fmt: skip
+    wavs = [
+        espeak_wav(PLAIN_SENTENCES[i % len(PLAIN_SENTENCES)], voices[i // len(PLAIN_SENTENCES) % 2])
+        for i in range(args.clips)
+    ]
     started = time.perf_counter()
     audio_seconds = sum(decode_audio(w).seconds for w in wavs)
     results: dict[str, object] = {

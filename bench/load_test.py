@@ -95,8 +95,9 @@ def payloads(n_images: int, n_texts: int) -> Payloads:
 # --- one request --------------------------------------------------------------------------
 
 
-async def request(session: aiohttp.ClientSession, url: str, data: Payloads, rng: random.Random,
-                  image_share: float) -> Result:  # fmt: skip
+async def request(
+    session: aiohttp.ClientSession, url: str, data: Payloads, rng: random.Random, image_share: float
+) -> Result:
     kind = "image" if rng.random() < image_share else "text"
     if kind == "image":
         n = rng.randrange(len(data.jpegs))
@@ -146,8 +147,9 @@ def session(connections: int, timeout_s: float) -> aiohttp.ClientSession:
     return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout_s))
 
 
-async def drive(url: str, data: Payloads, clients: int, seconds: float, image_share: float, timeout_s: float,
-                seed: int) -> tuple[list[Result], float]:  # fmt: skip
+async def drive(
+    url: str, data: Payloads, clients: int, seconds: float, image_share: float, timeout_s: float, seed: int
+) -> tuple[list[Result], float]:
     """``clients`` loops for ``seconds``; each request started before the end is waited for."""
     results: list[Result] = []
     async with session(clients + 8, timeout_s) as client:
@@ -255,8 +257,9 @@ class MemorySampler(threading.Thread):
         return [s for s in self.samples if start <= s[0] <= end]
 
 
-def memory_report(sampler: MemorySampler, load_start: float, start: float, end: float, max_growth_mb: float,
-                  max_slope: float) -> dict[str, Any]:  # fmt: skip
+def memory_report(
+    sampler: MemorySampler, load_start: float, start: float, end: float, max_growth_mb: float, max_slope: float
+) -> dict[str, Any]:
     """``before``: idle, just before the load (the warm-up under load included in the growth);
     ``start``/``peak``/``end``: the measured window [start, end]; ``after_idle``: the last sample,
     once the load is over. Slope: a least-squares line through the window's second half."""

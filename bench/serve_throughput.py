@@ -97,8 +97,14 @@ def _cpu_seconds() -> dict[int, tuple[str, float]]:
 
 
 def _process_label(cmdline: str) -> str:
-    for key, label in (("ServeReplica", "replica:"), ("ProxyActor", "proxy"), ("ServeController", "controller"),
-                       ("serve_throughput", "client"), ("raylet", "raylet"), ("gcs_server", "gcs")):  # fmt: skip
+    for key, label in (
+        ("ServeReplica", "replica:"),
+        ("ProxyActor", "proxy"),
+        ("ServeController", "controller"),
+        ("serve_throughput", "client"),
+        ("raylet", "raylet"),
+        ("gcs_server", "gcs"),
+    ):
         if key in cmdline:
             return label + cmdline.split(":")[-1].split()[0] if label == "replica:" else label
     return "other ray"
@@ -130,9 +136,13 @@ async def load_test(url: str, path: str, bodies: list[dict], concurrency: int) -
             label = _process_label(cmdline)
             cpu_ms[label] = cpu_ms.get(label, 0.0) + (seconds - before[pid][1]) * 1000 / len(bodies)
     cpu_ms = {k: round(v, 1) for k, v in sorted(cpu_ms.items(), key=lambda kv: -kv[1]) if v >= 0.5}
-    return {"per_s": round(len(bodies) / elapsed, 2), "p50_ms": round(float(np.percentile(latencies, 50)), 1),
-            "p99_ms": round(float(np.percentile(latencies, 99)), 1), "mean_batch": round(float(np.mean(batches)), 1),
-            "cpu_ms_per_request": cpu_ms}  # fmt: skip
+    return {
+        "per_s": round(len(bodies) / elapsed, 2),
+        "p50_ms": round(float(np.percentile(latencies, 50)), 1),
+        "p99_ms": round(float(np.percentile(latencies, 99)), 1),
+        "mean_batch": round(float(np.mean(batches)), 1),
+        "cpu_ms_per_request": cpu_ms,
+    }
 
 
 def main() -> None:
@@ -144,8 +154,11 @@ def main() -> None:
     images = jpegs(N_ITEMS)
     rng = random.Random(1)
     texts = [world.render_query(world.training_query(world.random_scene(rng), rng), rng) for _ in range(N_ITEMS)]
-    results: dict[str, object] = {"model": args.model, "items": N_ITEMS,
-                                  "jpeg_kb_mean": round(sum(map(len, images)) / len(images) / 1024, 1)}  # fmt: skip
+    results: dict[str, object] = {
+        "model": args.model,
+        "items": N_ITEMS,
+        "jpeg_kb_mean": round(sum(map(len, images)) / len(images) / 1024, 1),
+    }
     results["ceiling"] = ceiling(args.model, images, texts)
     print("ceiling", json.dumps(results["ceiling"]), flush=True)
 
@@ -181,8 +194,12 @@ def main() -> None:
         "image_p50@1_minus_forward_ms": round(results["batched_image@1"]["p50_ms"] - ceil["image_forward_ms@1"], 1),
         "text_p50@1_minus_forward_ms": round(results["batched_text@1"]["p50_ms"] - ceil["text_forward_ms@1"], 1),
     }  # type: ignore[index]
-    results["machine"] = {"platform": platform.platform(), "cpus": cpus, "torch_threads": torch.get_num_threads(),
-                          "device": "cuda" if torch.cuda.is_available() else "cpu"}  # fmt: skip
+    results["machine"] = {
+        "platform": platform.platform(),
+        "cpus": cpus,
+        "torch_threads": torch.get_num_threads(),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))

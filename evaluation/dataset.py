@@ -108,8 +108,14 @@ def load_eval_set(items_path: Path, queries_path: Path, fetch_limits: FetchLimit
             raise DatasetError(f"{items_path}:{n}: every item needs an id and a uri")
         kind = row.get("kind") or _kind(row["uri"])
         uri = row.get("uri") or ""
-        items.append(Item(str(row["id"]), kind, _resolve(uri, items_path.parent) if kind != "text" else uri,
-                          row.get("caption") or None))  # fmt: skip
+        items.append(
+            Item(
+                str(row["id"]),
+                kind,
+                _resolve(uri, items_path.parent) if kind != "text" else uri,
+                row.get("caption") or None,
+            )
+        )
     queries = []
     for n, row in enumerate(_rows(queries_path), 1):
         given = [k for k in ("text", "image", "audio") if row.get(k)]

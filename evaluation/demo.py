@@ -12,8 +12,9 @@ from mmembed.evaluation.dataset import EvalSet, Item, Query, write_eval_set
 DEMO_MODELS = ("demo-clip", "ViT-B-32@random", "all-MiniLM-L6-v2")
 
 
-def build_demo_set(out: Path, items: int = 300, text_queries: int = 100, image_queries: int = 50,
-                   seed: int = 2024) -> tuple[Path, Path]:  # fmt: skip
+def build_demo_set(
+    out: Path, items: int = 300, text_queries: int = 100, image_queries: int = 50, seed: int = 2024
+) -> tuple[Path, Path]:
     """Rendered scenes with their captions; typed queries (the caption reworded) and image
     queries (the same scene drawn again); relevant = every scene with the same objects."""
     images = out / "images"

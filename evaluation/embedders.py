@@ -61,8 +61,9 @@ class HttpEmbedder:
     def __init__(self, url: str, model: str, timeout: float = 300) -> None:
         self.url, self.name = url.rstrip("/"), model
         self.client = httpx.Client(timeout=timeout)
-        served = [m for m in self.client.get(f"{self.url}/models").raise_for_status().json()["data"]
-                  if m["model"] == model]  # fmt: skip
+        served = [
+            m for m in self.client.get(f"{self.url}/models").raise_for_status().json()["data"] if m["model"] == model
+        ]
         if not served:
             raise ValueError(f"model {model!r} is not served at {url}")
         self.modalities = {m["modality"] for m in served}

@@ -30,13 +30,16 @@ def recommend(results: list[ModelResult]) -> dict[str, Any]:
         d_recall = best.quality["recall@10"] - other.quality["recall@10"]
         speed = best.items_per_s / other.items_per_s if other.items_per_s else float("inf")
         size = best.dim / other.dim
-        note = (f"{other.model}: Recall@10 {other.quality['recall@10']:.3f} ({d_recall:+.3f} for {best.model}), "
-                f"{best.model} embeds {speed:.2f}x as fast and its index is {size:.2f}x the size")  # fmt: skip
+        note = (
+            f"{other.model}: Recall@10 {other.quality['recall@10']:.3f} ({d_recall:+.3f} for {best.model}), "
+            f"{best.model} embeds {speed:.2f}x as fast and its index is {size:.2f}x the size"
+        )
         if other.coverage < coverage:
             note += f"; {other.model} cannot encode {1 - other.coverage:.0%} of the queries"
         against.append(note)
-    reason = (f"{best.model}: the highest Recall@10 ({best.quality['recall@10']:.3f})"
-              + (" within the tie margin, and the fastest of those" if len(contenders) > 1 else ""))  # fmt: skip
+    reason = f"{best.model}: the highest Recall@10 ({best.quality['recall@10']:.3f})" + (
+        " within the tie margin, and the fastest of those" if len(contenders) > 1 else ""
+    )
     return {"model": best.model, "reason": reason, "against": against}
 
 
@@ -82,26 +85,45 @@ def _markdown(title: str, setup: dict[str, Any], results: list[ModelResult], cho
     lines = [f"# {title}", "", f"**Recommendation: {choice['model']}.** {choice['reason']}.", ""]
     lines += [f"- {a}" for a in choice["against"]] + [""]
     lines += ["## Setup", ""] + [f"- {k}: {v}" for k, v in setup.items()] + [""]
-    lines += ["## Quality", "", "| model | R@1 | R@5 | R@10 | MRR | nDCG@10 | query coverage | failed items |",
-              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines += [
+        "## Quality",
+        "",
+        "| model | R@1 | R@5 | R@10 | MRR | nDCG@10 | query coverage | failed items |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         q = r.quality
-        lines.append(f"| {r.model} | {q['recall@1']:.3f} | {q['recall@5']:.3f} | {q['recall@10']:.3f} | "
-                     f"{q['mrr']:.3f} | {q['ndcg@10']:.3f} | {r.coverage:.0%} | {r.failed_items} |")  # fmt: skip
-    lines += ["", "![Recall per model](recall.png)", "", "## Speed and cost", "",
-              "| model | dim | items/s | batch p50 / p99 ms | query p50 / p99 ms | embed corpus | embed cost | "
-              "cost per 1M queries | machines for traffic | index |",
-              "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines.append(
+            f"| {r.model} | {q['recall@1']:.3f} | {q['recall@5']:.3f} | {q['recall@10']:.3f} | "
+            f"{q['mrr']:.3f} | {q['ndcg@10']:.3f} | {r.coverage:.0%} | {r.failed_items} |"
+        )
+    lines += [
+        "",
+        "![Recall per model](recall.png)",
+        "",
+        "## Speed and cost",
+        "",
+        "| model | dim | items/s | batch p50 / p99 ms | query p50 / p99 ms | embed corpus | embed cost | "
+        "cost per 1M queries | machines for traffic | index |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         p = r.projection
-        lines.append(f"| {r.model} | {r.dim} | {r.items_per_s:.1f} | {r.batch_ms_p50:.0f} / {r.batch_ms_p99:.0f} | "
-                     f"{r.query_ms_p50:.1f} / {r.query_ms_p99:.1f} | {p['embed_hours']:.3g} h | "
-                     f"${p['embed_cost_usd']:.2f} | ${p['query_cost_usd_per_million']:.2f} | "
-                     f"{p['machines_for_traffic']:.2f} | {p['index_bytes'] / 1e6:.1f} MB |")  # fmt: skip
-    lines += ["", "![Latency vs recall](latency_vs_recall.png)", "",
-              "Projections: the measured batch rate on one machine for the whole corpus; one query per "
-              "request at the measured single-query latency for the traffic; float32 vectors for the index "
-              "(payload and HNSW graph extra).", ""]  # fmt: skip
+        lines.append(
+            f"| {r.model} | {r.dim} | {r.items_per_s:.1f} | {r.batch_ms_p50:.0f} / {r.batch_ms_p99:.0f} | "
+            f"{r.query_ms_p50:.1f} / {r.query_ms_p99:.1f} | {p['embed_hours']:.3g} h | "
+            f"${p['embed_cost_usd']:.2f} | ${p['query_cost_usd_per_million']:.2f} | "
+            f"{p['machines_for_traffic']:.2f} | {p['index_bytes'] / 1e6:.1f} MB |"
+        )
+    lines += [
+        "",
+        "![Latency vs recall](latency_vs_recall.png)",
+        "",
+        "Projections: the measured batch rate on one machine for the whole corpus; one query per "
+        "request at the measured single-query latency for the traffic; float32 vectors for the index "
+        "(payload and HNSW graph extra).",
+        "",
+    ]
     return "\n".join(lines)
 
 

@@ -131,8 +131,9 @@ class SourceDataset(Dataset[Loaded]):
         elif item.uri.startswith(("http://", "https://")) and self._http is None:
             self._http = PolicyClient(self.url_policy)
         max_bytes = self.image_limits.max_bytes if item.kind == "image" else self.audio_limits.max_bytes
-        return read_item(item, s3, max_bytes=max_bytes, timeout_s=self.timeout_s, http_client=self._http,
-                         file_roots=self.file_roots)  # fmt: skip
+        return read_item(
+            item, s3, max_bytes=max_bytes, timeout_s=self.timeout_s, http_client=self._http, file_roots=self.file_roots
+        )
 
     def _prepare(self, item: SourceItem, data: bytes, preprocess: Preprocessor) -> Prepared:
         if item.kind == "image":

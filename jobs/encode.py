@@ -81,8 +81,15 @@ class Loading:
 
     def dataset(self, items: Sequence[SourceItem], models: Models) -> SourceDataset:
         roots = None if self.file_roots is None else [Path(r) for r in self.file_roots]
-        return SourceDataset(items, models.preprocessors(), self.image_limits, self.audio_limits, self.s3_config,
-                             url_policy=self.settings.url_policy(), file_roots=roots)  # fmt: skip
+        return SourceDataset(
+            items,
+            models.preprocessors(),
+            self.image_limits,
+            self.audio_limits,
+            self.s3_config,
+            url_policy=self.settings.url_policy(),
+            file_roots=roots,
+        )
 
 
 @dataclass

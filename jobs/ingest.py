@@ -54,8 +54,12 @@ def _transient(exc: BaseException) -> bool:
 
 
 def retrying(attempts: int) -> Callable:
-    return retry(retry=retry_if_exception(_transient), stop=stop_after_attempt(attempts),
-                 wait=wait_random_exponential(multiplier=0.2, max=10), reraise=True)  # fmt: skip
+    return retry(
+        retry=retry_if_exception(_transient),
+        stop=stop_after_attempt(attempts),
+        wait=wait_random_exponential(multiplier=0.2, max=10),
+        reraise=True,
+    )
 
 
 @dataclass
@@ -134,8 +138,9 @@ class Summary:
     failed: int = 0
     deleted: int = 0
     cache: dict[str, Any] = field(default_factory=dict)
-    stages_s: dict[str, float] = field(default_factory=lambda: {"read": 0.0, "decode": 0.0, "encode": 0.0,
-                                                                "write": 0.0})  # fmt: skip
+    stages_s: dict[str, float] = field(
+        default_factory=lambda: {"read": 0.0, "decode": 0.0, "encode": 0.0, "write": 0.0}
+    )
     elapsed_s: float = 0.0
     price_per_hour: float = 1.0
     remote_costs: dict[str, dict[str, Any]] = field(default_factory=dict)  # per remote model: this run's usage
@@ -152,8 +157,10 @@ class Summary:
         cache = ", ".join(f"{k} {v}" for k, v in self.cache.items())
         if self.cache:
             saved = self.cache_savings()
-            cache += (f"; saved {saved['calls_saved']} forward passes, about {saved['seconds_saved']:.1f} s "
-                      f"(${saved['cost_saved_usd']:.4f})")  # fmt: skip
+            cache += (
+                f"; saved {saved['calls_saved']} forward passes, about {saved['seconds_saved']:.1f} s "
+                f"(${saved['cost_saved_usd']:.4f})"
+            )
         return [
             f"job {self.job_id}: {self.written} written, {self.refreshed} unchanged content (version updated), "
             f"{self.failed} failed (see `mmembed dlq list`), {self.deleted} deleted, in {self.elapsed_s:.1f} s "
@@ -165,8 +172,14 @@ class Summary:
 
 
 class Ingest:
-    def __init__(self, options: IngestOptions, settings: Settings, catalog: Catalog | None = None,
-                 cache: EmbeddingCache | bool | None = True, jobs: JobStore | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        options: IngestOptions,
+        settings: Settings,
+        catalog: Catalog | None = None,
+        cache: EmbeddingCache | bool | None = True,
+        jobs: JobStore | None = None,
+    ) -> None:
         self.options, self.settings = options, settings
         self.catalog = catalog or Catalog(
             open_store(settings.vectors_config()), object_store(settings.objects_config())
@@ -219,9 +232,18 @@ class Ingest:
                 todo.append(item)
         in_store = set(self.catalog.vectors.scroll_ids({"source": self.options.source}))
         gone = sorted(in_store - set(by_id))
-        plan = Plan(self.job, len(items), len(items) - len(todo), len(todo),
-                    sum(1 for i in todo if point_id(i.uri) not in existing), len(gone), resumed,
-                    price_per_hour=self.options.price_per_hour, todo=todo, gone=gone)  # fmt: skip
+        plan = Plan(
+            self.job,
+            len(items),
+            len(items) - len(todo),
+            len(todo),
+            sum(1 for i in todo if point_id(i.uri) not in existing),
+            len(gone),
+            resumed,
+            price_per_hour=self.options.price_per_hour,
+            todo=todo,
+            gone=gone,
+        )
         if calibrate and todo:
             plan.seconds_per_item = self._calibrate(todo[: self.options.calibrate])
         plan.remote_costs = self._remote_estimates(todo)
@@ -275,8 +297,10 @@ class Ingest:
             bar.close()
         summary.elapsed_s = time.perf_counter() - started
         summary.cache = self.cache.stats.as_dict() if self.cache else {}
-        summary.remote_costs = {name: used.as_dict() | {"usd_per_million": remote[name].meter.usd_per_million}
-                                for name, used in usage.items()}  # fmt: skip
+        summary.remote_costs = {
+            name: used.as_dict() | {"usd_per_million": remote[name].meter.usd_per_million}
+            for name, used in usage.items()
+        }
         self.jobs.update(self.job, status="done", counts=self._counts(summary, plan))
         return summary
 
@@ -315,13 +339,21 @@ class Ingest:
         exist only once the audio is transcribed, so those items are only counted."""
         captions = [i.caption for i in todo if i.kind == "image" and i.caption and i.caption.strip()]
         audio = sum(1 for i in todo if i.kind == "audio") if transcriber(self.models.described) else 0
-        return {name: enc.estimate(captions) | {"transcripts_not_counted": audio}
-                for name, enc in self.models.remote().items()}  # fmt: skip
+        return {
+            name: enc.estimate(captions) | {"transcripts_not_counted": audio}
+            for name, enc in self.models.remote().items()
+        }
 
     def _counts(self, summary: Summary, plan: Plan) -> dict[str, Any]:
-        return {"plan": plan.counts(), "written": summary.written, "refreshed": summary.refreshed,
-                "failed": summary.failed, "deleted": summary.deleted, "items": self.jobs.item_counts(self.job),
-                "stages_s": summary.stages_s}  # fmt: skip
+        return {
+            "plan": plan.counts(),
+            "written": summary.written,
+            "refreshed": summary.refreshed,
+            "failed": summary.failed,
+            "deleted": summary.deleted,
+            "items": self.jobs.item_counts(self.job),
+            "stages_s": summary.stages_s,
+        }
 
     def loading(self, items: Sequence[SourceItem]) -> Loading:
         from mmembed.encoders.provision import audio_limits
@@ -330,8 +362,9 @@ class Ingest:
         s3 = None
         if any(i.uri.startswith("s3://") for i in items):
             s3 = {"endpoint_url": self.settings.s3_endpoint_url, "region_name": self.settings.s3_region}
-        return Loading(self.options.models, self.settings, limits, audio_limits(self.settings), s3,
-                       self.options.file_roots)  # fmt: skip
+        return Loading(
+            self.options.models, self.settings, limits, audio_limits(self.settings), s3, self.options.file_roots
+        )
 
     def _dataset(self, items: list[SourceItem]) -> SourceDataset:
         return self.loading(items).dataset(items, self.models)
@@ -357,10 +390,21 @@ class Ingest:
                 continue
             source = todo[b.index]
             media_type = mimetypes.guess_type(source.uri.split("?")[0])[0] or f"{source.kind}/octet-stream"
-            items.append(NewItem(data=b.data, kind=source.kind, media_type=media_type,
-                                 vectors=result.vectors, source_uri=source.uri, filename=source.uri.rsplit("/", 1)[-1],
-                                 caption=source.caption, transcript=result.transcript, meta=source.meta,
-                                 source=self.options.source, source_version=source.version))  # fmt: skip
+            items.append(
+                NewItem(
+                    data=b.data,
+                    kind=source.kind,
+                    media_type=media_type,
+                    vectors=result.vectors,
+                    source_uri=source.uri,
+                    filename=source.uri.rsplit("/", 1)[-1],
+                    caption=source.caption,
+                    transcript=result.transcript,
+                    meta=source.meta,
+                    source=self.options.source,
+                    source_version=source.version,
+                )
+            )
             written.append(b.uri)
         if items:
             started = time.perf_counter()

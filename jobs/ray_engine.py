@@ -169,8 +169,10 @@ def _batches(job: RayJob, todo: list[SourceItem], progress: bool) -> Generator[E
     if not todo:
         return
     stored = _stored_hashes(job.catalog, todo)
-    rows = [{"index": n, "item": pickle.dumps(item), "stored_hash": stored.get(point_id(item.uri), "")}
-            for n, item in enumerate(todo)]  # fmt: skip
+    rows = [
+        {"index": n, "item": pickle.dumps(item), "stored_hash": stored.get(point_id(item.uri), "")}
+        for n, item in enumerate(todo)
+    ]
     blocks = min(MAX_BLOCKS, math.ceil(len(rows) / job.batch_size))
     # Decoding needs no accelerator: its models load on the CPU whatever the job's device.
     loading = dataclasses.replace(job.loading, settings=job.loading.settings.model_copy(update={"device": "cpu"}))

@@ -86,13 +86,16 @@ class JobStore:
 
     def create(self, job: str, source: str, config: dict[str, Any]) -> JobRow:
         now = time.time()
-        self._run("INSERT OR IGNORE INTO jobs (id, source, config, status, created, updated) VALUES (?, ?, ?, ?, ?, ?)",
-                  (job, source, json.dumps(config), "planned", now, now))  # fmt: skip
+        self._run(
+            "INSERT OR IGNORE INTO jobs (id, source, config, status, created, updated) VALUES (?, ?, ?, ?, ?, ?)",
+            (job, source, json.dumps(config), "planned", now, now),
+        )
         return self.get(job)  # type: ignore[return-value]
 
     def get(self, job: str) -> JobRow | None:
-        rows = self._run("SELECT id, source, config, status, created, updated, counts, error FROM jobs WHERE id = ?",
-                         (job,))  # fmt: skip
+        rows = self._run(
+            "SELECT id, source, config, status, created, updated, counts, error FROM jobs WHERE id = ?", (job,)
+        )
         if not rows:
             return None
         r = rows[0]
@@ -101,14 +104,22 @@ class JobStore:
     def list(self) -> list[JobRow]:
         return [self.get(r[0]) for r in self._run("SELECT id FROM jobs ORDER BY created DESC")]  # type: ignore[misc]
 
-    def update(self, job: str, status: str | None = None, counts: dict[str, Any] | None = None,
-               error: str | None = None) -> None:  # fmt: skip
+    def update(
+        self, job: str, status: str | None = None, counts: dict[str, Any] | None = None, error: str | None = None
+    ) -> None:
         current = self.get(job)
         if current is None:
             raise KeyError(job)
-        self._run("UPDATE jobs SET status = ?, counts = ?, error = ?, updated = ? WHERE id = ?",
-                  (status or current.status, json.dumps(counts if counts is not None else current.counts),
-                   error, time.time(), job))  # fmt: skip
+        self._run(
+            "UPDATE jobs SET status = ?, counts = ?, error = ?, updated = ? WHERE id = ?",
+            (
+                status or current.status,
+                json.dumps(counts if counts is not None else current.counts),
+                error,
+                time.time(),
+                job,
+            ),
+        )
 
     def reset_items(self, job: str) -> None:
         """A finished job run again plans afresh (the incremental check decides what to write)."""
@@ -116,12 +127,18 @@ class JobStore:
 
     def plan(self, job: str, uris: list[str]) -> None:
         """Record the items a run must write; items already planned keep their state."""
-        self._many("INSERT OR IGNORE INTO items (job_id, uri, position, status) VALUES (?, ?, ?, ?)",
-                   [(job, u, n, PENDING) for n, u in enumerate(uris)])  # fmt: skip
+        self._many(
+            "INSERT OR IGNORE INTO items (job_id, uri, position, status) VALUES (?, ?, ?, ?)",
+            [(job, u, n, PENDING) for n, u in enumerate(uris)],
+        )
 
     def pending(self, job: str) -> list[str]:
-        return [r[0] for r in self._run("SELECT uri FROM items WHERE job_id = ? AND status = ? ORDER BY position",
-                                        (job, PENDING))]  # fmt: skip
+        return [
+            r[0]
+            for r in self._run(
+                "SELECT uri FROM items WHERE job_id = ? AND status = ? ORDER BY position", (job, PENDING)
+            )
+        ]
 
     def mark(self, job: str, uris: list[str], status: str) -> None:
         self._many("UPDATE items SET status = ? WHERE job_id = ? AND uri = ?", [(status, job, u) for u in uris])
@@ -132,8 +149,10 @@ class JobStore:
         return dict(self._run("SELECT status, COUNT(*) FROM items WHERE job_id = ? GROUP BY status", (job,)))  # type: ignore[arg-type]
 
     def dead_letter(self, job: str, uri: str, code: str, reason: str, attempts: int) -> None:
-        self._run("INSERT OR REPLACE INTO dead_letters VALUES (?, ?, ?, ?, ?, ?)",
-                  (job, uri, code, reason, attempts, time.time()))  # fmt: skip
+        self._run(
+            "INSERT OR REPLACE INTO dead_letters VALUES (?, ?, ?, ?, ?, ?)",
+            (job, uri, code, reason, attempts, time.time()),
+        )
         self.mark(job, [uri], FAILED)
 
     def dead_letters(self, job: str | None = None) -> list[DeadLetter]:

@@ -302,14 +302,6 @@ async def resolve_checked_async(host: str, port: int, policy: UrlPolicy, timeout
     return addresses
 
 
-def vet_url(url: str | httpx.URL, policy: UrlPolicy = STRICT_POLICY) -> list[str]:
-    """Every check a fetch of ``url`` makes before connecting, without connecting: the URL's form,
-    then its host's addresses. Returns the addresses. For validating input early; a fetch checks
-    again at connect time anyway (the answer may have changed)."""
-    parsed = check_url(url)
-    return resolve_checked(parsed.host, _port(parsed), policy)
-
-
 # ---------------------------------------------------------------------------------------------
 # Enforcement at connect time
 
@@ -409,9 +401,12 @@ def _replace_pool(transport: httpx.HTTPTransport | httpx.AsyncHTTPTransport, poo
 def _pool_options() -> dict[str, typing.Any]:
     """What httpx would give its own pool: its default limits and our TLS context."""
     limits = httpx.Limits()
-    return {"ssl_context": _ssl_context(), "max_connections": limits.max_connections,
-            "max_keepalive_connections": limits.max_keepalive_connections,
-            "keepalive_expiry": limits.keepalive_expiry}  # fmt: skip
+    return {
+        "ssl_context": _ssl_context(),
+        "max_connections": limits.max_connections,
+        "max_keepalive_connections": limits.max_keepalive_connections,
+        "keepalive_expiry": limits.keepalive_expiry,
+    }
 
 
 class PolicyTransport(httpx.HTTPTransport):

@@ -339,10 +339,17 @@ def eval_command(
             console.print(f"[red]{name} failed:[/red] {exc}")
     if not results:
         _fail(RuntimeError("no model could be evaluated"))
-    setup = {"items": str(items), "queries": str(queries), "item count": len(evalset.items),
-             "query count": len(evalset.queries), "measured": url or "in process", "batch size": batch_size,
-             "corpus size for projections": corpus_size or len(evalset.items),
-             "price per hour (USD)": price_per_hour, "traffic (queries/s)": traffic_qps}  # fmt: skip
+    setup = {
+        "items": str(items),
+        "queries": str(queries),
+        "item count": len(evalset.items),
+        "query count": len(evalset.queries),
+        "measured": url or "in process",
+        "batch size": batch_size,
+        "corpus size for projections": corpus_size or len(evalset.items),
+        "price per hour (USD)": price_per_hour,
+        "traffic (queries/s)": traffic_qps,
+    }
     report = write_report(results, out, setup)
     console.print(f"[bold]recommendation: {report['recommendation']['model']}[/bold] ({out / 'report.md'})")
     for line in report["recommendation"]["against"]:
@@ -370,9 +377,18 @@ def ingest_command(
     """Embed a catalogue into the collection: plan, estimate, then an incremental, resumable run."""
     from mmembed.jobs.ingest import DEFAULT_MODELS, Ingest, IngestOptions
 
-    options = IngestOptions(source, tuple(model or DEFAULT_MODELS), batch_size, workers, sync=sync,
-                            price_per_hour=price_per_hour, checkpoint_every=checkpoint_every, engine=engine,
-                            ray_encoders=ray_encoders, num_gpus_per_encoder=num_gpus_per_encoder)  # fmt: skip
+    options = IngestOptions(
+        source,
+        tuple(model or DEFAULT_MODELS),
+        batch_size,
+        workers,
+        sync=sync,
+        price_per_hour=price_per_hour,
+        checkpoint_every=checkpoint_every,
+        engine=engine,
+        ray_encoders=ray_encoders,
+        num_gpus_per_encoder=num_gpus_per_encoder,
+    )
     try:
         job = Ingest(options, get_settings())
         plan = job.plan()
@@ -473,8 +489,10 @@ def _ingest_over_http(url: str, source: str) -> None:
     if job["status"] == "failed":
         raise RuntimeError(f"the demo ingest failed: {job['error']}")
     counts = job["counts"]
-    console.print(f"demo catalogue ready: {counts['plan']['total']} items ({counts['written']} embedded now, "
-                  f"{counts['plan']['unchanged']} unchanged, {counts['failed']} failed)")  # fmt: skip
+    console.print(
+        f"demo catalogue ready: {counts['plan']['total']} items ({counts['written']} embedded now, "
+        f"{counts['plan']['unchanged']} unchanged, {counts['failed']} failed)"
+    )
     hits = httpx.post(f"{url}/search", json={"text": "red circle", "top_k": 3}, timeout=60).json()["hits"]
     names = ", ".join(f"{h['payload'].get('filename')} ({h['score']:.2f})" for h in hits)
     console.print(f"try it: 'red circle' finds {names}")

@@ -88,8 +88,13 @@ class Catalog:
                 "added_at": time.time(),
                 "meta": item.meta,
             }
-            optional = {"filename": item.filename, "caption": item.caption, "transcript": item.transcript,
-                        "source": item.source, "source_version": item.source_version}  # fmt: skip
+            optional = {
+                "filename": item.filename,
+                "caption": item.caption,
+                "transcript": item.transcript,
+                "source": item.source,
+                "source_version": item.source_version,
+            }
             payload |= {k: v for k, v in optional.items() if v is not None}
             points.append(Point(point_id(payload["source_uri"]), dict(item.vectors), payload))
         self.vectors.upsert(points)

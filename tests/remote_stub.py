@@ -98,9 +98,18 @@ class StubProvider:
     def config(self, name: str = "stub", kind: str = "openai", **overrides: Any) -> dict[str, Any]:
         """A remote model configuration pointing at this stub (the key from STUB_API_KEY)."""
         base = self.url + ("/v1" if kind == "openai" else "")
-        return {"name": name, "kind": kind, "base_url": base, "model": f"stub-{kind}", "dim": self.dim,
-                "api_key_env": "STUB_API_KEY" if self.key else None, "rate_window_s": self.window_s,
-                "rpm": self.rpm, "tpm": self.tpm, **overrides}  # fmt: skip
+        return {
+            "name": name,
+            "kind": kind,
+            "base_url": base,
+            "model": f"stub-{kind}",
+            "dim": self.dim,
+            "api_key_env": "STUB_API_KEY" if self.key else None,
+            "rate_window_s": self.window_s,
+            "rpm": self.rpm,
+            "tpm": self.tpm,
+            **overrides,
+        }
 
     # --- books ------------------------------------------------------------------------------
 
@@ -233,5 +242,9 @@ class StubProvider:
         if shape == "cohere":
             return {"id": "stub", "embeddings": {"float": vectors}, "meta": {"billed_units": {"input_tokens": tokens}}}
         data = [{"object": "embedding", "index": i, "embedding": v} for i, v in reversed(list(enumerate(vectors)))]
-        return {"object": "list", "data": data, "model": "stub", "usage": {"prompt_tokens": tokens,
-                                                                          "total_tokens": tokens}}  # fmt: skip
+        return {
+            "object": "list",
+            "data": data,
+            "model": "stub",
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }

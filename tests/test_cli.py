@@ -81,12 +81,19 @@ def test_serve_starts_ray_serves_http_and_stops_cleanly_on_ctrl_c(data_dir: Path
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     config = tmp_path / "serve.yaml"
-    config.write_text("applications:\n  - name: mmembed\n    import_path: mmembed.serve.app:build_app\n"
-                      "    args:\n      models:\n        - name: demo-clip\n")  # fmt: skip
+    config.write_text(
+        "applications:\n  - name: mmembed\n    import_path: mmembed.serve.app:build_app\n"
+        "    args:\n      models:\n        - name: demo-clip\n"
+    )
     env = os.environ | {"MMEMBED_DATA_DIR": str(data_dir), "MMEMBED_ALLOW_DOWNLOADS": "false", "COLUMNS": "200"}
     exe = Path(sys.executable).parent / "mmembed"
-    proc = subprocess.Popen([str(exe), "serve", "--config", str(config), "--port", str(port)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [str(exe), "serve", "--config", str(config), "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         lines = []
         for line in proc.stdout:  # type: ignore[union-attr]

@@ -65,8 +65,9 @@ def evaluate(
         report[f"audio_to_image_R@{k}"] = recall_at(audio @ images.T, relevant, k)
     for k in (1, 5):
         report[f"audio_to_text_R@{k}"] = recall_at(audio @ captions.T, relevant, k)
-    report["short_query_P@5"] = _precision_at_5(_encode(bind.encoder(Modality.AUDIO), short_clips) @ images.T,
-                                                short_relevant)  # fmt: skip
+    report["short_query_P@5"] = _precision_at_5(
+        _encode(bind.encoder(Modality.AUDIO), short_clips) @ images.T, short_relevant
+    )
 
     speech = load("whisper-base+demo-clip", settings).encoder(Modality.AUDIO)
     started = time.perf_counter()

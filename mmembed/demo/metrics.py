@@ -21,12 +21,23 @@ EncodeTexts = Callable[[Sequence[str]], np.ndarray]
 
 # Queries a person would type, checked by precision@5: every top-5 scene must contain them.
 SHORT_QUERIES = (
-    "red circle", "blue square", "green triangle", "yellow star", "purple cross",
-    "orange circle", "black square", "white star", "a large blue circle", "a small red square",
-    "a green triangle at the bottom right", "a red circle in the top left",
-    "a yellow star in the center", "a blue square in the bottom left",
-    "a red circle and a blue square", "a black cross and a white triangle",
-)  # fmt: skip
+    "red circle",
+    "blue square",
+    "green triangle",
+    "yellow star",
+    "purple cross",
+    "orange circle",
+    "black square",
+    "white star",
+    "a large blue circle",
+    "a small red square",
+    "a green triangle at the bottom right",
+    "a red circle in the top left",
+    "a yellow star in the center",
+    "a blue square in the bottom left",
+    "a red circle and a blue square",
+    "a black cross and a white triangle",
+)
 
 
 def parse_short_query(text: str) -> world.Query:

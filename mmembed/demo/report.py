@@ -17,8 +17,11 @@ TARGET_R5 = 0.90
 def evaluate(weights: Path, n: int = 1000) -> dict[str, Any]:
     model = load(f"local-dir:{weights.resolve()}")
     image, text = model.encoder(Modality.IMAGE), model.encoder(Modality.TEXT)
-    return retrieval_report(lambda ims: image.encode(list(map(image.preprocess, ims))),
-                            lambda ts: text.encode(list(map(text.preprocess, ts))), n=n)  # fmt: skip
+    return retrieval_report(
+        lambda ims: image.encode(list(map(image.preprocess, ims))),
+        lambda ts: text.encode(list(map(text.preprocess, ts))),
+        n=n,
+    )
 
 
 def write_report(weights: Path, n: int = 1000, out_dir: Path = REPORT_DIR) -> dict[str, Any]:

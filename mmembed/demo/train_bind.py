@@ -174,8 +174,14 @@ def train_bind(
         if step % 100 == 0 or step == steps - 1:
             sim = (embed(head, eval_feats) @ gallery.T).numpy()
             report = {f"audio_to_text_R@{k}": recall_at(sim, relevant, k) for k in (1, 5)}
-            log.info("step %d loss %.3f scale %.1f %s %.1f min", step, loss.item(), log_scale.exp().item(),
-                     json.dumps(report), (time.time() - started) / 60)  # fmt: skip
+            log.info(
+                "step %d loss %.3f scale %.1f %s %.1f min",
+                step,
+                loss.item(),
+                log_scale.exp().item(),
+                json.dumps(report),
+                (time.time() - started) / 60,
+            )
     minutes = round((time.time() - started) / 60, 1)
     training = asdict(data) | {"steps": steps, "batch_size": batch_size, "lr": lr, "minutes": minutes}
     save_head(head, out_dir, {"training": training, "validation": report})

@@ -185,8 +185,12 @@ def train(
         if step % 25 == 0:
             log.info(
                 "step %d loss %.3f scale %.1f lr %.2e %.1f min",
-                step, loss.item(), model.logit_scale.exp().item(), lr_at(step), (time.time() - started) / 60,
-            )  # fmt: skip
+                step,
+                loss.item(),
+                model.logit_scale.exp().item(),
+                lr_at(step),
+                (time.time() - started) / 60,
+            )
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             report = evaluate(model, eval_n)
             log.info("step %d eval %s", step + 1, json.dumps(report))

@@ -22,8 +22,9 @@ ITEMS = 60
 
 @pytest.fixture(scope="module")
 def small_set(tmp_path_factory: pytest.TempPathFactory) -> EvalSet:
-    items, queries = build_demo_set(tmp_path_factory.mktemp("evalset"), items=ITEMS, text_queries=20,
-                                    image_queries=8, seed=5)  # fmt: skip
+    items, queries = build_demo_set(
+        tmp_path_factory.mktemp("evalset"), items=ITEMS, text_queries=20, image_queries=8, seed=5
+    )
     return load_eval_set(items, queries)
 
 
@@ -44,8 +45,10 @@ class Shuffled:
 def results(small_set: EvalSet, settings: Settings, demo_clip):
     real = LocalEmbedder("demo-clip", settings)
     costs = Costs(corpus_size=1_000_000, price_per_hour=2.0, traffic_qps=50)
-    return [evaluate_model(small_set, real, batch_size=ITEMS, costs=costs),
-            evaluate_model(small_set, Shuffled(real), batch_size=ITEMS, costs=costs)]  # fmt: skip
+    return [
+        evaluate_model(small_set, real, batch_size=ITEMS, costs=costs),
+        evaluate_model(small_set, Shuffled(real), batch_size=ITEMS, costs=costs),
+    ]
 
 
 def test_the_real_model_finds_the_scenes_and_the_shuffled_one_scores_at_chance(results):

@@ -150,8 +150,11 @@ def test_s3_killed_mid_run_dead_letters_the_rest_and_a_rerun_after_it_is_back_lo
     assert max(objects.refused) < 10, objects.refused
     letters = {d.uri: d for d in env["jobs"].dead_letters(job.job)}
     assert {u for u, d in letters.items() if d.code == "write_failed"} == lost
-    assert all(d.attempts == ATTEMPTS and "check the endpoint URL" in d.reason
-               for d in letters.values() if d.code == "write_failed")  # fmt: skip
+    assert all(
+        d.attempts == ATTEMPTS and "check the endpoint URL" in d.reason
+        for d in letters.values()
+        if d.code == "write_failed"
+    )
     assert letters[_uri(env, "broken.png")].code != "write_failed"
     states = _item_states(env["jobs"], job.job)
     assert {u for u, s in states.items() if s == DONE} == written
@@ -321,9 +324,13 @@ def test_a_sync_delete_with_the_object_store_failing_leaves_no_orphan_object(env
     rows = [json.loads(line) for line in env["manifest"].read_text().splitlines()]
     env["manifest"].write_text("".join(json.dumps(r) + "\n" for r in rows if r["uri"] != gone.name))
     objects.failures = 1  # the first delete of the sync fails; its retry must finish the job
-    summary = Ingest(IngestOptions(str(env["manifest"]), MODELS, batch_size=BATCH, workers=0, attempts=ATTEMPTS,
-                                   sync=True), env["settings"], catalog=catalog, cache=False,
-                     jobs=env["jobs"]).run(progress=False)  # fmt: skip
+    summary = Ingest(
+        IngestOptions(str(env["manifest"]), MODELS, batch_size=BATCH, workers=0, attempts=ATTEMPTS, sync=True),
+        env["settings"],
+        catalog=catalog,
+        cache=False,
+        jobs=env["jobs"],
+    ).run(progress=False)
     assert summary.deleted == 1 and objects.failures == 0
     assert catalog.get(point_id(_uri(env, "scene-2.png"))) is None
     assert not objects.exists(stored.payload["object_uri"])  # not orphaned
@@ -335,8 +342,10 @@ def test_an_object_two_items_share_goes_with_the_last_of_them(tmp_path: Path) ->
     catalog = Catalog(EdgeStore(tmp_path / "vectors"), objects)
     catalog.open({"v": 4})
     vector = {"v": np.array([1.0, 0.0, 0.0, 0.0], np.float32)}
-    first, second = (catalog.add(NewItem(b"same bytes", "image", "image/png", vector, source_uri=f"file:///{n}.png"))
-                     for n in ("a", "b"))  # fmt: skip
+    first, second = (
+        catalog.add(NewItem(b"same bytes", "image", "image/png", vector, source_uri=f"file:///{n}.png"))
+        for n in ("a", "b")
+    )
     uri = catalog.get(first).payload["object_uri"]
     assert catalog.get(second).payload["object_uri"] == uri
     assert catalog.delete(first) and objects.exists(uri)  # the other item still shows it

@@ -119,12 +119,27 @@ def test_transient_write_failures_are_retried_and_persistent_ones_dead_lettered(
 
 def test_a_run_killed_with_sigkill_resumes_and_ends_with_exactly_one_point_per_item(env, tmp_path: Path):
     data = tmp_path / "cli-data"
-    environment = os.environ | {"MMEMBED_DATA_DIR": str(data), "MMEMBED_COLLECTION": "killed",
-                                "MMEMBED_ALLOW_DOWNLOADS": "false",
-                                "MMEMBED_MODELS_DIR": str(env["settings"].models_path)}  # fmt: skip
+    environment = os.environ | {
+        "MMEMBED_DATA_DIR": str(data),
+        "MMEMBED_COLLECTION": "killed",
+        "MMEMBED_ALLOW_DOWNLOADS": "false",
+        "MMEMBED_MODELS_DIR": str(env["settings"].models_path),
+    }
     models = [arg for m in MODELS for arg in ("--model", m)]
-    command = [sys.executable, "-m", "mmembed.cli", "ingest", str(env["manifest"]), "--batch-size", "1",
-               "--checkpoint-every", "1", "--workers", "0", *models]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "mmembed.cli",
+        "ingest",
+        str(env["manifest"]),
+        "--batch-size",
+        "1",
+        "--checkpoint-every",
+        "1",
+        "--workers",
+        "0",
+        *models,
+    ]
     process = subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
     done = 0
@@ -150,13 +165,18 @@ def test_a_run_killed_with_sigkill_resumes_and_ends_with_exactly_one_point_per_i
 
 def test_dead_letters_are_listed_retried_and_purged_from_the_command_line(env, tmp_path: Path):
     data = tmp_path / "dlq-data"
-    environment = os.environ | {"MMEMBED_DATA_DIR": str(data), "MMEMBED_COLLECTION": "dlq", "COLUMNS": "250",
-                                "MMEMBED_ALLOW_DOWNLOADS": "false",
-                                "MMEMBED_MODELS_DIR": str(env["settings"].models_path)}  # fmt: skip
+    environment = os.environ | {
+        "MMEMBED_DATA_DIR": str(data),
+        "MMEMBED_COLLECTION": "dlq",
+        "COLUMNS": "250",
+        "MMEMBED_ALLOW_DOWNLOADS": "false",
+        "MMEMBED_MODELS_DIR": str(env["settings"].models_path),
+    }
 
     def cli(*args: str) -> str:
-        done = subprocess.run([sys.executable, "-m", "mmembed.cli", *args], env=environment, capture_output=True,
-                              text=True, timeout=600)  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-m", "mmembed.cli", *args], env=environment, capture_output=True, text=True, timeout=600
+        )
         assert done.returncode == 0, done.stdout + done.stderr
         return done.stdout
 

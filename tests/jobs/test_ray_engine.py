@@ -75,8 +75,15 @@ def both(tmp_path_factory: pytest.TempPathFactory, settings: Settings, ray_clust
     local_job, local_summary = local.ingest(manifest, "local")
     gpus = 0.5 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0  # unfused stages where there is a GPU
     remote_job, remote_summary = remote.ingest(manifest, "ray", num_gpus_per_encoder=gpus)
-    return {"root": root, "manifest": manifest, "settings": settings, "local": local, "ray": remote,
-            "summaries": (local_summary, remote_summary), "jobs": (local_job.job, remote_job.job)}  # fmt: skip
+    return {
+        "root": root,
+        "manifest": manifest,
+        "settings": settings,
+        "local": local,
+        "ray": remote,
+        "summaries": (local_summary, remote_summary),
+        "jobs": (local_job.job, remote_job.job),
+    }
 
 
 def _points(catalog: Catalog) -> dict[str, Point]:

@@ -107,15 +107,33 @@ def test_mmembed_ingest_plans_and_runs_with_a_remote_model_from_the_environment(
     with StubProvider() as stub:
         config = stub.config(REMOTE, usd_per_million_tokens=1000.0)
         environment = os.environ | {
-            "MMEMBED_DATA_DIR": str(tmp_path / "cli-data"), "MMEMBED_COLLECTION": "remote-cli", "COLUMNS": "250",
-            "MMEMBED_ALLOW_DOWNLOADS": "false", "MMEMBED_MODELS_DIR": str(env["settings"].models_path),
-            "MMEMBED_REMOTE_MODELS": json.dumps([config]), "STUB_API_KEY": "stub-secret-key",
-        }  # fmt: skip
+            "MMEMBED_DATA_DIR": str(tmp_path / "cli-data"),
+            "MMEMBED_COLLECTION": "remote-cli",
+            "COLUMNS": "250",
+            "MMEMBED_ALLOW_DOWNLOADS": "false",
+            "MMEMBED_MODELS_DIR": str(env["settings"].models_path),
+            "MMEMBED_REMOTE_MODELS": json.dumps([config]),
+            "STUB_API_KEY": "stub-secret-key",
+        }
         done = subprocess.run(
-            [sys.executable, "-m", "mmembed.cli", "ingest", str(env["manifest"]), "--workers", "0",
-             "--model", "demo-clip", "--model", REMOTE],
-            env=environment, capture_output=True, text=True, timeout=600,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "mmembed.cli",
+                "ingest",
+                str(env["manifest"]),
+                "--workers",
+                "0",
+                "--model",
+                "demo-clip",
+                "--model",
+                REMOTE,
+            ],
+            env=environment,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
     assert done.returncode == 0, done.stdout + done.stderr
     captions = list(env["captions"].values())
     counted = sum(len(c.encode()) + 2 for c in captions)

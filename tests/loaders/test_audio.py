@@ -25,8 +25,12 @@ def ffmpeg_convert(data: bytes, fmt: str, *args: str) -> bytes:
     """Through a file: MP4 containers need a seekable output."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out"
-        subprocess.run(["ffmpeg", "-hide_banner", "-loglevel", "error", "-i", "pipe:0", *args, "-f", fmt, str(out)],
-                       input=data, capture_output=True, check=True)  # fmt: skip
+        subprocess.run(
+            ["ffmpeg", "-hide_banner", "-loglevel", "error", "-i", "pipe:0", *args, "-f", fmt, str(out)],
+            input=data,
+            capture_output=True,
+            check=True,
+        )
         return out.read_bytes()
 
 

@@ -18,8 +18,13 @@ from mmembed.loaders.url_policy import (
     check_url,
     forbidden_reason,
     resolve_checked,
-    vet_url,
 )
+
+
+def vet_url(url: str, policy: UrlPolicy = STRICT_POLICY) -> list[str]:
+    """Every check a fetch makes before it connects: the URL's form, then its host's addresses."""
+    parsed = check_url(url)
+    return resolve_checked(parsed.host, parsed.port or (443 if parsed.scheme == "https" else 80), policy)
 
 
 def code_of(url: str, policy: UrlPolicy = STRICT_POLICY) -> str:

@@ -27,8 +27,11 @@ ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 def quickstart(ray_cluster: int, settings: Settings) -> Iterator[Quickstart]:
     # The page and notebook tests ingest folders they write under the system's temp folder.
     roots = f"{settings.data_dir},{tempfile.gettempdir()}"
-    env = os.environ | {"MMEMBED_DATA_DIR": str(settings.data_dir), "MMEMBED_COLLECTION": "quickstart",
-                        "MMEMBED_INGEST_ROOTS": roots}  # fmt: skip
+    env = os.environ | {
+        "MMEMBED_DATA_DIR": str(settings.data_dir),
+        "MMEMBED_COLLECTION": "quickstart",
+        "MMEMBED_INGEST_ROOTS": roots,
+    }
     command = [sys.executable, "-m", "mmembed.cli", "quickstart", "--scenes", str(SCENES)]
     command += ["--address", ray.get_runtime_context().gcs_address, "--port", str(ray_cluster)]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

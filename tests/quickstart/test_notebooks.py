@@ -84,9 +84,12 @@ def test_notebook_runs_against_the_quickstart_server(
         "MPLCONFIGDIR": "/tmp/mmembed-mpl",
     }
     client = NotebookClient(
-        nb, timeout=300, kernel_name="python3", km=_kernel_manager(tmp_path),
+        nb,
+        timeout=300,
+        kernel_name="python3",
+        km=_kernel_manager(tmp_path),
         resources={"metadata": {"path": str(tmp_path)}},
-    )  # fmt: skip
+    )
     try:
         # A failing cell raises CellExecutionError with its traceback. The kernel manager is ours, so
         # nbclient leaves the kernel running unless told to shut it down.

@@ -327,8 +327,13 @@ def test_verify_passes_on_good_writes(store: VectorStore) -> None:
 
 def test_verify_accepts_floats_the_engine_prints_one_ulp_off(store: VectorStore) -> None:
     # Qdrant Edge 0.9 reads 1795674344.7832859 back as 1795674344.783286; a timestamp is not a corrupt write.
-    points = [Point(point_id("t"), {IMAGE: _random_vectors(1, 8)[0]}, {"added_at": 1795674344.7832859,
-                                                                      "meta": {"w": [0.1 + 0.2]}})]  # fmt: skip
+    points = [
+        Point(
+            point_id("t"),
+            {IMAGE: _random_vectors(1, 8)[0]},
+            {"added_at": 1795674344.7832859, "meta": {"w": [0.1 + 0.2]}},
+        )
+    ]
     store.upsert(points)
     store.verify(points)
     points[0].payload["added_at"] += 1e-3
