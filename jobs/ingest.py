@@ -29,6 +29,7 @@ from tenacity import retry, retry_if_exception, stop_after_attempt, wait_random_
 from tqdm import tqdm
 
 from mmembed.config import Settings
+from mmembed.contracts import model_info
 from mmembed.encoders import LoadedModel, Prepared, load, model_version
 from mmembed.encoders.remote.costs import Usage
 from mmembed.encoders.remote.costs import plan_line as remote_plan_line
@@ -172,7 +173,7 @@ class Models:
 
     def __init__(self, names: tuple[str, ...], settings: Settings) -> None:
         self.loaded: dict[str, LoadedModel] = {n: load(n, settings) for n in names}
-        self.described = {n: m.describe() for n, m in self.loaded.items()}
+        self.described = {n: model_info(m) for n, m in self.loaded.items()}
         self.versions = {n: model_version(m.spec, settings) for n, m in self.loaded.items()}
         self.layout = layout(self.described)
 
@@ -283,8 +284,7 @@ class BatchEncoder:
 
     def _encode_model(self, model: str, kind: str, group: list[Loaded], out: dict, use_cache: bool) -> None:
         name, version = vector_name(model, kind), self.models.versions[model]
-        family = self.models.described[model]["family"]
-        cacheable = use_cache and self.cache is not None and family != "whisper"  # transcripts are not cached
+        cacheable = use_cache and self.cache is not None and self.models.described[model].cacheable
         keys = {b.index: cache_key(b.content_hash, model, version) for b in group}
         hits = self.cache.get_many(model, list(keys.values())) if cacheable else {}  # type: ignore[union-attr]
         misses = [b for b in group if keys[b.index] not in hits and isinstance(out[b.index], dict)]
@@ -317,7 +317,7 @@ class BatchEncoder:
             rows = [(b, r, items[b.index].caption if kind == "image" else r.get("_transcript")) for b, r in rows]
             rows = [(b, r, words) for b, r, words in rows if words and words.strip()]
             for model in self.models.text(kind) if rows else []:
-                if not remote and self.models.described[model]["family"] == "remote":
+                if not remote and self.models.described[model].family == "remote":
                     continue
                 results = self.models.loaded[model].encoder("text").encode_items([w for _, _, w in rows])
                 for (b, r, _), result in zip(rows, results, strict=True):
