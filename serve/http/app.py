@@ -23,6 +23,19 @@ def create_app(
 ) -> FastAPI:
     """``settings`` give the keys, CORS origins and URL policy; ``objects`` the store whose
     local files ``/objects`` serves (default: the settings' own)."""
+    app = bare_app()
+    app.state.backend = backend
+    app.state.api_keys = ApiKeys.from_strings(*settings.api_keys(), settings.open_reads)
+    app.state.cors_origins = tuple(settings.cors_origins)
+    app.state.max_body_bytes = config.max_body_bytes
+    limits = FetchLimits(max_bytes=config.max_body_bytes, policy=settings.url_policy())
+    app.state.api = Api(backend, config, limits, objects if objects is not None else object_store(settings))
+    return app
+
+
+def bare_app() -> FastAPI:
+    """Every route, middleware and error handler, with nothing behind them: what the API looks
+    like, for checks of its description (the README's endpoints, the OpenAPI schema)."""
     # FastAPI's own /docs loads its scripts from a CDN; ours serves them from /ui/. No ReDoc page:
     # its bundle fetches a logo from cdn.redoc.ly, so it cannot be served offline as shipped.
     app = FastAPI(
@@ -37,10 +50,4 @@ def create_app(
     app.add_middleware(Cors)  # outermost, so preflight requests are answered before the key check
     for module in ROUTERS:
         app.include_router(module.router)
-    app.state.backend = backend
-    app.state.api_keys = ApiKeys.from_strings(*settings.api_keys(), settings.open_reads)
-    app.state.cors_origins = tuple(settings.cors_origins)
-    app.state.max_body_bytes = config.max_body_bytes
-    limits = FetchLimits(max_bytes=config.max_body_bytes, policy=settings.url_policy())
-    app.state.api = Api(backend, config, limits, objects if objects is not None else object_store(settings))
     return app
