@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from mmembed.config import Settings
-from mmembed.contracts import ItemError, ItemOutcome, ItemVectors
+from mmembed.contracts import ItemError, ItemOutcome, ItemVectors, model_info
 from mmembed.encoders import LoadedModel, Prepared, load, model_version
 from mmembed.encoders.remote.costs import Usage
 from mmembed.jobs.dataset import Loaded, SourceDataset
@@ -31,7 +31,7 @@ class Models:
 
     def __init__(self, names: tuple[str, ...], settings: Settings) -> None:
         self.loaded: dict[str, LoadedModel] = {n: load(n, settings) for n in names}
-        self.described = {n: m.describe() for n, m in self.loaded.items()}
+        self.described = {n: model_info(m) for n, m in self.loaded.items()}
         self.versions = {n: model_version(m.spec, settings) for n, m in self.loaded.items()}
         self.layout = layout(self.described)
 
@@ -151,7 +151,7 @@ class BatchEncoder:
         self, model: str, kind: str, group: list[Loaded], out: dict[int, ItemOutcome], use_cache: bool
     ) -> None:
         name, version = vector_name(model, kind), self.models.versions[model]
-        cacheable = use_cache and self.cache is not None and self.models.loaded[model].spec.family != "whisper"
+        cacheable = use_cache and self.cache is not None and self.models.described[model].cacheable
         keys = {b.index: cache_key(b.content_hash, model, version) for b in group}
         hits = self.cache.get_many(model, list(keys.values())) if cacheable else {}  # type: ignore[union-attr]
         for b in group:

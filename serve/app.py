@@ -14,14 +14,16 @@ from ray import serve
 from ray.serve.config import BackpressureConfig
 
 from mmembed.serve.catalog import build_catalog
-from mmembed.serve.config import ServeConfig
+from mmembed.serve.config import ServeConfig, replica_settings
 from mmembed.serve.deployments import build_encoder
 from mmembed.serve.ingress import Ingress
 
 
 def build_app(args: dict[str, Any] | None = None) -> serve.Application:
+    """The one place the app reads ``Settings``: every replica gets them from here."""
     config = ServeConfig.model_validate(args or {})
-    encoders = {m.name: build_encoder(m, config.env) for m in config.models}
+    settings = replica_settings(config.env)
+    encoders = {m.name: build_encoder(m, settings, config.env) for m in config.models}
     options: dict[str, Any] = {
         "max_ongoing_requests": config.ingress_max_ongoing_requests,
         "max_queued_requests": config.ingress_max_queued_requests,
@@ -29,7 +31,8 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     }
     if config.env:
         options["ray_actor_options"] = {"runtime_env": {"env_vars": config.env}}
-    return Ingress.options(**options).bind(encoders, build_catalog(config.env), config.model_dump())
+    catalog = build_catalog(settings, config.env)
+    return Ingress.options(**options).bind(encoders, catalog, config.model_dump(), settings)
 
 
 def logical_cpus(args: dict[str, Any] | None, physical: int) -> int:

@@ -22,7 +22,8 @@ from urllib.request import url2pathname
 import numpy as np
 from ray import serve
 
-from mmembed.config import get_settings
+from mmembed.config import Settings
+from mmembed.contracts import JobStart, JobStarted, PathForbidden, TooManyJobs
 from mmembed.jobs.ingest import Ingest, IngestOptions
 from mmembed.jobs.state import JobStore, job_id
 from mmembed.loaders.sources import SourceError, check_inside_roots
@@ -34,8 +35,8 @@ log = logging.getLogger(__name__)
 
 
 class CatalogDeployment:
-    def __init__(self) -> None:
-        self.settings = get_settings()
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
         self.catalog = Catalog(open_store(self.settings.vectors_config()), object_store(self.settings.objects_config()))
         self.layout: dict[str, int] | None = None
         self.jobs = JobStore(self.settings.data_dir.expanduser() / "jobs.sqlite")
@@ -75,7 +76,7 @@ class CatalogDeployment:
 
     # --- bulk jobs ------------------------------------------------------------------------------
 
-    def start_job(self, source: str, models: list[str], sync: bool = False) -> dict[str, Any]:
+    def start_job(self, source: str, models: list[str], sync: bool = False) -> JobStart:
         """Plans and runs in a background thread; answers the job id at once, or how many jobs
         run when ``max_concurrent_jobs`` already do (each loads its own models and workers)."""
         local = "://" not in source or source.lower().startswith("file://")
@@ -83,13 +84,13 @@ class CatalogDeployment:
             try:
                 check_inside_roots(Path(url2pathname(urlsplit(source).path)), [Path(r) for r in self.roots])
             except SourceError as exc:
-                return {"forbidden": str(exc)}
+                return PathForbidden(str(exc))
         options = IngestOptions(source, tuple(models), sync=sync, workers=0)
         same = self.threads.get(job_id(source, options.job_config(self.settings)))
         running = sum(t.is_alive() for t in self.threads.values())
         if running >= self.settings.max_concurrent_jobs and not (same and same.is_alive()):
-            return {"busy": running}
-        return {"id": self._start(source, {"models": models, "sync": sync, "server": True})}
+            return TooManyJobs(running)
+        return JobStarted(self._start(source, {"models": models, "sync": sync, "server": True}))
 
     def _start(self, source: str, config: dict[str, Any]) -> str:
         options = IngestOptions(source, tuple(config["models"]), sync=config.get("sync", False), workers=0,
@@ -139,7 +140,7 @@ def _is_id(item_id: str) -> bool:
         return False
 
 
-def build_catalog(env: dict[str, str]) -> serve.Application:
+def build_catalog(settings: Settings, env: dict[str, str]) -> serve.Application:
     options = {"runtime_env": {"env_vars": env}} if env else {}
     deployment = serve.deployment(CatalogDeployment, name="catalog", num_replicas=1, max_ongoing_requests=64)
-    return deployment.options(ray_actor_options=options).bind()
+    return deployment.options(ray_actor_options=options).bind(settings)

@@ -4,7 +4,12 @@ application's arguments, so `mmembed serve` and `serve run/deploy` read one file
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
+
 from pydantic import BaseModel, Field, model_validator
+
+from mmembed.config import Settings
 
 
 class BatchConfig(BaseModel):
@@ -112,3 +117,21 @@ class ServeConfig(BaseModel):
         if len(set(names)) != len(names):
             raise ValueError(f"a model is listed twice: {names}")
         return self
+
+
+def replica_settings(env: Mapping[str, str]) -> Settings:
+    """The settings the app's replicas run with: this process's environment with the app's
+    ``env`` over it, as each replica's runtime env has it. Read once, where the app is built,
+    and handed to every replica as a constructor argument (Ray logs runtime envs, not those).
+    ``env`` is laid over ``os.environ`` only while ``Settings`` reads it: the one reader of the
+    environment stays ``Settings``."""
+    before = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        return Settings()
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

@@ -7,8 +7,9 @@ admitting and preprocessing the next requests while the model runs: the accelera
 never waits for a JPEG decoder, and preprocessing never waits for the accelerator.
 
 Batches are capped by count and by cost (tokens, seconds of audio) through
-``batch_size_fn``. Every result carries the size of the batch it ran in, how long it
-queued and how long the forward pass took, which the ingress turns into metrics.
+``batch_size_fn``. Every result is an ``EncodedItem`` carrying the size of the batch it ran
+in, how long it queued and how long the forward pass took, which the ingress turns into
+metrics. Replicas get their ``Settings`` from the app builder, not from their environment.
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ from typing import Any
 
 from ray import serve
 
-from mmembed.config import get_settings
+from mmembed.config import Settings
+from mmembed.contracts import EncodedItem, ItemError, ModelInfo, model_info
 from mmembed.encoders import Encoder, InputError, ItemResult, LoadedModel, Modality, Prepared, load, model_version
 from mmembed.loaders.images import DecodeLimits, ImageDecodeError, decode_image
-from mmembed.serve.config import BatchConfig, ModelConfig
+from mmembed.serve.config import BatchConfig, ModelConfig, replica_settings
 from mmembed.store.cache import cache_key, open_cache
 
 
@@ -53,18 +55,17 @@ def item_cost(modality: Modality, prepared: Prepared, batch: BatchConfig) -> flo
     return min(cost, float(batch.max_batch_size))
 
 
-def result_dict(result: ItemResult) -> dict[str, Any]:
-    error = None if result.error is None else {"code": result.error.code, "message": str(result.error)}
-    return {"vector": result.vector, "error": error, "info": result.info}
+def refused(error: InputError) -> EncodedItem:
+    return EncodedItem(None, ItemError(error.code, str(error)))
 
 
 class EncoderDeployment:
     """Serve deployment for one model (all its modalities). Built by ``build_encoder``."""
 
-    def __init__(self, config: dict[str, Any]) -> None:
+    def __init__(self, config: dict[str, Any], settings: Settings) -> None:
         self.config = ModelConfig.model_validate(config)
-        settings = get_settings()
         self.model: LoadedModel = load(self.config.name, settings)
+        self.info = model_info(self.model)
         # JPEGs decode at the smallest DCT scale that still covers the model's input: 4x
         # fewer pixels for a 640x480 photo and a 224 model, and half the decode time.
         image = self.model.encoders.get(Modality.IMAGE)
@@ -75,7 +76,7 @@ class EncoderDeployment:
         )
         # The same embedding cache bulk jobs use (key: content, model, weights version).
         # Transcribing models are not cached: their transcript is part of the answer.
-        self.cache = open_cache(settings.cache_config()) if self.model.spec.family != "whisper" else None
+        self.cache = open_cache(settings.cache_config()) if self.info.cacheable else None
         self.version = model_version(self.model.spec, settings)
         batch = self.config.batch
         self._seconds_per_item: dict[Modality, float] = {}
@@ -88,10 +89,10 @@ class EncoderDeployment:
             Modality.AUDIO: self._batch_audio,
         }
 
-    def describe(self) -> dict[str, Any]:
-        return self.model.describe()
+    def describe(self) -> ModelInfo:
+        return self.info
 
-    async def encode(self, modality: str, items: Sequence[Any]) -> list[dict[str, Any]]:
+    async def encode(self, modality: str, items: Sequence[Any]) -> list[EncodedItem]:
         """Per-item results in input order; a bad item never fails the others."""
         encoder = self.model.encoder(modality)
         prepared = await asyncio.to_thread(_preprocess_all, encoder, items, self.image_limits)
@@ -107,21 +108,22 @@ class EncoderDeployment:
             if isinstance(p, Prepared) and k not in hits
         ]
         encoded = iter(await asyncio.gather(*pending))
-        out, fresh = [], {}
+        out: list[EncodedItem] = []
+        fresh = {}
         for p, k in zip(prepared, keys, strict=True):
             if isinstance(p, InputError):
-                out.append(result_dict(ItemResult(error=p)))
+                out.append(refused(p))
             elif k in hits:  # the forward pass saved; preprocessing ran, so info (tokens) is the same
-                out.append({"vector": hits[k], "error": None, "info": p.info | {"cached": True}})
+                out.append(EncodedItem(hits[k], info=p.info, cached=True))
             else:
                 out.append(next(encoded))
-                if k and out[-1]["vector"] is not None:
-                    fresh[k] = out[-1]["vector"]
+                if k and out[-1].vector is not None:
+                    fresh[k] = out[-1].vector
         if fresh:
             await asyncio.to_thread(self.cache.put_many, name, fresh)  # type: ignore[union-attr]
         return out
 
-    async def _run(self, modality: Modality, batch: list[Queued]) -> list[dict[str, Any]]:
+    async def _run(self, modality: Modality, batch: list[Queued]) -> list[EncodedItem]:
         """Serve forms the next batch while this one runs and closes it after the short wait,
         so under load it would queue small batches behind the model. While the forward pass
         runs, the next batch may fill for as long as this one is expected to take."""
@@ -135,23 +137,21 @@ class EncoderDeployment:
             handler.set_batch_wait_timeout_s(base_wait)
         encode_ms = (time.perf_counter() - started) * 1000
         self._seconds_per_item[modality] = encode_ms / 1000 / len(batch)
-        out = []
-        for q, r in zip(batch, results, strict=True):
-            r.info = r.info | {"batch_size": len(batch), "queue_ms": (started - q.enqueued) * 1000,
-                               "encode_ms": encode_ms}  # fmt: skip
-            out.append(result_dict(r))
-        return out
+        return [
+            _encoded(r, batch_size=len(batch), queue_ms=(started - q.enqueued) * 1000, encode_ms=encode_ms)
+            for q, r in zip(batch, results, strict=True)
+        ]
 
     @serve.batch(batch_size_fn=batch_slots)
-    async def _batch_text(self, batch: list[Queued]) -> list[dict[str, Any]]:
+    async def _batch_text(self, batch: list[Queued]) -> list[EncodedItem]:
         return await self._run(Modality.TEXT, batch)
 
     @serve.batch(batch_size_fn=batch_slots)
-    async def _batch_image(self, batch: list[Queued]) -> list[dict[str, Any]]:
+    async def _batch_image(self, batch: list[Queued]) -> list[EncodedItem]:
         return await self._run(Modality.IMAGE, batch)
 
     @serve.batch(batch_size_fn=batch_slots)
-    async def _batch_audio(self, batch: list[Queued]) -> list[dict[str, Any]]:
+    async def _batch_audio(self, batch: list[Queued]) -> list[EncodedItem]:
         return await self._run(Modality.AUDIO, batch)
 
 
@@ -170,5 +170,15 @@ def _preprocess_all(encoder: Encoder, items: Sequence[Any], limits: DecodeLimits
     return out
 
 
-def build_encoder(config: ModelConfig, env: dict[str, str] | None = None) -> serve.Application:
-    return serve.deployment(EncoderDeployment).options(**config.deployment_options(env)).bind(config.model_dump())
+def _encoded(result: ItemResult, **timing: Any) -> EncodedItem:
+    error = None if result.error is None else ItemError(result.error.code, str(result.error))
+    return EncodedItem(result.vector, error, result.info, **timing)
+
+
+def build_encoder(
+    config: ModelConfig, settings: Settings | None = None, env: dict[str, str] | None = None
+) -> serve.Application:
+    """``settings``: what the replicas run with; by default this process's environment with ``env`` over it."""
+    settings = settings or replica_settings(env or {})
+    deployment = serve.deployment(EncoderDeployment).options(**config.deployment_options(env))
+    return deployment.bind(config.model_dump(), settings)

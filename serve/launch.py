@@ -22,8 +22,9 @@ from ray import serve
 
 from mmembed.serve.app import build_app, logical_cpus
 
-# Never put into a runtime env: Ray's runtime-env agent logs its environment variables. Give a
-# joined cluster's nodes these in their own environment, or MMEMBED_API_KEYS_FILE (a path).
+# Never put into a runtime env: Ray's runtime-env agent logs its environment variables. The
+# MMEMBED_ ones reach the replicas in the Settings build_app reads here; AWS secrets come from
+# the nodes' own environment.
 SECRETS = frozenset({"MMEMBED_API_KEYS_WRITE", "MMEMBED_API_KEYS_READ", "MMEMBED_QDRANT_API_KEY",
                      "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"})  # fmt: skip
 

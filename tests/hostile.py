@@ -326,7 +326,7 @@ def hostile_texts() -> list[Hostile]:
 
 def hostile_base64() -> list[Hostile]:
     """Strings as an API client sends them. Codes are the API's: ``invalid_base64`` when the
-    string does not decode (serve.ingress decodes with ``validate=True``); otherwise the
+    string does not decode (serve/http/media.py decodes with ``validate=True``); otherwise the
     decoder's code for the bytes it yields."""
     png = base64.b64encode(encode_image(Image.new("RGB", (4, 4), (9, 9, 9)), "PNG")).decode()
     text = base64.b64encode(b"not an image").decode()

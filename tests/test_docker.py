@@ -23,7 +23,7 @@ from mmembed.cli import OFFLINE_MODELS
 from mmembed.cli import app as cli
 from mmembed.config import Settings
 from mmembed.serve.config import ServeConfig
-from mmembed.serve.ingress import app as ingress_app
+from mmembed.serve.http.app import bare_app
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
@@ -131,8 +131,8 @@ def _readme_install_commands() -> list[str]:
 
 
 def _get_routes() -> set[str]:
-    """GET paths of the ingress (its routes live in a router Serve includes, so ask OpenAPI)."""
-    schema = get_openapi(title="t", version="0", routes=ingress_app.routes)
+    """GET paths of the ingress (its routes live in routers, so ask OpenAPI)."""
+    schema = get_openapi(title="t", version="0", routes=bare_app().routes)
     return {path for path, ops in schema["paths"].items() if "get" in ops}
 
 

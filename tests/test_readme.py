@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from mmembed.cli import app as cli
 from mmembed.config import Settings
-from mmembed.serve.ingress import app as http
+from mmembed.serve.http.app import bare_app
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 NOT_SETTINGS = {"MMEMBED_URL", "MMEMBED_DEMO_CATALOGUE"}  # what the notebooks read, not the server
@@ -48,7 +48,7 @@ def test_the_table_lists_every_command() -> None:
 def test_every_endpoint_named_exists() -> None:
     named = set(re.findall(r"`(GET|POST|DELETE) (/[^`?\s]*)", README))
     assert len(named) >= 12
-    routes = {(m, re.sub(r"\{\w*_?id\}", "{id}", path).replace(":path", "")) for m, path in _routes(http.routes)}
+    routes = {(m, re.sub(r"\{\w*_?id\}", "{id}", path).replace(":path", "")) for m, path in _routes(bare_app().routes)}
     missing = sorted(f"{m} {p}" for m, p in named if (m, p) not in routes)
     assert not missing, f"the README names endpoints the app does not have: {missing}"
 

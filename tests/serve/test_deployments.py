@@ -1,5 +1,5 @@
 """Encoder deployments on a real Ray cluster: concurrent requests really share batches,
-batches respect their caps, and bad items fail alone."""
+batches respect their caps, and bad items fail alone (each result an ``EncodedItem``)."""
 
 from __future__ import annotations
 
@@ -17,20 +17,20 @@ def test_concurrent_requests_are_grouped_into_batches(ray_cluster, demo_clip: Lo
     texts = [f"a red circle number {i}" for i in range(24)]
     responses = [handle.encode.remote("text", [t]) for t in texts]
     results = [r.result()[0] for r in responses]
-    sizes = [r["info"]["batch_size"] for r in results]
+    sizes = [r.batch_size for r in results]
     assert max(sizes) == 8 and min(sizes) >= 2, sizes  # grouped, and never past the cap
     local = demo_clip.encoder(Modality.TEXT).encode_items(texts)
     for remote, mine in zip(results, local, strict=True):
-        assert np.allclose(remote["vector"], mine.vector, atol=1e-5)
-    assert all(r["info"]["queue_ms"] >= 0 and r["info"]["encode_ms"] > 0 for r in results)
+        assert np.allclose(remote.vector, mine.vector, atol=1e-5)
+    assert all(r.queue_ms >= 0 and r.encode_ms > 0 for r in results)
     serve.delete("batching")
 
 
 def test_bad_items_fail_alone_in_a_request(ray_cluster):
     handle = serve.run(build_encoder(ModelConfig(name="all-MiniLM-L6-v2")), name="bad-items", route_prefix=None)
     results = handle.encode.remote("text", ["fine", "", "also fine"]).result()
-    assert [r["error"]["code"] if r["error"] else "ok" for r in results] == ["ok", "empty_input", "ok"]
-    assert results[0]["vector"].shape == (384,)
+    assert [r.error.code if r.error else "ok" for r in results] == ["ok", "empty_input", "ok"]
+    assert results[0].vector.shape == (384,)
     serve.delete("bad-items")
 
 

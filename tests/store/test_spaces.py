@@ -1,15 +1,18 @@
 """Which vectors an item gets and which model encodes a query, from the models' own
-descriptions (the shape EncoderDeployment.describe returns for the offline models)."""
+descriptions (the ModelInfo EncoderDeployment.describe returns for the offline models)."""
 
 from __future__ import annotations
 
 import pytest
 
-from mmembed.store.spaces import RoutingError, item_encoders, layout, plan_query
+from mmembed.contracts import EncoderInfo, ModelInfo
+from mmembed.store.spaces import RoutingError, item_encoders, layout, plan_query, transcriber
 
 
-def _model(name: str, space: str, family: str, dims: dict[str, int]) -> dict:
-    return {"name": name, "space": space, "family": family, "encoders": {m: {"dim": d} for m, d in dims.items()}}
+def _model(name: str, space: str, family: str, dims: dict[str, int]) -> ModelInfo:
+    encoders = {m: EncoderInfo(f"{name}.{m}", d, {}) for m, d in dims.items()}
+    transcribes = family == "whisper"
+    return ModelInfo(name, space, family, "cpu", "float32", encoders, transcribes, cacheable=not transcribes)
 
 
 DESCRIBED = {
@@ -35,6 +38,7 @@ def test_items_are_encoded_by_their_own_towers_and_captions_by_every_text_tower(
     assert item_encoders(DESCRIBED, "image") == [("demo-clip", "image"), ("demo-clip", "text"),
                                                  ("all-MiniLM-L6-v2", "text")]  # fmt: skip
     assert item_encoders(DESCRIBED, "audio")[:2] == [("whisper-base", "audio"), ("bind", "audio")]
+    assert transcriber(DESCRIBED) == "whisper-base"
 
 
 def test_queries_are_encoded_into_the_space_of_the_vector_they_search() -> None:

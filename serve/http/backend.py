@@ -1,0 +1,56 @@
+"""What the HTTP layer needs from the models and the catalogue, and nothing of how they run.
+
+The Serve ingress implements it over deployment handles (``mmembed.serve.ingress.RayBackend``);
+the in-process tests implement it with deterministic vectors. A refusal the caller should see
+as is (a model not served, a full queue, a replica gone) is raised as ``ApiError``; store
+failures are raised as the store's own errors (``DimensionError``, ``StoreError``,
+``ObjectStoreError``), which the routes turn into their codes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import numpy as np
+
+from mmembed.contracts import EncodedItem, JobStart, ModelInfo
+from mmembed.store.catalog import NewItem
+
+
+class Backend(Protocol):
+    # --- models ---
+    async def describe(self, model: str) -> ModelInfo: ...
+
+    async def encode(self, model: str, modality: str, items: list[Any]) -> list[EncodedItem]:
+        """Per-item results in input order; text items are strings, media items bytes."""
+        ...
+
+    # --- the catalogue ---
+    async def open_catalog(self, layout: dict[str, int]) -> dict[str, int]:
+        """Opens (or creates) the collection with these named vectors; idempotent."""
+        ...
+
+    async def add_item(self, item: NewItem) -> str: ...
+
+    async def get_item(self, item_id: str, with_vectors: bool = False) -> dict[str, Any] | None:
+        """``{"id", "payload", "vectors", "url"}``, or None for no such item."""
+        ...
+
+    async def delete_item(self, item_id: str) -> bool: ...
+
+    async def search(
+        self, vector: str, query: np.ndarray, *, top_k: int, threshold: float | None, filter: Any, offset: int
+    ) -> list[dict[str, Any]]:
+        """Hits as ``{"id", "score", "payload", "url"}``, best first."""
+        ...
+
+    async def count(self) -> int: ...
+
+    # --- bulk jobs ---
+    async def start_job(self, source: str, models: list[str], sync: bool) -> JobStart: ...
+
+    async def job(self, job_id: str) -> dict[str, Any] | None: ...
+
+    async def list_jobs(self) -> list[dict[str, Any]]: ...
+
+    async def dead_letters(self, job_id: str) -> list[dict[str, Any]]: ...

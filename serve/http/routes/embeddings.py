@@ -1,0 +1,118 @@
+"""Encoding: OpenAI-compatible ``/v1/embeddings`` and the native ``/encode/{text,image,audio}``.
+No ``from __future__ import annotations``: FastAPI reads these signatures' types."""
+
+import asyncio
+import base64
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import APIRouter, Depends, File, UploadFile
+from fastapi.responses import JSONResponse
+
+from mmembed.contracts import EncodedItem
+from mmembed.serve.http.errors import ApiError
+from mmembed.serve.http.media import DATA_URI
+from mmembed.serve.http.schemas import EmbeddingsRequest, EncodeMediaRequest, EncodeTextRequest
+from mmembed.serve.http.service import Api, get_api, item_status
+
+router = APIRouter()
+ApiDep = Annotated[Api, Depends(get_api)]
+
+
+@router.post("/v1/embeddings")
+async def embeddings(body: EmbeddingsRequest, api: ApiDep) -> dict[str, Any]:
+    inputs = [body.input] if isinstance(body.input, str) else body.input
+    if not inputs:
+        raise ApiError(422, "empty_input", "input is an empty list")
+    if any(not isinstance(i, str) for i in inputs):
+        hint = "LangChain: OpenAIEmbeddings(check_embedding_ctx_length=False)"
+        message = f"send text, not token ids: this server tokenises with the model's own tokenizer ({hint})"
+        raise ApiError(422, "token_arrays_unsupported", message)
+    groups: dict[str, list[tuple[int, Any]]] = {}
+    for index, text in enumerate(inputs):
+        m = DATA_URI.match(text)
+        groups.setdefault(m["kind"] if m else body.modality, []).append((index, text))
+    encoders = (await api.describe(body.model)).encoders
+    for modality in groups:
+        dim = encoders[modality].dim if modality in encoders else None
+        if body.dimensions is not None and dim is not None and body.dimensions != dim:
+            message = f"model {body.model!r} gives {dim}-d vectors and cannot shorten them"
+            raise ApiError(422, "dimensions_unsupported", message)
+    outcomes = await asyncio.gather(
+        *(
+            api.encode(body.model, m, [i for _, i in g])
+            if m == "text"
+            else api.encode_media(body.model, m, [i for _, i in g])
+            for m, g in groups.items()
+        )
+    )
+    data: list[dict[str, Any]] = [{}] * len(inputs)
+    tokens = 0
+    for (modality, group), results in zip(groups.items(), outcomes, strict=True):
+        for (index, _), r in zip(group, results, strict=True):
+            if r.error is not None:
+                message = f"input[{index}] ({modality}): {r.error.message}"
+                raise ApiError(item_status(r.error.code), r.error.code, message)
+            tokens += int(r.info.get("tokens", 0))
+            data[index] = {"object": "embedding", "index": index, "embedding": _format(r.vector, body)}
+    api.metrics.requests.labels("/v1/embeddings", "200").inc()
+    usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+    return JSONResponse({"object": "list", "data": data, "model": body.model, "usage": usage})
+
+
+@router.post("/encode/text")
+async def encode_text(body: EncodeTextRequest, api: ApiDep) -> dict[str, Any]:
+    return _native(api, body.model, "text", await api.encode(body.model, "text", body.texts))
+
+
+@router.post("/encode/image")
+async def encode_image(body: EncodeMediaRequest, api: ApiDep) -> dict[str, Any]:
+    return _native(api, body.model, "image", await api.encode_media(body.model, "image", body.items))
+
+
+@router.post("/encode/image/upload")
+async def encode_image_upload(model: str, files: Annotated[list[UploadFile], File()], api: ApiDep) -> JSONResponse:
+    items = [await f.read() for f in files]
+    return _native(api, model, "image", await api.encode(model, "image", items))
+
+
+@router.post("/encode/audio")
+async def encode_audio(body: EncodeMediaRequest, api: ApiDep) -> dict[str, Any]:
+    return _native(api, body.model, "audio", await api.encode_media(body.model, "audio", body.items))
+
+
+def _format(vector: Any, body: EmbeddingsRequest) -> list[float] | str:
+    vec = np.asarray(vector, dtype="<f4")
+    return base64.b64encode(vec.tobytes()).decode() if body.encoding_format == "base64" else vec.tolist()
+
+
+def _public_info(r: EncodedItem) -> dict[str, Any]:
+    """The encoder's info and the serving path's figures, as the API has always shown them."""
+    extra: dict[str, Any] = {"cached": True} if r.cached else {}
+    if r.batch_size is not None:
+        extra["batch_size"] = r.batch_size
+    return r.info | extra | {"queue_ms": round(r.queue_ms, 2), "encode_ms": round(r.encode_ms, 2)}
+
+
+def _error(r: EncodedItem) -> dict[str, str] | None:
+    return None if r.error is None else {"code": r.error.code, "message": r.error.message}
+
+
+def _native(api: Api, model: str, modality: str, results: list[EncodedItem]) -> JSONResponse:
+    """Good items come back even when others fail; a request where every item failed is a 422.
+    A ready JSONResponse skips FastAPI's per-value ``jsonable_encoder`` walk of every float."""
+    out = [
+        {
+            "index": i,
+            "embedding": None if r.vector is None else np.asarray(r.vector).tolist(),
+            "error": _error(r),
+            "info": _public_info(r),
+        }
+        for i, r in enumerate(results)
+    ]
+    if all(r.error is not None for r in results):
+        error = results[0].error
+        assert error is not None
+        raise ApiError(item_status(error.code), error.code, f"every item failed; items[0]: {error.message}")
+    api.metrics.requests.labels(f"/encode/{modality}", "200").inc()
+    return JSONResponse({"model": model, "modality": modality, "data": out})

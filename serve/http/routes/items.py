@@ -1,0 +1,92 @@
+"""The catalogue's items: add one (uploaded or fetched, with its caption or transcript
+embedded too), read one, delete one. No ``from __future__ import annotations``: FastAPI
+reads these signatures' types."""
+
+import asyncio
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
+from fastapi.responses import JSONResponse
+
+from mmembed.loaders.audio import sniff_format
+from mmembed.serve.http.errors import ApiError
+from mmembed.serve.http.media import item_kind, parse_meta, resolve_or_raise
+from mmembed.serve.http.service import Api, first, get_api, mounted
+from mmembed.store.catalog import NewItem
+from mmembed.store.objects import ObjectStoreError
+from mmembed.store.spaces import item_encoders
+from mmembed.store.vectors import StoreError
+
+router = APIRouter()
+ApiDep = Annotated[Api, Depends(get_api)]
+
+
+@router.post("/items", status_code=201)
+async def add_item(
+    request: Request,
+    api: ApiDep,
+    file: Annotated[UploadFile | None, File(description="The image or audio file.")] = None,
+    url: Annotated[str | None, Form(description="Fetch the object from here instead of uploading it.")] = None,
+    kind: Annotated[Literal["image", "audio"] | None, Form()] = None,
+    caption: Annotated[str | None, Form()] = None,
+    meta: Annotated[str | None, Form(description="A JSON object of your own fields.")] = None,
+    source_uri: Annotated[str | None, Form(description="Your id for the item; re-adding it updates it.")] = None,
+) -> JSONResponse:
+    if (file is None) == (url is None):
+        raise ApiError(422, "invalid_request", "send exactly one of file or url")
+    if file is not None:
+        data, filename, media_type = await file.read(), file.filename, file.content_type or ""
+    else:
+        data = await resolve_or_raise(url or "", kind or "image", "url", api.fetch_limits)
+        filename, media_type = (url or "").rsplit("/", 1)[-1], ""
+    kind = item_kind(kind, media_type, data)
+    media_type = media_type if media_type.startswith(kind) else f"{kind}/{sniff_format(data) or 'octet-stream'}"
+    described = await api.described()
+    await api.open_catalog()
+    pairs = item_encoders(described, kind)
+    direct = [(m, k) for m, k in pairs if k == kind]
+    if not direct:
+        raise ApiError(422, "unsupported_modality", f"no served model encodes {kind} items")
+    results = [first(r, kind) for r in await asyncio.gather(*(api.encode(m, k, [data]) for m, k in direct))]
+    vectors = {f"{m}.{k}": r.vector for (m, k), r in zip(direct, results, strict=True)}
+    transcript = next((r.transcript for r in results if r.transcript is not None), None)
+    words = caption if kind == "image" else transcript
+    if words and words.strip():
+        texts = [m for m, k in pairs if k == "text"]
+        encoded = await asyncio.gather(*(api.encode(m, "text", [words]) for m in texts))
+        vectors |= {f"{m}.text": first(r, "caption").vector for m, r in zip(texts, encoded, strict=True)}
+    item = NewItem(
+        data=data,
+        kind=kind,
+        media_type=media_type,
+        vectors=vectors,
+        source_uri=source_uri,
+        filename=filename,
+        caption=caption,
+        transcript=transcript,
+        meta=parse_meta(meta),
+    )
+    try:
+        item_id = await api.backend.add_item(item)
+    except (StoreError, ObjectStoreError) as exc:
+        raise ApiError(503, "store_unavailable", str(exc)) from exc
+    api.metrics.requests.labels("/items", "201").inc()
+    stored = await api.backend.get_item(item_id)
+    assert stored is not None
+    body = {"id": item_id, "vectors": sorted(vectors), "payload": stored["payload"]}
+    return JSONResponse(body | {"url": mounted(request, stored["url"])}, 201)
+
+
+@router.get("/items/{item_id}")
+async def get_item(item_id: str, request: Request, api: ApiDep) -> JSONResponse:
+    stored = await api.backend.get_item(item_id)
+    if stored is None:
+        raise ApiError(404, "item_not_found", f"no item {item_id!r}")
+    return JSONResponse({"id": stored["id"], "payload": stored["payload"], "url": mounted(request, stored["url"])})
+
+
+@router.delete("/items/{item_id}")
+async def delete_item(item_id: str, api: ApiDep) -> JSONResponse:
+    if not await api.backend.delete_item(item_id):
+        raise ApiError(404, "item_not_found", f"no item {item_id!r}")
+    return JSONResponse({"id": item_id, "deleted": True})

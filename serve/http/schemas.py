@@ -1,0 +1,60 @@
+"""The request bodies. No ``from __future__ import annotations``: FastAPI reads these
+classes' annotations, and the routes' that use them, as real types."""
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, model_validator
+
+
+class EmbeddingsRequest(BaseModel):
+    input: str | list[str] | list[int] | list[list[int]]
+    model: str
+    modality: Literal["text", "image", "audio"] = Field(
+        default="text",
+        description="How to read the inputs; image/audio inputs are URLs, data URIs or base64. "
+        "Data URIs are recognised whatever this says.",
+    )
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+
+
+class EncodeTextRequest(BaseModel):
+    model: str
+    texts: list[str] = Field(min_length=1)
+
+
+class EncodeMediaRequest(BaseModel):
+    model: str
+    items: list[str] = Field(min_length=1, description="http(s) URLs, data URIs or base64 bytes")
+
+
+class IngestRequest(BaseModel):
+    source: str = Field(description="A folder or manifest on the server, s3://bucket/prefix, or a .txt of URLs.")
+    models: list[str] | None = Field(default=None, description="Default: every model this server runs.")
+    sync: bool = Field(default=False, description="Also delete the points of items gone from the source.")
+
+
+class SearchRequest(BaseModel):
+    text: str | None = None
+    image: str | None = Field(default=None, description="http(s) URL, data URI or base64 bytes")
+    audio: str | None = Field(default=None, description="http(s) URL, data URI or base64 bytes")
+    item_id: str | None = Field(default=None, description="More like this: the item's own stored vector.")
+    vector: str | None = Field(default=None, description="Named vector to search, e.g. demo-clip.image.")
+    via: str | None = Field(default=None, description="Model that encodes the query; default: the vector's own.")
+    route: Literal["direct", "transcript"] = Field(
+        default="direct", description="Audio: straight into the space (direct) or through its transcript."
+    )
+    top_k: int = Field(default=10, ge=1, le=1000)
+    threshold: float | None = Field(default=None, description="Drop hits scoring below this.")
+    filter: dict[str, Any] | None = Field(
+        default=None, description='Payload filter, e.g. {"kind": "image", "meta.colour": ["red"], "size": {"lt": 1e6}}'
+    )
+    offset: int = Field(default=0, ge=0, description="Skip this many hits (pagination).")
+
+    @model_validator(mode="after")
+    def _one_query(self) -> "SearchRequest":
+        given = [k for k in ("text", "image", "audio", "item_id") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of text, image, audio or item_id (got {given or 'none'})")
+        return self

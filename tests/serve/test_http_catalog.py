@@ -1,0 +1,136 @@
+"""The catalogue, bulk jobs and pages over HTTP, in-process over a fake backend (no Ray)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from fake_backend import TRANSCRIPT, FakeBackend
+from fastapi.testclient import TestClient
+from http_app import MODELS, PNG, WAV, api_error, b64, client_for
+
+from mmembed.contracts import PathForbidden, TooManyJobs
+from mmembed.store.objects import LocalObjects
+
+
+@pytest.fixture
+def backend() -> FakeBackend:
+    return FakeBackend()
+
+
+@pytest.fixture
+def client(tmp_path: Path, backend: FakeBackend) -> TestClient:
+    return client_for(tmp_path, backend)
+
+
+# --- the catalogue ----------------------------------------------------------------------------
+
+
+def test_items_are_added_read_and_deleted(client: TestClient) -> None:
+    form = {"caption": "a red circle", "meta": '{"colour": "red"}', "source_uri": "shop/1"}
+    added = client.post("/items", files={"file": ("a.png", PNG, "image/png")}, data=form)
+    assert added.status_code == 201, added.text
+    item = added.json()
+    assert item["vectors"] == ["all-MiniLM-L6-v2.text", "demo-clip.image", "demo-clip.text"]
+    assert item["payload"]["meta"] == {"colour": "red"} and item["url"].startswith("/objects/")
+    assert client.get(f"/items/{item['id']}").json()["payload"]["caption"] == "a red circle"
+    assert client.delete(f"/items/{item['id']}").json() == {"id": item["id"], "deleted": True}
+    api_error(client.get(f"/items/{item['id']}"), 404, "item_not_found")
+    api_error(client.delete(f"/items/{item['id']}"), 404, "item_not_found")
+
+
+def test_audio_items_get_their_transcript_embedded(client: TestClient) -> None:
+    added = client.post("/items", files={"file": ("a.wav", WAV, "audio/wav")}).json()
+    assert added["vectors"] == ["all-MiniLM-L6-v2.text", "demo-clip.text", "whisper-base.audio"]
+    assert added["payload"]["transcript"] == TRANSCRIPT and added["payload"]["kind"] == "audio"
+
+
+def test_item_forms_are_checked(client: TestClient) -> None:
+    api_error(client.post("/items", data={"caption": "x"}), 422, "invalid_request")
+    both = client.post("/items", files={"file": ("a.png", PNG, "image/png")}, data={"url": "http://x/a.png"})
+    api_error(both, 422, "invalid_request")
+    bad_meta = client.post("/items", files={"file": ("a.png", PNG, "image/png")}, data={"meta": "[1]"})
+    api_error(bad_meta, 422, "invalid_meta")
+    api_error(client.post("/items", files={"file": ("a.png", b"junk", "image/png")}), 422, "not_an_image")
+
+
+def test_search_routes_queries_into_the_vector_searched(tmp_path: Path, backend: FakeBackend) -> None:
+    client = client_for(tmp_path, backend, root_path="/app")
+    red = client.post("/items", files={"file": ("a.png", PNG, "image/png")}, data={"caption": "red"}).json()
+    client.post("/items", files={"file": ("b.png", PNG + b"b", "image/png")})
+    found = client.post("/search", json={"text": "a red circle", "top_k": 5}).json()
+    assert (found["vector"], found["model"], found["route"]) == ("demo-clip.image", "demo-clip", "direct")
+    assert found["query"] == {"modality": "text"} and len(found["hits"]) == 2
+    assert all(h["url"].startswith("/app/objects/") for h in found["hits"])  # under the mount point
+    heard = client.post("/search", json={"audio": b64(WAV), "route": "transcript"}).json()
+    assert heard["query"] == {"modality": "audio", "transcript": TRANSCRIPT} and heard["model"] == "demo-clip"
+    like = client.post("/search", json={"item_id": red["id"]}).json()
+    assert [h["id"] for h in like["hits"]] != [] and red["id"] not in [h["id"] for h in like["hits"]]
+
+
+def test_search_refusals(client: TestClient) -> None:
+    api_error(client.post("/search", json={"text": "a", "vector": "nope.image"}), 422, "no_route")
+    api_error(client.post("/search", json={"image": b64(PNG), "vector": "whisper-base.audio"}), 422, "no_route")
+    api_error(client.post("/search", json={"text": "a", "via": "nope"}), 422, "no_route")
+    api_error(client.post("/search", json={"image": "%%%"}), 422, "invalid_base64")
+    missing = "00000000-0000-0000-0000-000000000000"
+    api_error(client.post("/search", json={"item_id": missing}), 404, "item_not_found")
+
+
+def test_catalog_says_what_each_vector_can_be_searched_with(client: TestClient) -> None:
+    info = client.get("/catalog").json()
+    assert info["count"] == 0 and info["default_vector"] == "demo-clip.image" and info["models"] == MODELS
+    assert info["vectors"]["demo-clip.image"] == {"dim": 16, "queries": ["text", "image", "audio:transcript"]}
+    assert info["vectors"]["whisper-base.audio"]["queries"] == ["text", "audio", "audio:transcript"]
+
+
+def test_a_collection_of_other_sizes_is_a_conflict(tmp_path: Path) -> None:
+    client = client_for(tmp_path, FakeBackend(stored_layout={"demo-clip.image": 512}))
+    api_error(client.get("/catalog"), 409, "dimension_mismatch")
+
+
+def test_objects_are_served_from_the_local_store_only_inside_it(client: TestClient, tmp_path: Path) -> None:
+    LocalObjects(tmp_path / "objects").put("ab/cd.png", PNG, "image/png")
+    assert client.get("/objects/ab/cd.png").content == PNG
+    api_error(client.get("/objects/ab/none.png"), 404, "not_found")
+    api_error(client.get("/objects/../secret"), 404, "not_found")
+
+
+# --- bulk jobs --------------------------------------------------------------------------------
+
+
+def test_jobs_start_and_are_followed(client: TestClient) -> None:
+    started = client.post("/ingest", json={"source": "/data/photos", "models": ["demo-clip"]})
+    assert started.status_code == 202
+    job = started.json()["id"]
+    assert started.json()["status_url"] == f"/jobs/{job}"
+    assert client.get(f"/jobs/{job}").json()["source"] == "/data/photos"
+    assert [j["id"] for j in client.get("/jobs").json()["data"]] == [job]
+    assert client.get(f"/jobs/{job}/dead-letters").json()["data"][0]["code"] == "not_an_image"
+    api_error(client.get("/jobs/nope"), 404, "job_not_found")
+    api_error(client.get("/jobs/nope/dead-letters"), 404, "job_not_found")
+    api_error(client.post("/ingest", json={"source": "/x", "models": ["nope"]}), 422, "model_not_found")
+
+
+def test_jobs_refused_by_the_catalogue(client: TestClient, backend: FakeBackend) -> None:
+    backend.next_start = PathForbidden("/etc is outside the folders jobs may read")
+    assert "outside" in api_error(client.post("/ingest", json={"source": "/etc"}), 403, "path_forbidden")
+    backend.next_start = TooManyJobs(2)
+    busy = client.post("/ingest", json={"source": "/data"})
+    assert api_error(busy, 429, "too_many_jobs").startswith("2 bulk jobs") and busy.headers["retry-after"] == "30"
+
+
+# --- pages ------------------------------------------------------------------------------------
+
+
+def test_the_page_and_docs_are_served_from_here(tmp_path: Path) -> None:
+    client = client_for(tmp_path, root_path="/app")
+    page = client.get("/")
+    assert page.status_code == 200 and "{{BASE}}" not in page.text and "/app/" in page.text
+    docs = client.get("/docs").text
+    assert "/app/ui/swagger-ui-bundle.js" in docs and "/app/openapi.json" in docs
+    assert client.get("/ui/swagger-ui.css").status_code == 200 and client.get("/ui/style.css").status_code == 200
+    api_error(client.get("/ui/nope.js"), 404, "not_found")
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/v1/embeddings", "/search", "/items", "/ingest", "/catalog", "/models"} <= set(paths)
+    assert "/" not in paths and "/docs" not in paths
