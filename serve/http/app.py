@@ -29,7 +29,9 @@ def create_app(
     app.state.cors_origins = tuple(settings.cors_origins)
     app.state.max_body_bytes = config.max_body_bytes
     limits = FetchLimits(max_bytes=config.max_body_bytes, policy=settings.url_policy())
-    app.state.api = Api(backend, config, limits, objects if objects is not None else object_store(settings.objects_config()))
+    app.state.api = Api(
+        backend, config, limits, objects if objects is not None else object_store(settings.objects_config())
+    )
     return app
 
 
