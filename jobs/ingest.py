@@ -171,9 +171,9 @@ class Models:
     """The job's encoders, and which of them each kind of item goes through."""
 
     def __init__(self, names: tuple[str, ...], settings: Settings) -> None:
-        self.loaded: dict[str, LoadedModel] = {n: load(n, settings) for n in names}
+        self.loaded: dict[str, LoadedModel] = {n: load(n, settings.models_config()) for n in names}
         self.described = {n: m.describe() for n, m in self.loaded.items()}
-        self.versions = {n: model_version(m.spec, settings) for n, m in self.loaded.items()}
+        self.versions = {n: model_version(m.spec, settings.models_config()) for n, m in self.loaded.items()}
         self.layout = layout(self.described)
 
     def direct(self, kind: str) -> list[str]:
@@ -184,7 +184,7 @@ class Models:
 
     def remote(self) -> dict[str, Any]:
         """The remote text models' encoders (``RemoteEncoder``: they count tokens and keep a cost meter)."""
-        return {n: m.encoder("text") for n, m in self.loaded.items() if m.spec.family == "remote"}
+        return {n: m.encoder("text") for n, m in self.loaded.items() if m.spec.is_remote}
 
     def preprocessors(self) -> dict[str, Callable[[Any], dict[str, Prepared]]]:
         """Per kind, one callable giving every direct model its own preprocessed input (a 64 px
@@ -283,8 +283,7 @@ class BatchEncoder:
 
     def _encode_model(self, model: str, kind: str, group: list[Loaded], out: dict, use_cache: bool) -> None:
         name, version = vector_name(model, kind), self.models.versions[model]
-        family = self.models.described[model]["family"]
-        cacheable = use_cache and self.cache is not None and family != "whisper"  # transcripts are not cached
+        cacheable = use_cache and self.cache is not None and self.models.described[model].cacheable
         keys = {b.index: cache_key(b.content_hash, model, version) for b in group}
         hits = self.cache.get_many(model, list(keys.values())) if cacheable else {}  # type: ignore[union-attr]
         misses = [b for b in group if keys[b.index] not in hits and isinstance(out[b.index], dict)]
@@ -317,7 +316,7 @@ class BatchEncoder:
             rows = [(b, r, items[b.index].caption if kind == "image" else r.get("_transcript")) for b, r in rows]
             rows = [(b, r, words) for b, r, words in rows if words and words.strip()]
             for model in self.models.text(kind) if rows else []:
-                if not remote and self.models.described[model]["family"] == "remote":
+                if not remote and self.models.loaded[model].spec.is_remote:
                     continue
                 results = self.models.loaded[model].encoder("text").encode_items([w for _, _, w in rows])
                 for (b, r, _), result in zip(rows, results, strict=True):
@@ -480,7 +479,7 @@ class Ingest:
         s3 = None
         if any(i.uri.startswith("s3://") for i in items):
             s3 = {"endpoint_url": self.settings.s3_endpoint_url, "region_name": self.settings.s3_region}
-        return Loading(self.options.models, self.settings, limits, audio_limits(self.settings), s3,
+        return Loading(self.options.models, self.settings, limits, audio_limits(self.settings.models_config()), s3,
                        self.options.file_roots)  # fmt: skip
 
     def _dataset(self, items: list[SourceItem]) -> SourceDataset:

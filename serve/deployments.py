@@ -64,7 +64,7 @@ class EncoderDeployment:
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = ModelConfig.model_validate(config)
         settings = get_settings()
-        self.model: LoadedModel = load(self.config.name, settings)
+        self.model: LoadedModel = load(self.config.name, settings.models_config())
         # JPEGs decode at the smallest DCT scale that still covers the model's input: 4x
         # fewer pixels for a 640x480 photo and a 224 model, and half the decode time.
         image = self.model.encoders.get(Modality.IMAGE)
@@ -75,8 +75,8 @@ class EncoderDeployment:
         )
         # The same embedding cache bulk jobs use (key: content, model, weights version).
         # Transcribing models are not cached: their transcript is part of the answer.
-        self.cache = open_cache(settings) if self.model.spec.family != "whisper" else None
-        self.version = model_version(self.model.spec, settings)
+        self.cache = open_cache(settings) if self.model.spec.cacheable else None
+        self.version = model_version(self.model.spec, settings.models_config())
         batch = self.config.batch
         self._seconds_per_item: dict[Modality, float] = {}
         for handler in (self._batch_text, self._batch_image, self._batch_audio):

@@ -8,56 +8,54 @@ towers, audio from every audio model, captions and transcripts from text towers.
 that only borrow another's space for a modality (bind's image tower is demo-clip's) add
 nothing, so no vector is stored twice.
 
-``described`` below is what each encoder deployment's ``describe()`` returns, by model name,
-in the order the models are configured.
+``described`` below is what each loaded model's ``describe()`` returns (``ModelInfo``), by
+model name, in the order the models are configured.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
-
+from mmembed.contracts import ModelInfo, QueryPlan
 from mmembed.store.catalog import vector_name
 
-Described = dict[str, dict[str, Any]]
+__all__ = [
+    "Described",
+    "QueryPlan",
+    "RoutingError",
+    "default_vector",
+    "item_encoders",
+    "layout",
+    "plan_query",
+    "transcriber",
+]
+
+Described = dict[str, ModelInfo]
 
 
 class RoutingError(ValueError):
     """A search or an item the served models cannot handle; the message says what to serve."""
 
 
-def _native(info: dict[str, Any], modality: str) -> bool:
-    return modality in info["encoders"] and (modality == "audio" or info["space"] == info["name"])
-
-
 def layout(described: Described) -> dict[str, int]:
     """Every named vector the served models produce, with its dimension."""
     return {
-        vector_name(name, modality): enc["dim"]
+        vector_name(name, modality): enc.dim
         for name, info in described.items()
-        for modality, enc in info["encoders"].items()
-        if _native(info, modality)
+        for modality, enc in info.encoders.items()
+        if info.native(modality)
     }
 
 
 def item_encoders(described: Described, kind: str) -> list[tuple[str, str]]:
     """(model, modality) pairs that encode an item of this kind ("image" or "audio"), and
     the text towers that embed its caption or transcript."""
-    direct = [(name, kind) for name, info in described.items() if _native(info, kind)]
-    text = [(name, "text") for name, info in described.items() if _native(info, "text")]
+    direct = [(name, kind) for name, info in described.items() if info.native(kind)]
+    text = [(name, "text") for name, info in described.items() if info.native("text")]
     return direct + text
 
 
 def transcriber(described: Described) -> str | None:
-    return next((name for name, info in described.items() if info["family"] == "whisper"), None)
-
-
-@dataclass(frozen=True)
-class QueryPlan:
-    vector: str  # the named vector searched
-    model: str  # the model that encodes the query
-    modality: str  # what that model is given: the query's modality, or "text" for a transcript
-    transcribe_with: str | None = None  # speech through its transcript: this whisper model first
+    """The first served model that answers a transcript with its audio vector."""
+    return next((name for name, info in described.items() if info.transcribes), None)
 
 
 def default_vector(described: Described, vectors: dict[str, int]) -> str:
@@ -79,12 +77,12 @@ def plan_query(
     if vector not in vectors:
         raise RoutingError(f"no vector {vector!r} in this catalogue; it has {sorted(vectors)}")
     owner = vector.rsplit(".", 1)[0]
-    space = described[owner]["space"]
+    space = described[owner].space
     if route == "transcript":
         if modality != "audio":
             raise RoutingError("route 'transcript' is for audio queries")
         whisper = via or transcriber(described)
-        if whisper is None or described.get(whisper, {}).get("family") != "whisper":
+        if whisper is None or whisper not in described or not described[whisper].transcribes:
             raise RoutingError("the transcript route needs a whisper model served (e.g. whisper-base)")
         return QueryPlan(vector, space, "text", transcribe_with=whisper)
     if via is not None:
@@ -96,9 +94,9 @@ def plan_query(
         candidates = list(dict.fromkeys([owner, space, *described]))
     for name in candidates:
         info = described[name]
-        if modality in info["encoders"] and info["space"] == space:
+        if modality in info.encoders and info.space == space:
             return QueryPlan(vector, name, modality)
     raise RoutingError(
         f"no served model encodes a {modality} query into the space of {vector!r} ({space})"
-        + (f"; {via!r} is in {described[via]['space']}'s space or lacks {modality}" if via else "")
+        + (f"; {via!r} is in {described[via].space}'s space or lacks {modality}" if via else "")
     )
