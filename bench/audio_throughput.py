@@ -68,7 +68,7 @@ def main() -> None:
     }
     rates: dict[str, float] = {}
     for route, (name, route_settings) in routes.items():
-        encoder = load(name, route_settings).encoder(Modality.AUDIO)
+        encoder = load(name, route_settings.models_config()).encoder(Modality.AUDIO)
         for bs in BATCH_SIZES:
             rates[f"{route}@{bs}"] = _speech_seconds_per_s(encoder, wavs, bs)
             print(f"{route:18s} batch {bs}: {rates[f'{route}@{bs}']:7.2f} s of speech per s", flush=True)

@@ -59,7 +59,7 @@ def main() -> None:
     texts = [world.random_scene(rng).caption() for _ in range(32)]
     results: dict[str, dict] = {}
     for name in MODELS:
-        model = load(name, settings)
+        model = load(name, settings.models_config())
         entry: dict = {"device": str(model.device), "dtype": str(model.dtype).removeprefix("torch.")}
         for modality, items in ((Modality.IMAGE, images), (Modality.TEXT, texts)):
             encoder = model.encoder(modality)

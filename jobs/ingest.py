@@ -362,9 +362,8 @@ class Ingest:
         s3 = None
         if any(i.uri.startswith("s3://") for i in items):
             s3 = {"endpoint_url": self.settings.s3_endpoint_url, "region_name": self.settings.s3_region}
-        return Loading(
-            self.options.models, self.settings, limits, audio_limits(self.settings), s3, self.options.file_roots
-        )
+        audio = audio_limits(self.settings.models_config())
+        return Loading(self.options.models, self.settings, limits, audio, s3, self.options.file_roots)
 
     def _dataset(self, items: list[SourceItem]) -> SourceDataset:
         return self.loading(items).dataset(items, self.models)

@@ -48,7 +48,7 @@ def models_list() -> None:
             spec.source + (" (offline)" if spec.offline else ""),
             str(spec.dim or "-"),
             ",".join(spec.modalities),
-            "yes" if is_provisioned(spec, settings) else "no",
+            "yes" if is_provisioned(spec, settings.models_config()) else "no",
             spec.licence,
         )
     for name, remote in settings.all_remote_models().items():
@@ -78,11 +78,11 @@ def models_pull(
 
     for name in names or OFFLINE_MODELS:
         try:
-            spec = resolve(name, get_settings())
+            spec = resolve(name, get_settings().models_config())
             if spec.source == "remote":  # the provider holds the weights: nothing to download, ever
                 console.print(f"[green]remote[/green] {name}: nothing to pull, it calls {spec.ref.split()[1]}")
                 continue
-            path = pull(name, get_settings(), force=force, from_path=from_path)
+            path = pull(name, get_settings().models_config(), force=force, from_path=from_path)
         except EncoderError as exc:
             _fail(exc)
         console.print(f"[green]pulled[/green] {name} -> {path}")
@@ -97,7 +97,7 @@ def models_verify(
 
     for name in names or OFFLINE_MODELS:
         try:
-            report = verify(name, get_settings())
+            report = verify(name, get_settings().models_config())
         except EncoderError as exc:
             _fail(exc)
         console.print(f"[green]ok[/green] {name}: {json.dumps({k: v for k, v in report.items() if k != 'ok'})}")

@@ -17,66 +17,25 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+# The encoders own their configuration types; this module (the only reader of the environment)
+# fills them. ``mmembed.encoders.config`` imports no torch, so neither does this import.
+from mmembed.encoders.config import (
+    DEFAULT_PRICES,
+    PROVIDERS,
+    ModelsConfig,
+    RemoteKind,
+    RemoteModelConfig,
+    TokenPolicy,
+)
 from mmembed.store.config import CacheConfig, ObjectsConfig, VectorsConfig
 
 if TYPE_CHECKING:
     from mmembed.loaders.url_policy import UrlPolicy
 
-TokenPolicy = Literal["truncate", "error"]
-RemoteKind = Literal["openai", "cohere"]
-
-# USD per million input tokens, by the provider's model name (list prices, November 2026).
-# ``MMEMBED_REMOTE_PRICES`` overrides or extends them; a remote model's own ``usd_per_million_tokens`` wins.
-DEFAULT_PRICES: dict[str, float] = {
-    "text-embedding-3-small": 0.02,
-    "text-embedding-3-large": 0.13,
-    "text-embedding-ada-002": 0.10,
-    "embed-english-v3.0": 0.10,
-    "embed-multilingual-v3.0": 0.10,
-    "embed-english-light-v3.0": 0.10,
-    "embed-multilingual-light-v3.0": 0.10,
-}
-
-
-class RemoteModelConfig(BaseModel):
-    """One embedding model behind an HTTP API: an OpenAI-compatible ``/embeddings`` (OpenAI,
-    Azure OpenAI, another mmembed server) or a Cohere-style ``/v1/embed``. Used by name like a
-    local model (``mmembed ingest --model NAME``, a served model's ``name``). The key itself is
-    never configuration: ``api_key_env`` names the environment variable that holds it."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = Field(description="Registry name, e.g. 'azure:embed-small' or 'team-mmembed'.")
-    kind: RemoteKind = Field(default="openai", description="Request/response shape: openai or cohere.")
-    base_url: str = Field(description="e.g. https://api.openai.com/v1 (POST {base_url}/embeddings) or "
-                          "https://api.cohere.com (POST {base_url}/v1/embed).")  # fmt: skip
-    model: str = Field(description="The provider's model name, sent in every request and used for prices.")
-    dim: int = Field(ge=1, description="Vector size; a provider answering another size is an error.")
-    api_key_env: str | None = Field(default=None, description="Env var holding the API key; None: no auth.")
-    auth_header: str = Field(default="Authorization", description="Azure OpenAI: 'api-key'.")
-    auth_scheme: str = Field(default="Bearer", description="Prefix of the key in auth_header; '' for none.")
-    query: dict[str, str] = Field(default_factory=dict, description="Query parameters, e.g. Azure's api-version.")
-    max_tokens: int | None = Field(default=None, ge=1, description="Tokens per input; default: the provider's.")
-    max_inputs: int | None = Field(default=None, ge=1, description="Inputs per call; default 2048 (openai), 96.")
-    max_call_tokens: int | None = Field(default=None, ge=1, description="Tokens per call; default: the provider's.")
-    rpm: int | None = Field(default=None, ge=1, description="Requests per rate window; None: unlimited.")
-    tpm: int | None = Field(default=None, ge=1, description="Tokens per rate window; None: unlimited.")
-    rate_window_s: float = Field(default=60.0, gt=0, description="The window rpm/tpm count over (a minute).")
-    concurrency: int = Field(default=4, ge=1, description="Requests in flight at once, per process.")
-    timeout_s: float = Field(default=30.0, gt=0, description="Per request; a timeout is retried.")
-    max_attempts: int = Field(default=6, ge=1, description="Tries per call before its items fail.")
-    backoff_s: float = Field(default=0.5, gt=0, description="First backoff; doubles per try, with full jitter.")
-    backoff_max_s: float = Field(default=30.0, gt=0, description="Longest single backoff.")
-    tokenizer: str = Field(
-        default="auto",
-        description="'auto' (tiktoken's encoding for OpenAI models where its file is on disk, else the estimate), "
-        "'estimate', a tiktoken encoding name, or a path to a .tiktoken file.",
-    )
-    usd_per_million_tokens: float | None = Field(default=None, ge=0, description="Price; default: the price table.")
-    input_type: str = Field(default="search_document", description="Cohere's input_type.")
+__all__ = ["DEFAULT_PRICES", "RemoteKind", "RemoteModelConfig", "Settings", "TokenPolicy", "get_settings"]
 
 
 class Settings(BaseSettings):
@@ -215,6 +174,32 @@ class Settings(BaseSettings):
     def remote_price(self, model: str) -> float | None:
         """USD per million tokens for a provider's model name, or None when no table names it."""
         return {**DEFAULT_PRICES, **self.remote_prices}.get(model)
+
+    def models_config(self) -> ModelsConfig:
+        """What the encoders need, resolved now: the remote models file is read and the API keys
+        every remote model names (built-in providers' included) are taken from the environment."""
+        remote = self.all_remote_models()
+        variables = {p["api_key_env"] for p in PROVIDERS.values()} | {
+            m.api_key_env for m in remote.values() if m.api_key_env
+        }
+        keys = {v: key for v in sorted(variables) if (key := self.secret_from_env(v)) is not None}
+        return ModelsConfig(
+            models_path=self.models_path,
+            device=self.device,
+            precision=self.precision,
+            allow_downloads=self.allow_downloads,
+            token_policy=self.token_policy,
+            max_image_pixels=self.max_image_pixels,
+            max_audio_seconds=self.max_audio_seconds,
+            max_audio_bytes=self.max_audio_bytes,
+            whisper_beam_size=self.whisper_beam_size,
+            whisper_language=self.whisper_language,
+            remote_models=remote,
+            remote_prices={**DEFAULT_PRICES, **self.remote_prices},
+            remote_tokenizer_dir=self.remote_tokenizer_dir.expanduser() if self.remote_tokenizer_dir else None,
+            tiktoken_cache_dir=self.tiktoken_cache_dir(),
+            api_keys=keys,
+        )
 
     @staticmethod
     def secret_from_env(variable: str) -> SecretStr | None:

@@ -111,15 +111,3 @@ class TooManyJobs:
 
 
 JobStart = JobStarted | PathForbidden | TooManyJobs
-
-
-def model_info(model: Any) -> ModelInfo:
-    """A loaded model's ``ModelInfo``, from the dict ``LoadedModel.describe()`` answers today.
-    The one bridge: once ``describe()`` returns a ``ModelInfo`` itself, this body is
-    ``return model.describe()``."""
-    d = model.describe()
-    encoders = {m: EncoderInfo(e["name"], e["dim"], dict(e["limits"])) for m, e in d["encoders"].items()}
-    transcribes = d["family"] == "whisper"
-    return ModelInfo(
-        d["name"], d["space"], d["family"], d["device"], d["dtype"], encoders, transcribes, cacheable=not transcribes
-    )

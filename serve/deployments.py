@@ -24,7 +24,7 @@ from typing import Any
 from ray import serve
 
 from mmembed.config import Settings
-from mmembed.contracts import EncodedItem, ItemError, ModelInfo, model_info
+from mmembed.contracts import EncodedItem, ItemError, ModelInfo
 from mmembed.encoders import Encoder, InputError, ItemResult, LoadedModel, Modality, Prepared, load, model_version
 from mmembed.loaders.images import DecodeLimits, ImageDecodeError, decode_image
 from mmembed.serve.config import BatchConfig, ModelConfig, replica_settings
@@ -64,8 +64,8 @@ class EncoderDeployment:
 
     def __init__(self, config: dict[str, Any], settings: Settings) -> None:
         self.config = ModelConfig.model_validate(config)
-        self.model: LoadedModel = load(self.config.name, settings)
-        self.info = model_info(self.model)
+        self.model: LoadedModel = load(self.config.name, settings.models_config())
+        self.info = self.model.describe()
         # JPEGs decode at the smallest DCT scale that still covers the model's input: 4x
         # fewer pixels for a 640x480 photo and a 224 model, and half the decode time.
         image = self.model.encoders.get(Modality.IMAGE)
@@ -77,7 +77,7 @@ class EncoderDeployment:
         # The same embedding cache bulk jobs use (key: content, model, weights version).
         # Transcribing models are not cached: their transcript is part of the answer.
         self.cache = open_cache(settings.cache_config()) if self.info.cacheable else None
-        self.version = model_version(self.model.spec, settings)
+        self.version = model_version(self.model.spec, settings.models_config())
         batch = self.config.batch
         self._seconds_per_item: dict[Modality, float] = {}
         for handler in (self._batch_text, self._batch_image, self._batch_audio):

@@ -8,8 +8,8 @@ towers, audio from every audio model, captions and transcripts from text towers.
 that only borrow another's space for a modality (bind's image tower is demo-clip's) add
 nothing, so no vector is stored twice.
 
-``described`` below is each served model's ``ModelInfo``, by model name, in the order the
-models are configured.
+``described`` below is what each loaded model's ``describe()`` returns (``ModelInfo``), by
+model name, in the order the models are configured.
 """
 
 from __future__ import annotations
@@ -17,7 +17,16 @@ from __future__ import annotations
 from mmembed.contracts import ModelInfo, QueryPlan
 from mmembed.store.catalog import vector_name
 
-__all__ = ["QueryPlan", "RoutingError", "default_vector", "item_encoders", "layout", "plan_query", "transcriber"]
+__all__ = [
+    "Described",
+    "QueryPlan",
+    "RoutingError",
+    "default_vector",
+    "item_encoders",
+    "layout",
+    "plan_query",
+    "transcriber",
+]
 
 Described = dict[str, ModelInfo]
 
@@ -45,6 +54,7 @@ def item_encoders(described: Described, kind: str) -> list[tuple[str, str]]:
 
 
 def transcriber(described: Described) -> str | None:
+    """The first served model that answers a transcript with its audio vector."""
     return next((name for name, info in described.items() if info.transcribes), None)
 
 

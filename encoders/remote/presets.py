@@ -4,32 +4,27 @@ mmembed server or an Azure OpenAI deployment."""
 
 from __future__ import annotations
 
-from typing import Any
-
-from mmembed.config import RemoteModelConfig, Settings
 from mmembed.encoders.base import UnknownModel
+from mmembed.encoders.config import PROVIDERS, ModelsConfig, RemoteModelConfig
 
-# Defaults for the public APIs. Rate limits are the lowest paid tiers' (OpenAI tier 1; a Cohere
-# trial key): raise them in a configured model to match your account.
-PROVIDERS: dict[str, dict[str, Any]] = {
-    "openai": {"base_url": "https://api.openai.com/v1", "api_key_env": "OPENAI_API_KEY", "rpm": 3000,
-               "tpm": 1_000_000},
-    "cohere": {"base_url": "https://api.cohere.com", "api_key_env": "COHERE_API_KEY", "rpm": 100},
-}  # fmt: skip
 DIMS: dict[str, dict[str, int]] = {
     "openai": {"text-embedding-3-small": 1536, "text-embedding-3-large": 3072, "text-embedding-ada-002": 1536},
-    "cohere": {"embed-english-v3.0": 1024, "embed-multilingual-v3.0": 1024, "embed-english-light-v3.0": 384,
-               "embed-multilingual-light-v3.0": 384},
-}  # fmt: skip
+    "cohere": {
+        "embed-english-v3.0": 1024,
+        "embed-multilingual-v3.0": 1024,
+        "embed-english-light-v3.0": 384,
+        "embed-multilingual-light-v3.0": 384,
+    },
+}
 
 
 def builtin_names() -> list[str]:
     return [f"{kind}:{model}" for kind, models in DIMS.items() for model in models]
 
 
-def remote_config(name: str, settings: Settings) -> RemoteModelConfig | None:
+def remote_config(name: str, config: ModelsConfig) -> RemoteModelConfig | None:
     """The configuration behind a remote model name, or None when the name is not a remote one."""
-    configured = settings.all_remote_models()
+    configured = config.remote_models
     if name in configured:
         return configured[name]
     kind, sep, model = name.partition(":")

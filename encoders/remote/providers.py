@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from mmembed.config import RemoteModelConfig
+from mmembed.encoders.config import RemoteModelConfig
 
 
 class BadResponse(Exception):
@@ -54,8 +54,13 @@ def request_body(config: RemoteModelConfig, texts: list[str]) -> dict[str, Any]:
     if config.kind == "openai":
         return {"model": config.model, "input": texts, "encoding_format": "float"}
     # truncate NONE: inputs are already fitted to the limit here, and a silent cut would go unreported.
-    return {"model": config.model, "texts": texts, "input_type": config.input_type, "embedding_types": ["float"],
-            "truncate": "NONE"}  # fmt: skip
+    return {
+        "model": config.model,
+        "texts": texts,
+        "input_type": config.input_type,
+        "embedding_types": ["float"],
+        "truncate": "NONE",
+    }
 
 
 def parse_response(config: RemoteModelConfig, body: Any, count: int) -> tuple[list[list[float]], int | None]:

@@ -76,8 +76,11 @@ class RateLimiter:
     def __post_init__(self) -> None:
         self._cond = threading.Condition()
         self._slots = threading.BoundedSemaphore(self.concurrency)
-        self._buckets = [WindowBucket(limit, self.window_s, attr)
-                         for limit, attr in ((self.rpm, "requests"), (self.tpm, "tokens")) if limit]  # fmt: skip
+        self._buckets = [
+            WindowBucket(limit, self.window_s, attr)
+            for limit, attr in ((self.rpm, "requests"), (self.tpm, "tokens"))
+            if limit
+        ]
 
     def _wait(self, tokens: int, now: float) -> float:
         self._log[:] = [s for s in self._log if s.at > now - self.window_s]

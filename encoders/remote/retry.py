@@ -81,8 +81,13 @@ class WaitBackoffOrRetryAfter:
         return max(float(asked), self.backoff(state))
 
 
-def retrying(attempts: int, initial: float, maximum: float, sleep: Callable[[float], Any] = time.sleep,
-             before_sleep: Callable[[RetryCallState], Any] | None = None) -> Retrying:  # fmt: skip
+def retrying(
+    attempts: int,
+    initial: float,
+    maximum: float,
+    sleep: Callable[[float], Any] = time.sleep,
+    before_sleep: Callable[[RetryCallState], Any] | None = None,
+) -> Retrying:
     return Retrying(
         retry=retry_if_exception_type(Retryable),
         stop=stop_after_attempt(attempts),

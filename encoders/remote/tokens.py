@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mmembed.config import RemoteModelConfig, Settings
 from mmembed.encoders.base import ModelNotAvailable, TooManyTokens
+from mmembed.encoders.config import ModelsConfig, RemoteModelConfig
 from mmembed.encoders.tokens import check_text
 
 ESTIMATE = "estimate:utf8-bytes+2"
@@ -99,40 +99,41 @@ def tiktoken_counter(path: Path, name: str) -> TokenCounter:
     except ImportError as exc:  # a dependency of this project; only a trimmed install lacks it
         raise ModelNotAvailable(f"tiktoken is not installed, so {path} cannot be read: pip install tiktoken") from exc
 
-    encoding = tiktoken.Encoding(name, pat_str=CL100K_PATTERN, mergeable_ranks=read_tiktoken_file(path),
-                                 special_tokens={})  # fmt: skip
+    ranks = read_tiktoken_file(path)
+    encoding = tiktoken.Encoding(name, pat_str=CL100K_PATTERN, mergeable_ranks=ranks, special_tokens={})
     return TokenCounter(f"tiktoken:{name}", lambda t: encoding.encode(t, disallowed_special=()), encoding.decode)
 
 
-def find_encoding_file(name: str, settings: Settings) -> Path | None:
+def find_encoding_file(name: str, config: ModelsConfig) -> Path | None:
     """``name``.tiktoken in the configured folder, or the copy tiktoken cached when it last downloaded it."""
     candidates = []
-    if settings.remote_tokenizer_dir is not None:
-        candidates.append(settings.remote_tokenizer_dir.expanduser() / f"{name}.tiktoken")
-    candidates.append(settings.tiktoken_cache_dir() / hashlib.sha1(BLOB_URL.format(name).encode()).hexdigest())
+    if config.remote_tokenizer_dir is not None:
+        candidates.append(config.remote_tokenizer_dir.expanduser() / f"{name}.tiktoken")
+    if config.tiktoken_cache_dir is not None:
+        candidates.append(config.tiktoken_cache_dir / hashlib.sha1(BLOB_URL.format(name).encode()).hexdigest())
     return next((p for p in candidates if p.is_file()), None)
 
 
-def counter_for(config: RemoteModelConfig, settings: Settings) -> TokenCounter:
+def counter_for(remote: RemoteModelConfig, config: ModelsConfig) -> TokenCounter:
     """The best counter this machine has for the model, without touching the network."""
-    choice = config.tokenizer
+    choice = remote.tokenizer
     if choice == "estimate":
         return estimate()
     if choice.endswith(".tiktoken") or "/" in choice:
         path = Path(choice).expanduser()
         if not path.is_file():
-            raise ModelNotAvailable(f"remote model {config.name!r}: tokenizer file {path} does not exist")
+            raise ModelNotAvailable(f"remote model {remote.name!r}: tokenizer file {path} does not exist")
         return tiktoken_counter(path, path.name.removesuffix(".tiktoken"))
-    name = OPENAI_ENCODINGS.get(config.model) if choice == "auto" and config.kind == "openai" else None
+    name = OPENAI_ENCODINGS.get(remote.model) if choice == "auto" and remote.kind == "openai" else None
     name = name if choice == "auto" else choice
     if name is None:
         return estimate()
-    path = find_encoding_file(name, settings)
+    path = find_encoding_file(name, config)
     if path is not None:
         return tiktoken_counter(path, name)
     if choice == "auto":
         return estimate()
     raise ModelNotAvailable(
-        f"remote model {config.name!r}: tiktoken encoding {name!r} is not on this machine; put {name}.tiktoken "
+        f"remote model {remote.name!r}: tiktoken encoding {name!r} is not on this machine; put {name}.tiktoken "
         "in MMEMBED_REMOTE_TOKENIZER_DIR, or use tokenizer 'auto' or 'estimate'"
     )

@@ -46,7 +46,7 @@ def evaluate(
     model: str = "bind", queries: int = 300, transcript_queries: int = 100, settings: Settings | None = None
 ) -> dict[str, Any]:
     settings = settings or get_settings()
-    bind = load(model, settings)
+    bind = load(model, settings.models_config())
     pool = world.eval_set(GALLERY, seed=EVAL_SEED)
     scenes = [s for s, _ in pool]
     images = _encode(bind.encoder(Modality.IMAGE), [im for _, im in pool], batch=256)
@@ -69,7 +69,7 @@ def evaluate(
         _encode(bind.encoder(Modality.AUDIO), short_clips) @ images.T, short_relevant
     )
 
-    speech = load("whisper-base+demo-clip", settings).encoder(Modality.AUDIO)
+    speech = load("whisper-base+demo-clip", settings.models_config()).encoder(Modality.AUDIO)
     started = time.perf_counter()
     via_text = _encode(speech, clips[:transcript_queries])
     report["transcript_seconds_per_clip"] = (time.perf_counter() - started) / transcript_queries
@@ -89,7 +89,7 @@ def _precision_at_5(sim: np.ndarray, relevant: np.ndarray) -> float:
 def write_report(model: str = "bind", out_dir: Path = REPORT_DIR, settings: Settings | None = None) -> dict[str, Any]:
     settings = settings or get_settings()
     report = evaluate(model, settings=settings)
-    head_config = json.loads((load(model, settings).weights / "bind_config.json").read_text())  # type: ignore[operator]
+    head_config = json.loads((load(model, settings.models_config()).weights / "bind_config.json").read_text())  # type: ignore[operator]
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "bind-report.json").write_text(json.dumps({"metrics": report, **head_config}, indent=2) + "\n")
     verdict = "meets" if report["audio_to_image_R@5"] >= TARGET_R5 else "DOES NOT meet"

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from mmembed.config import get_settings
 from mmembed.demo.metrics import retrieval_report
 from mmembed.encoders import Modality, load
 
@@ -15,7 +16,7 @@ TARGET_R5 = 0.90
 
 
 def evaluate(weights: Path, n: int = 1000) -> dict[str, Any]:
-    model = load(f"local-dir:{weights.resolve()}")
+    model = load(f"local-dir:{weights.resolve()}", get_settings().models_config())
     image, text = model.encoder(Modality.IMAGE), model.encoder(Modality.TEXT)
     return retrieval_report(
         lambda ims: image.encode(list(map(image.preprocess, ims))),

@@ -131,8 +131,8 @@ def train_bind(
     device = torch.device("cpu")
     from mmembed.encoders.provision import pull
 
-    features = WhisperFeatures(load_whisper(pull(BACKBONE, settings), device), device)
-    text = load(SPACE, settings).encoder(Modality.TEXT)
+    features = WhisperFeatures(load_whisper(pull(BACKBONE, settings.models_config()), device), device)
+    text = load(SPACE, settings.models_config()).encoder(Modality.TEXT)
 
     cache = settings.data_dir.expanduser() / "cache" / f"bind-{data.key()}"
     texts = training_texts(data)

@@ -54,6 +54,6 @@ def test_soft_loss_prefers_the_right_pairing() -> None:
 def test_training_writes_a_loadable_checkpoint(tmp_path: Path, settings: Settings) -> None:
     report = train(tmp_path / "ckpt", steps=2, batch_size=8, eval_every=2, eval_n=20, threads=1)
     assert 0.0 <= float(report["text_to_image_R@5"]) <= 1.0
-    model = load(f"local-dir:{tmp_path / 'ckpt'}", settings)
+    model = load(f"local-dir:{tmp_path / 'ckpt'}", settings.models_config())
     [vec] = model.encoder("text").encode_items(["a red circle"])
     assert vec.vector is not None and vec.vector.shape == (128,)

@@ -24,7 +24,7 @@ def test_spoken_red_circle_finds_red_circles(settings: Settings, gallery, model:
     scenes, images = gallery
     red_circle = world.Query((world.Spec("circle", "red"),), exact=False)
     assert sum(red_circle.matches(s) for s in scenes) >= 10  # enough to fill a top 5
-    [result] = load(model, settings).encoder(Modality.AUDIO).encode_items([speak("a red circle")])
+    [result] = load(model, settings.models_config()).encoder(Modality.AUDIO).encode_items([speak("a red circle")])
     assert result.ok, result.error
     top5 = [scenes[j] for j in np.argsort(-(images @ result.vector))[:5]]
     # The bar typed queries meet in the demo-clip report: colour+shape precision@5 of 0.8 to 1.0.

@@ -17,7 +17,7 @@ from mmembed.loaders.audio import AudioClip, Pcm
 
 @pytest.fixture(scope="module")
 def bind(settings: Settings) -> LoadedModel:
-    return load("bind", settings)
+    return load("bind", settings.models_config())
 
 
 def test_bind_is_audio_plus_the_frozen_clip_it_binds_to(bind: LoadedModel, demo_clip: LoadedModel):

@@ -62,7 +62,7 @@ def test_open_clip_tokenizer_would_truncate_silently_we_report_it(vit_b32: Loade
 
 
 def test_token_policy_error_counts_tokens(settings: Settings) -> None:
-    strict = load("demo-clip", settings.model_copy(update={"token_policy": "error"}))
+    strict = load("demo-clip", settings.model_copy(update={"token_policy": "error"}).models_config())
     [result] = strict.encoder("text").encode_items(["red " * 40])
     assert isinstance(result.error, TooManyTokens)
     assert (result.error.tokens, result.error.limit) == (42, 32)
@@ -70,7 +70,7 @@ def test_token_policy_error_counts_tokens(settings: Settings) -> None:
 
 
 def test_pixel_limit_is_enforced_per_item(settings: Settings) -> None:
-    small_cap = load("demo-clip", settings.model_copy(update={"max_image_pixels": 100 * 100}))
+    small_cap = load("demo-clip", settings.model_copy(update={"max_image_pixels": 100 * 100}).models_config())
     results = small_cap.encoder("image").encode_items([_image((0, 0, 0), (99, 99)), _image((0, 0, 0), (101, 100))])
     assert results[0].ok and not results[1].ok
     assert "10100 pixels" in str(results[1].error)

@@ -43,7 +43,7 @@ def hf_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def hf_clip(hf_folder: Path, settings: Settings) -> LoadedModel:
-    return load(f"hf-clip:{hf_folder}", settings)
+    return load(f"hf-clip:{hf_folder}", settings.models_config())
 
 
 def test_shape_and_limits(hf_clip: LoadedModel) -> None:

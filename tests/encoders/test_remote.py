@@ -45,7 +45,7 @@ def remote_settings(settings: Settings, tmp_path: Path, monkeypatch: pytest.Monk
 
 def encoder(stub: StubProvider, settings: Settings, **overrides) -> RemoteEncoder:
     config = RemoteModelConfig.model_validate(stub.config(**(FAST | overrides)))
-    enc = load(config.name, settings.model_copy(update={"remote_models": [config]})).encoder("text")
+    enc = load(config.name, settings.model_copy(update={"remote_models": [config]}).models_config()).encoder("text")
     assert isinstance(enc, RemoteEncoder)
     return enc
 
@@ -59,19 +59,19 @@ def expected(text: str, dim: int) -> np.ndarray:
 
 
 def test_remote_names_resolve_without_weights_and_need_their_key(remote_settings, monkeypatch):
-    spec = resolve("openai:text-embedding-3-small", remote_settings)
+    spec = resolve("openai:text-embedding-3-small", remote_settings.models_config())
     assert (spec.family, spec.source, spec.dim, spec.offline) == ("remote", "remote", 1536, False)
-    assert resolve("cohere:embed-multilingual-v3.0", remote_settings).dim == 1024
-    assert is_provisioned(spec, remote_settings)
-    pull("openai:text-embedding-3-small", remote_settings)  # nothing to fetch, nothing written
+    assert resolve("cohere:embed-multilingual-v3.0", remote_settings.models_config()).dim == 1024
+    assert is_provisioned(spec, remote_settings.models_config())
+    pull("openai:text-embedding-3-small", remote_settings.models_config())  # nothing to fetch, nothing written
     assert not remote_settings.models_path.exists() or not any(remote_settings.models_path.iterdir())
     with pytest.raises(UnknownModel, match="no known vector size"):
-        resolve("openai:text-embedding-4-huge", remote_settings)
+        resolve("openai:text-embedding-4-huge", remote_settings.models_config())
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     with pytest.raises(ModelNotAvailable, match="OPENAI_API_KEY"):
-        load("openai:text-embedding-3-small", remote_settings)
+        load("openai:text-embedding-3-small", remote_settings.models_config())
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-never-shown")
-    loaded = load("openai:text-embedding-3-small", remote_settings)
+    loaded = load("openai:text-embedding-3-small", remote_settings.models_config())
     enc = loaded.encoder("text")
     assert enc.url == "https://api.openai.com/v1/embeddings" and enc.dim == 1536
     assert "sk-test-never-shown" not in repr(enc) + repr(enc.__dict__) + str(loaded.describe())
@@ -84,11 +84,13 @@ def test_configured_models_come_from_env_json_and_from_a_yaml_file(remote_settin
                     "  model: text-embedding-3-small\n  dim: 1536\n  api_key_env: AZURE_OPENAI_API_KEY\n"
                     "  auth_header: api-key\n  auth_scheme: ''\n  query: {api-version: '2024-02-01'}\n")  # fmt: skip
     settings = Settings(data_dir=tmp_path, remote_models_file=file)
-    assert resolve("team", settings).dim == 8
-    azure = remote_config("azure-small", settings)
+    assert resolve("team", settings.models_config()).dim == 8
+    azure = remote_config("azure-small", settings.models_config())
     assert azure is not None and azure.auth_header == "api-key" and azure.query == {"api-version": "2024-02-01"}
-    assert price_for(azure, settings) == 0.02  # priced by its provider model name
-    assert resolve("azure-small", settings).ref.endswith("/deployments/small/embeddings text-embedding-3-small")
+    assert price_for(azure, settings.models_config()) == 0.02  # priced by its provider model name
+    assert resolve("azure-small", settings.models_config()).ref.endswith(
+        "/deployments/small/embeddings text-embedding-3-small"
+    )
 
 
 # --- shapes and batching ---------------------------------------------------------------------
@@ -298,25 +300,25 @@ def _tiny_bpe(path: Path) -> Path:
 
 def test_tiktoken_counts_exactly_where_its_file_is_on_disk(remote_settings, tmp_path):
     config = RemoteModelConfig(name="t", base_url="http://x/v1", model="text-embedding-3-small", dim=4)
-    assert counter_for(config, remote_settings).method == ESTIMATE  # auto, and no BPE file cached here
+    assert counter_for(config, remote_settings.models_config()).method == ESTIMATE  # auto, and no BPE file cached here
     folder = tmp_path / "bpe"
     folder.mkdir()
     _tiny_bpe(folder / "cl100k_base.tiktoken")
-    counter = counter_for(config, remote_settings.model_copy(update={"remote_tokenizer_dir": folder}))
+    counter = counter_for(config, remote_settings.model_copy(update={"remote_tokenizer_dir": folder}).models_config())
     assert counter.method == "tiktoken:cl100k_base" and counter.exact
     assert counter.count("the the") == 3  # "the", " ", "the" (no " t" merge)
     assert counter.count("éé") == 4  # two bytes each, no merges
     text, info = counter.fit("the the the", 3, "truncate", "t")
     assert (text, info["tokens"], info["truncated_tokens"], info["token_count"]) == ("the the", 3, 2, counter.method)
     explicit = config.model_copy(update={"tokenizer": str(folder / "cl100k_base.tiktoken")})
-    assert counter_for(explicit, remote_settings).count("the") == 1
+    assert counter_for(explicit, remote_settings.models_config()).count("the") == 1
     with pytest.raises(ModelNotAvailable, match="o200k_base"):
-        counter_for(config.model_copy(update={"tokenizer": "o200k_base"}), remote_settings)
+        counter_for(config.model_copy(update={"tokenizer": "o200k_base"}), remote_settings.models_config())
 
 
 def test_the_estimate_never_undercounts_a_byte_level_tokenizer(tmp_path):
     config = RemoteModelConfig(name="t", base_url="http://x", model="m", dim=4, tokenizer="estimate")
-    estimate = counter_for(config, Settings())
+    estimate = counter_for(config, Settings().models_config())
     exact = tiktoken_counter(_tiny_bpe(tmp_path / "tiny.tiktoken"), "tiny")  # a real BPE: at most a token a byte
 
     @given(st.text(min_size=1, max_size=200))
@@ -335,14 +337,14 @@ def test_the_estimate_never_undercounts_a_byte_level_tokenizer(tmp_path):
 
 
 def test_prices_come_from_the_table_configuration_and_the_model(remote_settings):
-    small = remote_config("openai:text-embedding-3-small", remote_settings)
-    large = remote_config("openai:text-embedding-3-large", remote_settings)
-    cohere = remote_config("cohere:embed-english-v3.0", remote_settings)
-    assert [price_for(c, remote_settings) for c in (small, large, cohere)] == [0.02, 0.13, 0.10]  # type: ignore[arg-type]
+    small = remote_config("openai:text-embedding-3-small", remote_settings.models_config())
+    large = remote_config("openai:text-embedding-3-large", remote_settings.models_config())
+    cohere = remote_config("cohere:embed-english-v3.0", remote_settings.models_config())
+    assert [price_for(c, remote_settings.models_config()) for c in (small, large, cohere)] == [0.02, 0.13, 0.10]  # type: ignore[arg-type]
     assert remote_settings.remote_price("text-embedding-ada-002") == 0.10
     cheaper = remote_settings.model_copy(update={"remote_prices": {"text-embedding-3-small": 0.01}})
-    assert price_for(small, cheaper) == 0.01  # type: ignore[arg-type]
-    assert price_for(small.model_copy(update={"usd_per_million_tokens": 5.0}), cheaper) == 5.0  # type: ignore[union-attr]
+    assert price_for(small, cheaper.models_config()) == 0.01  # type: ignore[arg-type]
+    assert price_for(small.model_copy(update={"usd_per_million_tokens": 5.0}), cheaper.models_config()) == 5.0  # type: ignore[union-attr]
 
 
 def test_costs_are_tracked_per_batch_and_in_total(remote_settings):

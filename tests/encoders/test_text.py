@@ -26,6 +26,6 @@ def test_limit_is_the_models_max_sequence_length(minilm: LoadedModel, settings: 
     assert text.dim == 384 and text.limits.max_tokens == 256
     [long] = text.encode_items(["word " * 300])
     assert long.info == {"tokens": 256, "truncated_tokens": 302 - 256}
-    strict = load("all-MiniLM-L6-v2", settings.model_copy(update={"token_policy": "error"}))
+    strict = load("all-MiniLM-L6-v2", settings.model_copy(update={"token_policy": "error"}).models_config())
     [refused] = strict.encoder("text").encode_items(["word " * 300])
     assert isinstance(refused.error, TooManyTokens) and refused.error.tokens == 302

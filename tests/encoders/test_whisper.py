@@ -68,7 +68,7 @@ def test_audio_over_30_seconds_is_windowed(whisper_base: LoadedModel):
 
 
 def test_clips_over_the_configured_duration_are_refused(settings: Settings):
-    short = load("whisper-base", settings.model_copy(update={"max_audio_seconds": 5.0}))
+    short = load("whisper-base", settings.model_copy(update={"max_audio_seconds": 5.0}).models_config())
     long_clip = AudioClip(np.concatenate([speak("hello there").samples, np.full(16_000 * 6, 0.01, np.float32)]))
     [result] = short.encoder(Modality.AUDIO).encode_items([long_clip])
     assert result.error is not None and result.error.code == "audio_too_long"

@@ -57,7 +57,7 @@ def api(ray_cluster: int, stub: StubProvider) -> Iterator[str]:
 
 def test_a_real_mmembed_server_as_the_remote_gives_the_local_models_vectors(api, minilm: LoadedModel, settings):
     config = RemoteModelConfig.model_validate(_origin(api))
-    enc = load(config.name, settings.model_copy(update={"remote_models": [config]})).encoder("text")
+    enc = load(config.name, settings.model_copy(update={"remote_models": [config]}).models_config()).encoder("text")
     assert isinstance(enc, RemoteEncoder)
     remote = enc.encode_items(TEXTS)
     local = minilm.encoder(Modality.TEXT).encode_items(TEXTS)
@@ -106,5 +106,5 @@ def test_the_settings_the_replicas_read_name_the_remote_models(stub: StubProvide
     """What the replicas above do: MMEMBED_REMOTE_MODELS from the environment, the key from its variable."""
     monkeypatch.setenv("MMEMBED_REMOTE_MODELS", json.dumps([stub.config("stub-remote")]))
     monkeypatch.setenv("STUB_API_KEY", stub.key or "")
-    enc = load("stub-remote", Settings(data_dir=tmp_path)).encoder("text")
+    enc = load("stub-remote", Settings(data_dir=tmp_path).models_config()).encoder("text")
     assert isinstance(enc, RemoteEncoder) and enc.url == f"{stub.url}/v1/embeddings"

@@ -1,5 +1,5 @@
 """Which vectors an item gets and which model encodes a query, from the models' own
-descriptions (the ModelInfo EncoderDeployment.describe returns for the offline models)."""
+descriptions (the ModelInfo that LoadedModel.describe returns for the offline models)."""
 
 from __future__ import annotations
 
@@ -9,16 +9,17 @@ from mmembed.contracts import EncoderInfo, ModelInfo
 from mmembed.store.spaces import RoutingError, item_encoders, layout, plan_query, transcriber
 
 
-def _model(name: str, space: str, family: str, dims: dict[str, int]) -> ModelInfo:
+def _model(name: str, space: str, family: str, dims: dict[str, int], transcribes: bool = False) -> ModelInfo:
     encoders = {m: EncoderInfo(f"{name}.{m}", d, {}) for m, d in dims.items()}
-    transcribes = family == "whisper"
-    return ModelInfo(name, space, family, "cpu", "float32", encoders, transcribes, cacheable=not transcribes)
+    return ModelInfo(
+        name, space, family, "cpu", "float32", encoders, transcribes=transcribes, cacheable=not transcribes
+    )
 
 
 DESCRIBED = {
     "demo-clip": _model("demo-clip", "demo-clip", "open_clip", {"image": 128, "text": 128}),
     "all-MiniLM-L6-v2": _model("all-MiniLM-L6-v2", "all-MiniLM-L6-v2", "sentence_transformers", {"text": 384}),
-    "whisper-base": _model("whisper-base", "all-MiniLM-L6-v2", "whisper", {"audio": 384}),
+    "whisper-base": _model("whisper-base", "all-MiniLM-L6-v2", "whisper", {"audio": 384}, transcribes=True),
     "bind": _model("bind", "demo-clip", "bind", {"audio": 128, "image": 128, "text": 128}),
 }
 VECTORS = layout(DESCRIBED)
@@ -35,10 +36,9 @@ def test_each_space_is_stored_once_and_every_audio_model_gets_its_vector() -> No
 
 
 def test_items_are_encoded_by_their_own_towers_and_captions_by_every_text_tower() -> None:
-    assert item_encoders(DESCRIBED, "image") == [("demo-clip", "image"), ("demo-clip", "text"),
-                                                 ("all-MiniLM-L6-v2", "text")]  # fmt: skip
+    text_towers = [("demo-clip", "text"), ("all-MiniLM-L6-v2", "text")]
+    assert item_encoders(DESCRIBED, "image") == [("demo-clip", "image"), *text_towers]
     assert item_encoders(DESCRIBED, "audio")[:2] == [("whisper-base", "audio"), ("bind", "audio")]
-    assert transcriber(DESCRIBED) == "whisper-base"
 
 
 def test_queries_are_encoded_into_the_space_of_the_vector_they_search() -> None:
@@ -50,6 +50,13 @@ def test_queries_are_encoded_into_the_space_of_the_vector_they_search() -> None:
     assert (heard.model, heard.modality, heard.transcribe_with) == ("demo-clip", "text", "whisper-base")
     to_audio = plan_query(DESCRIBED, VECTORS, "text", "whisper-base.audio", None, "direct")
     assert (to_audio.model, to_audio.modality) == ("all-MiniLM-L6-v2", "text")
+
+
+def test_the_transcript_route_goes_through_whichever_model_transcribes() -> None:
+    assert transcriber(DESCRIBED) == "whisper-base"
+    assert transcriber({k: v for k, v in DESCRIBED.items() if k != "whisper-base"}) is None
+    with pytest.raises(RoutingError, match="needs a whisper model"):
+        plan_query(DESCRIBED, VECTORS, "audio", "demo-clip.image", "bind", "transcript")
 
 
 @pytest.mark.parametrize(
