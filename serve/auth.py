@@ -110,8 +110,12 @@ class Cors:
         origins = getattr(scope["app"].state, "cors_origins", ()) if "app" in scope else ()
         if scope["type"] == "http" and origins:
             if self.cors is None:
-                self.cors = CORSMiddleware(self.app, allow_origins=list(origins), allow_methods=["*"],
-                                           allow_headers=["authorization", "content-type"])  # fmt: skip
+                self.cors = CORSMiddleware(
+                    self.app,
+                    allow_origins=list(origins),
+                    allow_methods=["*"],
+                    allow_headers=["authorization", "content-type"],
+                )
             await self.cors(scope, receive, send)
             return
         await self.app(scope, receive, send)

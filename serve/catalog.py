@@ -64,8 +64,12 @@ class CatalogDeployment:
         point = self.catalog.get(item_id, with_vectors) if _is_id(item_id) else None
         if point is None:
             return None
-        return {"id": point.id, "payload": point.payload, "vectors": point.vectors,
-                "url": self.catalog.objects.http_url(point.payload["object_uri"])}  # fmt: skip
+        return {
+            "id": point.id,
+            "payload": point.payload,
+            "vectors": point.vectors,
+            "url": self.catalog.objects.http_url(point.payload["object_uri"]),
+        }
 
     def search(self, vector: str, query: np.ndarray, **options: Any) -> list[dict[str, Any]]:
         found = self.catalog.search(vector, query, **options)
@@ -93,8 +97,9 @@ class CatalogDeployment:
         return JobStarted(self._start(source, {"models": models, "sync": sync, "server": True}))
 
     def _start(self, source: str, config: dict[str, Any]) -> str:
-        options = IngestOptions(source, tuple(config["models"]), sync=config.get("sync", False), workers=0,
-                                file_roots=self.roots)  # fmt: skip
+        options = IngestOptions(
+            source, tuple(config["models"]), sync=config.get("sync", False), workers=0, file_roots=self.roots
+        )
         ingest = Ingest(options, self.settings, catalog=self.catalog, jobs=self.jobs)
         self.jobs.create(ingest.job, source, options.job_config(self.settings) | {"server": True, "sync": options.sync})
         if ingest.job in self.threads and self.threads[ingest.job].is_alive():
@@ -121,9 +126,17 @@ class CatalogDeployment:
         items = self.jobs.item_counts(job)
         planned = sum(items.values())
         finished = items.get("done", 0) + items.get("failed", 0)
-        return {"id": row.id, "source": row.source, "status": row.status, "error": row.error,
-                "progress": finished / planned if planned else (1.0 if row.status == "done" else 0.0),
-                "items": items, "counts": row.counts, "created": row.created, "updated": row.updated}  # fmt: skip
+        return {
+            "id": row.id,
+            "source": row.source,
+            "status": row.status,
+            "error": row.error,
+            "progress": finished / planned if planned else (1.0 if row.status == "done" else 0.0),
+            "items": items,
+            "counts": row.counts,
+            "created": row.created,
+            "updated": row.updated,
+        }
 
     def dead_letters(self, job: str) -> list[dict[str, Any]]:
         return [vars(d) for d in self.jobs.dead_letters(job)]

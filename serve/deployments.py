@@ -97,8 +97,10 @@ class EncoderDeployment:
         encoder = self.model.encoder(modality)
         prepared = await asyncio.to_thread(_preprocess_all, encoder, items, self.image_limits)
         name = self.model.spec.name
-        keys = [cache_key(i, name, self.version) if self.cache and isinstance(p, Prepared) else None
-                for i, p in zip(items, prepared, strict=True)]  # fmt: skip
+        keys = [
+            cache_key(i, name, self.version) if self.cache and isinstance(p, Prepared) else None
+            for i, p in zip(items, prepared, strict=True)
+        ]
         hits = await asyncio.to_thread(self.cache.get_many, name, [k for k in keys if k]) if self.cache else {}
         handler = self._handlers[encoder.modality]
         now = time.perf_counter()

@@ -25,8 +25,15 @@ from mmembed.serve.app import build_app, logical_cpus
 # Never put into a runtime env: Ray's runtime-env agent logs its environment variables. The
 # MMEMBED_ ones reach the replicas in the Settings build_app reads here; AWS secrets come from
 # the nodes' own environment.
-SECRETS = frozenset({"MMEMBED_API_KEYS_WRITE", "MMEMBED_API_KEYS_READ", "MMEMBED_QDRANT_API_KEY",
-                     "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"})  # fmt: skip
+SECRETS = frozenset(
+    {
+        "MMEMBED_API_KEYS_WRITE",
+        "MMEMBED_API_KEYS_READ",
+        "MMEMBED_QDRANT_API_KEY",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+    }
+)
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+pytestmark = pytest.mark.subprocess  # each test runs the mmembed console script
+
 
 def _run(data_dir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     env = os.environ | {"MMEMBED_DATA_DIR": str(data_dir), "COLUMNS": "200", "MMEMBED_ALLOW_DOWNLOADS": "false"}

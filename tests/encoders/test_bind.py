@@ -29,6 +29,7 @@ def test_bind_is_audio_plus_the_frozen_clip_it_binds_to(bind: LoadedModel, demo_
     assert np.allclose(ours.vector, theirs.vector, atol=1e-6)  # the same frozen space, not a copy that drifted
 
 
+@pytest.mark.slow
 def test_held_out_voices_saying_held_out_captions_find_their_scenes(bind: LoadedModel):
     pool = world.eval_set(200)  # the first 200 of the report's held-out gallery: never trained on
     images = bind.encoder(Modality.IMAGE).encode_items([im for _, im in pool])

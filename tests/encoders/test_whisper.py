@@ -12,6 +12,8 @@ from mmembed.demo.speech import PLAIN_SENTENCES, espeak_wav, speak
 from mmembed.encoders import LoadedModel, Modality, load
 from mmembed.loaders.audio import AudioClip, Pcm
 
+pytestmark = pytest.mark.slow  # real Whisper base beam searches: about a minute each on 2 cores
+
 
 def test_transcribes_ten_held_out_sentences_within_the_error_budget(whisper_base: LoadedModel, minilm: LoadedModel):
     speech = whisper_base.encoder(Modality.AUDIO)
@@ -43,8 +45,13 @@ def test_bad_clips_get_their_own_error_and_the_good_ones_still_transcribe(whispe
     items = [good, b"", Pcm(np.zeros(16_000, np.float32), 16_000), b"RIFF" + b"\x01" * 3000, b"plain text", good]
     results = speech.encode_items(items)
     assert [r.error.code if r.error else "ok" for r in results] == [
-        "ok", "empty_audio", "silent_audio", "corrupt_audio", "unsupported_format", "ok",
-    ]  # fmt: skip
+        "ok",
+        "empty_audio",
+        "silent_audio",
+        "corrupt_audio",
+        "unsupported_format",
+        "ok",
+    ]
     assert "restaurant" in results[0].info["transcript"].lower()
     assert np.allclose(results[0].vector, results[5].vector, atol=1e-5)
 

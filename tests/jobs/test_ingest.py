@@ -117,6 +117,7 @@ def test_transient_write_failures_are_retried_and_persistent_ones_dead_lettered(
     assert "write_failed" in codes
 
 
+@pytest.mark.subprocess
 def test_a_run_killed_with_sigkill_resumes_and_ends_with_exactly_one_point_per_item(env, tmp_path: Path):
     data = tmp_path / "cli-data"
     environment = os.environ | {
@@ -163,6 +164,7 @@ def test_a_run_killed_with_sigkill_resumes_and_ends_with_exactly_one_point_per_i
     assert len(ids) == len(set(ids)) == SCENES
 
 
+@pytest.mark.subprocess
 def test_dead_letters_are_listed_retried_and_purged_from_the_command_line(env, tmp_path: Path):
     data = tmp_path / "dlq-data"
     environment = os.environ | {

@@ -103,6 +103,7 @@ def test_captions_failing_past_the_retry_budget_are_dead_letters_that_a_retry_fi
     assert retried.remote_costs[REMOTE]["usd"] == pytest.approx(billed * 1000.0 / 1e6)
 
 
+@pytest.mark.subprocess
 def test_mmembed_ingest_plans_and_runs_with_a_remote_model_from_the_environment(env, tmp_path: Path):
     with StubProvider() as stub:
         config = stub.config(REMOTE, usd_per_million_tokens=1000.0)

@@ -152,8 +152,16 @@ def test_writes_need_a_write_key(api: str) -> None:
     assert httpx.delete(f"{api}/items/{item}", headers=_bearer("another-write-key"), timeout=60).status_code == 200
 
 
-@pytest.mark.parametrize("url", ["http://169.254.169.254/latest/meta-data/", "http://127.0.0.1:1/a.png",
-                                 "http://[::1]/a.png", "http://10.0.0.7/a.png", "http://0x7f000001/a.png"])  # fmt: skip
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://169.254.169.254/latest/meta-data/",
+        "http://127.0.0.1:1/a.png",
+        "http://[::1]/a.png",
+        "http://10.0.0.7/a.png",
+        "http://0x7f000001/a.png",
+    ],
+)
 def test_the_default_address_policy_refuses_internal_urls(api: str, url: str) -> None:
     body = {"model": "demo-clip", "items": [url]}
     answer = httpx.post(f"{api}/encode/image", json=body, headers=_bearer(READ_KEY), timeout=60)
@@ -164,8 +172,11 @@ def test_the_default_address_policy_refuses_internal_urls(api: str, url: str) ->
 
 def test_only_the_configured_origin_gets_cors_headers(api: str) -> None:
     def preflight(origin: str) -> httpx.Response:
-        headers = {"origin": origin, "access-control-request-method": "POST",
-                   "access-control-request-headers": "authorization,content-type"}  # fmt: skip
+        headers = {
+            "origin": origin,
+            "access-control-request-method": "POST",
+            "access-control-request-headers": "authorization,content-type",
+        }
         return httpx.options(f"{api}/search", headers=headers, timeout=60)
 
     allowed = preflight(ORIGIN)

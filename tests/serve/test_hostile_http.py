@@ -53,8 +53,12 @@ def _replicas() -> set[str]:
 
 @pytest.fixture(scope="module")
 def api(ray_cluster: int) -> Iterator[str]:
-    args = {"models": MODELS, "max_body_bytes": 32_000_000, "max_text_chars": MAX_TEXT_CHARS,
-            "env": {"MMEMBED_COLLECTION": "hostile"}}  # fmt: skip
+    args = {
+        "models": MODELS,
+        "max_body_bytes": 32_000_000,
+        "max_text_chars": MAX_TEXT_CHARS,
+        "env": {"MMEMBED_COLLECTION": "hostile"},
+    }
     serve.run(build_app(args), name=APP, route_prefix=f"/{APP}")
     url = f"http://127.0.0.1:{ray_cluster}/{APP}"
     assert httpx.get(f"{url}/readyz", timeout=120).json()["status"] == "ready"
@@ -125,8 +129,9 @@ def test_a_batch_of_hostile_images_returns_the_good_ones(api: str, replicas_at_s
 def test_hostile_image_uploads_fail_alone(api: str, replicas_at_start):
     files = [("files", (f"{h.name}.jpg", h.data, "image/jpeg")) for h in IMAGES]
     good = ("files", ("good.png", GOOD_IMAGE, "image/png"))
-    answer = httpx.post(f"{api}/encode/image/upload", params={"model": "demo-clip"},
-                        files=[good, *files, good], timeout=300)  # fmt: skip
+    answer = httpx.post(
+        f"{api}/encode/image/upload", params={"model": "demo-clip"}, files=[good, *files, good], timeout=300
+    )
     assert answer.status_code == 200, answer.text[:300]
     _check_items(IMAGES, answer.json()["data"])
 
@@ -175,8 +180,9 @@ def _count(api: str) -> int:
 
 def test_hostile_items_are_refused_and_add_nothing(api: str, replicas_at_start):
     before = _count(api)
-    bad = [("image", h) for h in IMAGES if DECODES not in h.codes] + [("audio", h) for h in AUDIO
-                                                                         if DECODES not in h.codes]  # fmt: skip
+    bad = [("image", h) for h in IMAGES if DECODES not in h.codes] + [
+        ("audio", h) for h in AUDIO if DECODES not in h.codes
+    ]
     for kind, h in bad:
         answer = httpx.post(f"{api}/items", files={"file": (h.name, h.data)}, data={"kind": kind}, timeout=120)
         assert answer.status_code == 422 and answer.json()["error"]["code"] in h.codes, (h.name, answer.text[:300])
@@ -186,9 +192,17 @@ def test_hostile_items_are_refused_and_add_nothing(api: str, replicas_at_start):
 
 
 MALFORMED = [
-    b"", b"{", b"[]", b"null", b'"text"', b"\xff\xfe\x00", b'{"model": 5}', b"[" * 100_000 + b"]" * 100_000,
-    b'{"model": "demo-clip", "input": NaN, "texts": Infinity}', b'{"model": "demo-clip"' + b" " * 1000,
-]  # fmt: skip
+    b"",
+    b"{",
+    b"[]",
+    b"null",
+    b'"text"',
+    b"\xff\xfe\x00",
+    b'{"model": 5}',
+    b"[" * 100_000 + b"]" * 100_000,
+    b'{"model": "demo-clip", "input": NaN, "texts": Infinity}',
+    b'{"model": "demo-clip"' + b" " * 1000,
+]
 
 
 @pytest.mark.parametrize("path", JSON_ENDPOINTS)
@@ -239,8 +253,17 @@ def test_wrong_types_and_values_get_their_documented_codes(api: str, replicas_at
 WEIRD_IDS = ["..%2F..%2Fetc%2Fpasswd", "%00", "a" * 5000, "%F0%9F%92%A5", "'%20OR%201=1%20--", "%ff%fe", "a/" * 300]
 
 
-@pytest.mark.parametrize("route", ["GET /items/{}", "DELETE /items/{}", "GET /jobs/{}", "GET /jobs/{}/dead-letters",
-                                   "GET /objects/{}", "GET /objects/{}/x.png"])  # fmt: skip
+@pytest.mark.parametrize(
+    "route",
+    [
+        "GET /items/{}",
+        "DELETE /items/{}",
+        "GET /jobs/{}",
+        "GET /jobs/{}/dead-letters",
+        "GET /objects/{}",
+        "GET /objects/{}/x.png",
+    ],
+)
 def test_hostile_ids_in_paths_are_404s(api: str, replicas_at_start, route: str):
     method, path = route.split(" ")
     for weird in WEIRD_IDS:
@@ -252,11 +275,36 @@ def test_hostile_ids_in_paths_are_404s(api: str, replicas_at_start, route: str):
 def test_a_schemathesis_fuzz_run_finds_no_server_error(api: str, replicas_at_start, tmp_path: Path):
     """Inputs generated from the OpenAPI spec, valid and not, for every operation, in bounded time."""
     report = tmp_path / "junit.xml"
-    command = [str(Path(sys.executable).parent / "schemathesis"), "run", f"{api}/openapi.json", "--url", api,
-               "--checks", "not_a_server_error", "--phases", "examples,coverage,fuzzing", "--max-examples", "25",
-               "--max-time", "120", "--request-timeout", "60", "--workers", "1", "--seed", "7",
-               "--generation-database", "none", "--suppress-health-check", "all",
-               "--report", "junit", "--report-junit-path", str(report), "--no-color"]  # fmt: skip
+    command = [
+        str(Path(sys.executable).parent / "schemathesis"),
+        "run",
+        f"{api}/openapi.json",
+        "--url",
+        api,
+        "--checks",
+        "not_a_server_error",
+        "--phases",
+        "examples,coverage,fuzzing",
+        "--max-examples",
+        "25",
+        "--max-time",
+        "120",
+        "--request-timeout",
+        "60",
+        "--workers",
+        "1",
+        "--seed",
+        "7",
+        "--generation-database",
+        "none",
+        "--suppress-health-check",
+        "all",
+        "--report",
+        "junit",
+        "--report-junit-path",
+        str(report),
+        "--no-color",
+    ]
     # One worker: CPython 3.11's AST constructor keeps its recursion counter per interpreter, so two
     # schemathesis threads parsing lambdas at once can fail with "recursion depth mismatch" (CI did).
     run = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)  # its cache too

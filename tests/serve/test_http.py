@@ -152,8 +152,10 @@ def test_concurrent_http_requests_share_batches(api: str):
 
     async def burst() -> list[dict]:
         async with httpx.AsyncClient(timeout=120) as client:
-            requests = [client.post(f"{api}/encode/text", json={"model": "demo-clip", "texts": [f"a red star {i}"]})
-                        for i in range(24)]  # fmt: skip
+            requests = [
+                client.post(f"{api}/encode/text", json={"model": "demo-clip", "texts": [f"a red star {i}"]})
+                for i in range(24)
+            ]
             return [r.json()["data"][0] for r in await asyncio.gather(*requests)]
 
     sizes = [d["info"]["batch_size"] for d in asyncio.run(burst())]
@@ -163,8 +165,9 @@ def test_concurrent_http_requests_share_batches(api: str):
 def test_langchain_openai_embeddings_work_unchanged(api: str, minilm: LoadedModel):
     from langchain_openai import OpenAIEmbeddings
 
-    embeddings = OpenAIEmbeddings(model="all-MiniLM-L6-v2", base_url=f"{api}/v1", api_key="unused",
-                                  check_embedding_ctx_length=False)  # fmt: skip
+    embeddings = OpenAIEmbeddings(
+        model="all-MiniLM-L6-v2", base_url=f"{api}/v1", api_key="unused", check_embedding_ctx_length=False
+    )
     vectors = embeddings.embed_documents(["a red circle", "a blue square"])
     query = embeddings.embed_query("a red circle")
     local = minilm.encoder(Modality.TEXT).encode_items(["a red circle", "a blue square"])
@@ -198,8 +201,11 @@ def test_a_full_ingress_queue_answers_429_with_retry_after(ray_cluster, api: str
     """Past the ingress's own queue, Serve's proxy refuses instead of queueing without bound."""
     import asyncio
 
-    narrow = {"models": [{"name": "demo-clip", "batch": {"max_batch_size": 1}}], "ingress_max_ongoing_requests": 1,
-              "ingress_max_queued_requests": 1}  # fmt: skip
+    narrow = {
+        "models": [{"name": "demo-clip", "batch": {"max_batch_size": 1}}],
+        "ingress_max_ongoing_requests": 1,
+        "ingress_max_queued_requests": 1,
+    }
     serve.run(build_app(narrow), name="narrow", route_prefix="/narrow")
     image = base64.b64encode(_png((10, 200, 10))).decode()
 

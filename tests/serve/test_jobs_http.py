@@ -44,8 +44,13 @@ def _until_done(api: str, job: str, deadline_s: float = 180) -> dict:
 def setup(ray_cluster: int, tmp_path_factory: pytest.TempPathFactory) -> dict:
     data, folders = tmp_path_factory.mktemp("jobs-data"), tmp_path_factory.mktemp("sources")
     collection = f"jobs-{uuid.uuid4().hex[:6]}"
-    env = {"MMEMBED_DATA_DIR": str(data), "MMEMBED_COLLECTION": collection, "MMEMBED_MAX_CONCURRENT_JOBS": "1",
-           "MMEMBED_FETCH_ALLOW_HOSTS": "127.0.0.1", "MMEMBED_INGEST_ROOTS": str(folders)}  # fmt: skip
+    env = {
+        "MMEMBED_DATA_DIR": str(data),
+        "MMEMBED_COLLECTION": collection,
+        "MMEMBED_MAX_CONCURRENT_JOBS": "1",
+        "MMEMBED_FETCH_ALLOW_HOSTS": "127.0.0.1",
+        "MMEMBED_INGEST_ROOTS": str(folders),
+    }
     app = build_app({"models": [{"name": m} for m in MODELS], "env": env})
     return {"app": app, "data": data, "collection": collection, "port": ray_cluster, "folders": folders}
 
@@ -172,8 +177,9 @@ def test_a_job_left_running_is_resumed_by_the_next_replica(setup: dict):
     try:
         state = _until_done(api, job)
         assert state["status"] == "done" and state["items"] == {"done": 6}
-        hits = httpx.post(f"{api}/search", json={"text": "a shape", "top_k": 50,
-                                                 "filter": {"source": str(folder)}}).json()["hits"]  # fmt: skip
+        hits = httpx.post(
+            f"{api}/search", json={"text": "a shape", "top_k": 50, "filter": {"source": str(folder)}}
+        ).json()["hits"]
         assert len(hits) == 6
     finally:
         serve.delete("jobs")

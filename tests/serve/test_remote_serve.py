@@ -28,8 +28,14 @@ TEXTS = ["a red circle", "the weather is nice today", "a small blue square at th
 
 def _origin(api: str) -> dict:
     """The mmembed server of the 'remote-origin' app, as a remote model (no key: it runs open)."""
-    return {"name": "origin-minilm", "base_url": f"{api}/origin/v1", "model": "all-MiniLM-L6-v2", "dim": 384,
-            "max_tokens": 256, "timeout_s": 60.0}  # fmt: skip
+    return {
+        "name": "origin-minilm",
+        "base_url": f"{api}/origin/v1",
+        "model": "all-MiniLM-L6-v2",
+        "dim": 384,
+        "max_tokens": 256,
+        "timeout_s": 60.0,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +49,21 @@ def api(ray_cluster: int, stub: StubProvider) -> Iterator[str]:
     base = f"http://127.0.0.1:{ray_cluster}"
     origin = {"models": [{"name": "all-MiniLM-L6-v2"}], "env": {"MMEMBED_COLLECTION": "remote-origin"}}
     serve.run(build_app(origin), name="remote-origin", route_prefix="/origin")
-    dead = {"name": "dead-remote", "base_url": "http://127.0.0.1:9/v1", "model": "gone", "dim": 8,
-            "max_attempts": 2, "backoff_s": 0.01, "timeout_s": 5.0}  # nothing listens on port 9  # fmt: skip
+    dead = {
+        "name": "dead-remote",
+        "base_url": "http://127.0.0.1:9/v1",
+        "model": "gone",
+        "dim": 8,
+        "max_attempts": 2,
+        "backoff_s": 0.01,
+        "timeout_s": 5.0,
+    }  # nothing listens on port 9
     remote_models = [stub.config("stub-remote", backoff_s=0.01), _origin(base), dead]
-    env = {"MMEMBED_COLLECTION": "remote-api", "MMEMBED_REMOTE_MODELS": json.dumps(remote_models),
-           "STUB_API_KEY": stub.key or ""}  # fmt: skip
+    env = {
+        "MMEMBED_COLLECTION": "remote-api",
+        "MMEMBED_REMOTE_MODELS": json.dumps(remote_models),
+        "STUB_API_KEY": stub.key or "",
+    }
     models = [{"name": n, "num_cpus": 0.25} for n in ("stub-remote", "origin-minilm", "dead-remote")]
     serve.run(build_app({"models": models, "env": env}), name="remote-api", route_prefix="/remote-api")
     yield base
@@ -77,8 +93,9 @@ def test_the_encode_api_serves_a_remote_model_on_the_stub(api, stub: StubProvide
         expected = stub_vector(text, 24)
         assert np.allclose(item["embedding"], expected / np.linalg.norm(expected), atol=1e-6)
     assert answer.json()["usage"]["prompt_tokens"] == sum(len(t.encode()) + 2 for t in TEXTS)
-    native = httpx.post(f"{api}/remote-api/encode/text", json={"model": "stub-remote", "texts": ["a red circle"]},
-                        timeout=60).json()  # fmt: skip
+    native = httpx.post(
+        f"{api}/remote-api/encode/text", json={"model": "stub-remote", "texts": ["a red circle"]}, timeout=60
+    ).json()
     info = native["data"][0]["info"]
     assert info["token_count"] == "estimate:utf8-bytes+2" and info["truncated_tokens"] == 0
     assert stub.delivered - before == {**dict.fromkeys(TEXTS, 1), "a red circle": 2}
@@ -96,8 +113,10 @@ def test_the_encode_api_serves_another_mmembed_server_as_a_model(api, minilm: Lo
 
 
 def test_a_provider_that_is_down_is_a_502_not_the_clients_fault(api):
-    for path, body in [("/encode/text", {"model": "dead-remote", "texts": ["a", "b"]}),
-                       ("/v1/embeddings", {"model": "dead-remote", "input": "a"})]:  # fmt: skip
+    for path, body in [
+        ("/encode/text", {"model": "dead-remote", "texts": ["a", "b"]}),
+        ("/v1/embeddings", {"model": "dead-remote", "input": "a"}),
+    ]:
         answer = httpx.post(f"{api}/remote-api{path}", json=body, timeout=60)
         assert answer.status_code == 502 and answer.json()["error"]["code"] == "provider_failed", answer.text
 

@@ -22,14 +22,18 @@ SERVED_AFTER_KILL = 40  # successes after the kill that prove the replacement se
 
 
 def _encoder_replicas() -> list[str]:
-    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-            if a["name"].startswith(f"SERVE_REPLICA::{APP}#encoder-demo-clip#")]  # fmt: skip
+    return [
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["name"].startswith(f"SERVE_REPLICA::{APP}#encoder-demo-clip#")
+    ]
 
 
 @pytest.fixture(scope="module")
 def api(ray_cluster: int) -> Iterator[str]:
-    serve.run(build_app({"models": [{"name": "demo-clip", "batch": {"max_batch_size": 4}}]}), name=APP,
-              route_prefix=f"/{APP}")  # fmt: skip
+    serve.run(
+        build_app({"models": [{"name": "demo-clip", "batch": {"max_batch_size": 4}}]}), name=APP, route_prefix=f"/{APP}"
+    )
     yield f"http://127.0.0.1:{ray_cluster}/{APP}"
     serve.delete(APP)
 

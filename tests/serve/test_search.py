@@ -124,11 +124,11 @@ def test_a_spoken_query_finds_red_circles(api: str, scenes, route: str):
 
 
 def test_filters_threshold_and_pages(api: str, scenes):
-    red = httpx.post(f"{api}/search", json={"text": "a shape", "top_k": 50,
-                                            "filter": {"meta.colours": "red"}}).json()  # fmt: skip
+    red = httpx.post(f"{api}/search", json={"text": "a shape", "top_k": 50, "filter": {"meta.colours": "red"}}).json()
     assert red["hits"] and all("red" in h["payload"]["meta"]["colours"] for h in red["hits"])
-    ranged = httpx.post(f"{api}/search", json={"text": "a shape", "top_k": 50,
-                                               "filter": {"meta.n": {"gte": 10, "lt": 20}}}).json()  # fmt: skip
+    ranged = httpx.post(
+        f"{api}/search", json={"text": "a shape", "top_k": 50, "filter": {"meta.n": {"gte": 10, "lt": 20}}}
+    ).json()
     assert sorted(h["payload"]["meta"]["n"] for h in ranged["hits"]) == list(range(10, 20))
     first = httpx.post(f"{api}/search", json={"text": "a red circle", "top_k": 4}).json()["hits"]
     second = httpx.post(f"{api}/search", json={"text": "a red circle", "top_k": 2, "offset": 2}).json()["hits"]
