@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mmembed.contracts import DeadLetter
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY, source TEXT NOT NULL, config TEXT NOT NULL, status TEXT NOT NULL,
@@ -47,16 +49,6 @@ class JobRow:
     updated: float
     counts: dict[str, Any]
     error: str | None
-
-
-@dataclass
-class DeadLetter:
-    job_id: str
-    uri: str
-    code: str
-    reason: str
-    attempts: int
-    at: float
 
 
 def job_id(source: str, config: dict[str, Any]) -> str:

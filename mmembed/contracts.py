@@ -111,3 +111,49 @@ class TooManyJobs:
 
 
 JobStart = JobStarted | PathForbidden | TooManyJobs
+
+
+@dataclass(frozen=True)
+class StoredItem:
+    """A catalogue item as the API shows it: its payload, where its object is, and its vectors
+    when they were asked for (more-like-this searches with them)."""
+
+    id: str
+    payload: dict[str, Any]
+    url: str
+    vectors: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    id: str
+    score: float
+    payload: dict[str, Any]
+    url: str
+
+
+@dataclass(frozen=True)
+class JobView:
+    """A bulk job's record as the API and /metrics show it."""
+
+    id: str
+    source: str
+    status: str  # planned | running | done | failed | interrupted
+    error: str | None
+    progress: float  # share of its planned items finished (written or failed)
+    items: dict[str, int]  # planned items by state
+    counts: dict[str, Any]  # the plan's and the run's figures
+    created: float
+    updated: float
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """An item a job gave up on, with the reason; a rerun of the job tries it again."""
+
+    job_id: str
+    uri: str
+    code: str
+    reason: str
+    attempts: int
+    at: float

@@ -23,7 +23,16 @@ import numpy as np
 from ray import serve
 
 from mmembed.config import Settings
-from mmembed.contracts import JobStart, JobStarted, PathForbidden, TooManyJobs
+from mmembed.contracts import (
+    DeadLetter,
+    JobStart,
+    JobStarted,
+    JobView,
+    PathForbidden,
+    SearchHit,
+    StoredItem,
+    TooManyJobs,
+)
 from mmembed.jobs.ingest import Ingest, IngestOptions
 from mmembed.jobs.state import JobStore, job_id
 from mmembed.loaders.sources import SourceError, check_inside_roots
@@ -60,20 +69,15 @@ class CatalogDeployment:
     def delete(self, item_id: str) -> bool:
         return _is_id(item_id) and self.catalog.delete(item_id)
 
-    def get(self, item_id: str, with_vectors: bool = False) -> dict[str, Any] | None:
+    def get(self, item_id: str, with_vectors: bool = False) -> StoredItem | None:
         point = self.catalog.get(item_id, with_vectors) if _is_id(item_id) else None
         if point is None:
             return None
-        return {
-            "id": point.id,
-            "payload": point.payload,
-            "vectors": point.vectors,
-            "url": self.catalog.objects.http_url(point.payload["object_uri"]),
-        }
+        url = self.catalog.objects.http_url(point.payload["object_uri"])
+        return StoredItem(point.id, point.payload, url, point.vectors)
 
-    def search(self, vector: str, query: np.ndarray, **options: Any) -> list[dict[str, Any]]:
-        found = self.catalog.search(vector, query, **options)
-        return [{"id": f.id, "score": f.score, "payload": f.payload, "url": f.url} for f in found]
+    def search(self, vector: str, query: np.ndarray, **options: Any) -> list[SearchHit]:
+        return self.catalog.search(vector, query, **options)
 
     def count(self) -> int:
         return self.catalog.vectors.count()
@@ -119,30 +123,21 @@ class CatalogDeployment:
             log.exception("job %s failed", ingest.job)
             self.jobs.update(ingest.job, status="failed", error=f"{type(exc).__name__}: {exc}")
 
-    def job(self, job: str) -> dict[str, Any] | None:
+    def job(self, job: str) -> JobView | None:
         row = self.jobs.get(job)
         if row is None:
             return None
         items = self.jobs.item_counts(job)
         planned = sum(items.values())
         finished = items.get("done", 0) + items.get("failed", 0)
-        return {
-            "id": row.id,
-            "source": row.source,
-            "status": row.status,
-            "error": row.error,
-            "progress": finished / planned if planned else (1.0 if row.status == "done" else 0.0),
-            "items": items,
-            "counts": row.counts,
-            "created": row.created,
-            "updated": row.updated,
-        }
+        progress = finished / planned if planned else (1.0 if row.status == "done" else 0.0)
+        return JobView(row.id, row.source, row.status, row.error, progress, items, row.counts, row.created, row.updated)
 
-    def dead_letters(self, job: str) -> list[dict[str, Any]]:
-        return [vars(d) for d in self.jobs.dead_letters(job)]
+    def dead_letters(self, job: str) -> list[DeadLetter]:
+        return self.jobs.dead_letters(job)
 
-    def list_jobs(self) -> list[dict[str, Any]]:
-        return [self.job(row.id) for row in self.jobs.list()]  # type: ignore[misc]
+    def list_jobs(self) -> list[JobView]:
+        return [view for row in self.jobs.list() if (view := self.job(row.id)) is not None]
 
 
 def _is_id(item_id: str) -> bool:

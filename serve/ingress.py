@@ -18,7 +18,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from mmembed.config import Settings
-from mmembed.contracts import EncodedItem, JobStart, ModelInfo
+from mmembed.contracts import DeadLetter, EncodedItem, JobStart, JobView, ModelInfo, SearchHit, StoredItem
 from mmembed.serve.config import ServeConfig
 from mmembed.serve.http import ApiError, create_app
 from mmembed.store.catalog import NewItem
@@ -57,7 +57,7 @@ class RayBackend:
     async def add_item(self, item: NewItem) -> str:
         return await self.catalog.add.remote(item)
 
-    async def get_item(self, item_id: str, with_vectors: bool = False) -> dict[str, Any] | None:
+    async def get_item(self, item_id: str, with_vectors: bool = False) -> StoredItem | None:
         return await self.catalog.get.remote(item_id, with_vectors)
 
     async def delete_item(self, item_id: str) -> bool:
@@ -65,7 +65,7 @@ class RayBackend:
 
     async def search(
         self, vector: str, query: np.ndarray, *, top_k: int, threshold: float | None, filter: Any, offset: int
-    ) -> list[dict[str, Any]]:
+    ) -> list[SearchHit]:
         return await self.catalog.search.remote(
             vector, query, top_k=top_k, threshold=threshold, filter=filter, offset=offset
         )
@@ -76,13 +76,13 @@ class RayBackend:
     async def start_job(self, source: str, models: list[str], sync: bool) -> JobStart:
         return await self.catalog.start_job.remote(source, models, sync)
 
-    async def job(self, job_id: str) -> dict[str, Any] | None:
+    async def job(self, job_id: str) -> JobView | None:
         return await self.catalog.job.remote(job_id)
 
-    async def list_jobs(self) -> list[dict[str, Any]]:
+    async def list_jobs(self) -> list[JobView]:
         return await self.catalog.list_jobs.remote()
 
-    async def dead_letters(self, job_id: str) -> list[dict[str, Any]]:
+    async def dead_letters(self, job_id: str) -> list[DeadLetter]:
         return await self.catalog.dead_letters.remote(job_id)
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from mmembed.contracts import SearchHit
 from mmembed.store.objects import ObjectStore, object_key
 from mmembed.store.vectors import Hit, Point, VectorStore, point_id
 
@@ -49,14 +50,6 @@ class NewItem:
     meta: dict[str, Any] = field(default_factory=dict)
     source: str | None = None  # the bulk source it came from (folder, manifest, prefix): what --sync compares
     source_version: str | None = None  # the source's cheap change hint (mtime-size, ETag) when it was embedded
-
-
-@dataclass
-class FoundItem:
-    id: str
-    score: float
-    payload: dict[str, Any]
-    url: str
 
 
 class Catalog:
@@ -135,6 +128,6 @@ class Catalog:
         threshold: float | None = None,
         filter: dict[str, Any] | None = None,
         offset: int = 0,
-    ) -> list[FoundItem]:
+    ) -> list[SearchHit]:
         hits: list[Hit] = self.vectors.search(vector, query, top_k, threshold, filter, offset)
-        return [FoundItem(h.id, h.score, h.payload, self.objects.http_url(h.payload["object_uri"])) for h in hits]
+        return [SearchHit(h.id, h.score, h.payload, self.objects.http_url(h.payload["object_uri"])) for h in hits]

@@ -6,12 +6,23 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
-from mmembed.contracts import EncodedItem, EncoderInfo, ItemError, JobStart, JobStarted, ModelInfo
+from mmembed.contracts import (
+    DeadLetter,
+    EncodedItem,
+    EncoderInfo,
+    ItemError,
+    JobStart,
+    JobStarted,
+    JobView,
+    ModelInfo,
+    SearchHit,
+    StoredItem,
+)
 from mmembed.serve.http import ApiError
 from mmembed.store.catalog import NewItem
 from mmembed.store.vectors import DimensionError
@@ -44,8 +55,8 @@ MODELS = {
 @dataclass
 class FakeBackend:
     models: dict[str, ModelInfo] = field(default_factory=lambda: dict(MODELS))
-    items: dict[str, dict[str, Any]] = field(default_factory=dict)
-    jobs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    items: dict[str, StoredItem] = field(default_factory=dict)
+    jobs: dict[str, JobView] = field(default_factory=dict)
     next_start: JobStart | None = None  # what start_job answers; None: a new job
     stored_layout: dict[str, int] | None = None  # a collection made earlier, with these sizes
     encode_calls: list[tuple[str, str, int]] = field(default_factory=list)
@@ -94,31 +105,26 @@ class FakeBackend:
             "meta": item.meta,
         }
         key = hashlib.sha256(item.data).hexdigest()
-        self.items[item_id] = {"id": item_id, "payload": payload, "vectors": item.vectors, "url": f"/objects/{key}"}
+        self.items[item_id] = StoredItem(item_id, payload, f"/objects/{key}", item.vectors)
         return item_id
 
-    async def get_item(self, item_id: str, with_vectors: bool = False) -> dict[str, Any] | None:
+    async def get_item(self, item_id: str, with_vectors: bool = False) -> StoredItem | None:
         found = self.items.get(item_id)
-        return None if found is None else found | ({} if with_vectors else {"vectors": {}})
+        return None if found is None else found if with_vectors else replace(found, vectors={})
 
     async def delete_item(self, item_id: str) -> bool:
         return self.items.pop(item_id, None) is not None
 
     async def search(
         self, vector: str, query: np.ndarray, *, top_k: int, threshold: float | None, filter: Any, offset: int
-    ) -> list[dict[str, Any]]:
+    ) -> list[SearchHit]:
         hits = [
-            {
-                "id": i["id"],
-                "score": float(np.dot(i["vectors"][vector], query)),
-                "payload": i["payload"],
-                "url": i["url"],
-            }
+            SearchHit(i.id, float(np.dot(i.vectors[vector], query)), i.payload, i.url)
             for i in self.items.values()
-            if vector in i["vectors"]
+            if vector in i.vectors
         ]
-        hits = [h for h in hits if threshold is None or h["score"] >= threshold]
-        return sorted(hits, key=lambda h: -h["score"])[offset : offset + top_k]
+        hits = [h for h in hits if threshold is None or h.score >= threshold]
+        return sorted(hits, key=lambda h: -h.score)[offset : offset + top_k]
 
     async def count(self) -> int:
         return len(self.items)
@@ -128,14 +134,14 @@ class FakeBackend:
             return self.next_start
         job_id = uuid.uuid4().hex[:12]
         items = {"done": 1, "planned": 1}
-        self.jobs[job_id] = {"id": job_id, "source": source, "status": "running", "progress": 0.5, "items": items}
+        self.jobs[job_id] = JobView(job_id, source, "running", None, 0.5, items, {}, 0.0, 0.0)
         return JobStarted(job_id)
 
-    async def job(self, job_id: str) -> dict[str, Any] | None:
+    async def job(self, job_id: str) -> JobView | None:
         return self.jobs.get(job_id)
 
-    async def list_jobs(self) -> list[dict[str, Any]]:
+    async def list_jobs(self) -> list[JobView]:
         return list(self.jobs.values())
 
-    async def dead_letters(self, job_id: str) -> list[dict[str, Any]]:
-        return [{"job": job_id, "item": "a.png", "code": "not_an_image", "message": "cannot decode"}]
+    async def dead_letters(self, job_id: str) -> list[DeadLetter]:
+        return [DeadLetter(job_id, "a.png", "not_an_image", "cannot decode", 1, 0.0)]

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from mmembed.contracts import EncodedItem, JobStart, ModelInfo
+from mmembed.contracts import DeadLetter, EncodedItem, JobStart, JobView, ModelInfo, SearchHit, StoredItem
 from mmembed.store.catalog import NewItem
 
 
@@ -32,16 +32,16 @@ class Backend(Protocol):
 
     async def add_item(self, item: NewItem) -> str: ...
 
-    async def get_item(self, item_id: str, with_vectors: bool = False) -> dict[str, Any] | None:
-        """``{"id", "payload", "vectors", "url"}``, or None for no such item."""
+    async def get_item(self, item_id: str, with_vectors: bool = False) -> StoredItem | None:
+        """None for no such item; ``vectors`` only when asked for."""
         ...
 
     async def delete_item(self, item_id: str) -> bool: ...
 
     async def search(
         self, vector: str, query: np.ndarray, *, top_k: int, threshold: float | None, filter: Any, offset: int
-    ) -> list[dict[str, Any]]:
-        """Hits as ``{"id", "score", "payload", "url"}``, best first."""
+    ) -> list[SearchHit]:
+        """Best first."""
         ...
 
     async def count(self) -> int: ...
@@ -49,8 +49,8 @@ class Backend(Protocol):
     # --- bulk jobs ---
     async def start_job(self, source: str, models: list[str], sync: bool) -> JobStart: ...
 
-    async def job(self, job_id: str) -> dict[str, Any] | None: ...
+    async def job(self, job_id: str) -> JobView | None: ...
 
-    async def list_jobs(self) -> list[dict[str, Any]]: ...
+    async def list_jobs(self) -> list[JobView]: ...
 
-    async def dead_letters(self, job_id: str) -> list[dict[str, Any]]: ...
+    async def dead_letters(self, job_id: str) -> list[DeadLetter]: ...

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from mmembed.contracts import EncodedItem
+from mmembed.contracts import EncodedItem, JobView
 
 
 class Metrics:
@@ -34,13 +34,13 @@ class Metrics:
             self.queue.labels(model, modality).observe(r.queue_ms / 1000)
             self.encode.labels(model, modality).observe(r.encode_ms / 1000)
 
-    def exposition(self, jobs: list[dict]) -> bytes:
+    def exposition(self, jobs: list[JobView]) -> bytes:
         """This app's figures, and the bulk jobs' (they live in the catalogue: read per scrape)."""
         registry = CollectorRegistry()
         items = Gauge("mmembed_job_items", "Items of a bulk job by state", ("job", "state"), registry=registry)
         progress = Gauge("mmembed_job_progress", "Share of a bulk job's items finished", ("job",), registry=registry)
         for job in jobs:
-            progress.labels(job["id"]).set(job["progress"])
-            for state, count in job["items"].items():
-                items.labels(job["id"], state).set(count)
+            progress.labels(job.id).set(job.progress)
+            for state, count in job.items.items():
+                items.labels(job.id, state).set(count)
         return generate_latest(self.registry) + generate_latest(registry)

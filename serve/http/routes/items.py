@@ -73,8 +73,8 @@ async def add_item(
     api.metrics.requests.labels("/items", "201").inc()
     stored = await api.backend.get_item(item_id)
     assert stored is not None
-    body = {"id": item_id, "vectors": sorted(vectors), "payload": stored["payload"]}
-    return JSONResponse(body | {"url": mounted(request, stored["url"])}, 201)
+    body = {"id": item_id, "vectors": sorted(vectors), "payload": stored.payload}
+    return JSONResponse(body | {"url": mounted(request, stored.url)}, 201)
 
 
 @router.get("/items/{item_id}")
@@ -82,7 +82,7 @@ async def get_item(item_id: str, request: Request, api: ApiDep) -> JSONResponse:
     stored = await api.backend.get_item(item_id)
     if stored is None:
         raise ApiError(404, "item_not_found", f"no item {item_id!r}")
-    return JSONResponse({"id": stored["id"], "payload": stored["payload"], "url": mounted(request, stored["url"])})
+    return JSONResponse({"id": stored.id, "payload": stored.payload, "url": mounted(request, stored.url)})
 
 
 @router.delete("/items/{item_id}")

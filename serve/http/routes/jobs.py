@@ -1,6 +1,7 @@
 """Bulk jobs over HTTP: start one, follow it, read its dead letters. No ``from __future__
 import annotations``: FastAPI reads these signatures' types."""
 
+from dataclasses import asdict
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
@@ -38,7 +39,7 @@ async def ingest(body: IngestRequest, request: Request, api: ApiDep) -> JSONResp
 
 @router.get("/jobs")
 async def list_jobs(api: ApiDep) -> JSONResponse:
-    return JSONResponse({"data": await api.backend.list_jobs()})
+    return JSONResponse({"data": [asdict(job) for job in await api.backend.list_jobs()]})
 
 
 @router.get("/jobs/{job_id}")
@@ -46,7 +47,7 @@ async def get_job(job_id: str, api: ApiDep) -> JSONResponse:
     job = await api.backend.job(job_id)
     if job is None:
         raise ApiError(404, "job_not_found", f"no job {job_id!r}")
-    return JSONResponse(job)
+    return JSONResponse(asdict(job))
 
 
 @router.get("/jobs/{job_id}/dead-letters")
@@ -54,4 +55,4 @@ async def get_dead_letters(job_id: str, api: ApiDep) -> JSONResponse:
     """The job's items that failed past their retries, with the reason (`mmembed dlq list` on the server)."""
     if await api.backend.job(job_id) is None:
         raise ApiError(404, "job_not_found", f"no job {job_id!r}")
-    return JSONResponse({"data": await api.backend.dead_letters(job_id)})
+    return JSONResponse({"data": [asdict(letter) for letter in await api.backend.dead_letters(job_id)]})

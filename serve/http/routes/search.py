@@ -3,6 +3,7 @@ space of the vector it searches. No ``from __future__ import annotations``: Fast
 these signatures' types."""
 
 import time
+from dataclasses import asdict
 from typing import Annotated, Any
 
 import numpy as np
@@ -35,11 +36,11 @@ async def search(body: SearchRequest, request: Request, api: Annotated[Api, Depe
         )
     except StoreError as exc:
         raise ApiError(422, "invalid_search", str(exc)) from exc
-    hits = [h | {"url": mounted(request, h["url"])} for h in hits if h["id"] != body.item_id][: body.top_k]
+    shown = [asdict(h) | {"url": mounted(request, h.url)} for h in hits if h.id != body.item_id][: body.top_k]
     api.metrics.requests.labels("/search", "200").inc()
     took_ms = round((time.perf_counter() - started) * 1000, 1)
     return JSONResponse(
-        {"vector": vector, "model": model, "route": body.route, "query": became, "hits": hits, "took_ms": took_ms}
+        {"vector": vector, "model": model, "route": body.route, "query": became, "hits": shown, "took_ms": took_ms}
     )
 
 
@@ -51,10 +52,10 @@ async def _query_vector(api: Api, body: SearchRequest) -> tuple[str, str, Any, d
         item = await api.backend.get_item(body.item_id, True)
         if item is None:
             raise ApiError(404, "item_not_found", f"no item {body.item_id!r}")
-        if vector not in item["vectors"]:
-            message = f"item {body.item_id!r} has no {vector!r}; it has {sorted(item['vectors'])}"
+        if vector not in item.vectors:
+            message = f"item {body.item_id!r} has no {vector!r}; it has {sorted(item.vectors)}"
             raise ApiError(422, "no_such_vector", message)
-        return vector, vector.rsplit(".", 1)[0], item["vectors"][vector], {"item_id": body.item_id}
+        return vector, vector.rsplit(".", 1)[0], item.vectors[vector], {"item_id": body.item_id}
     modality = next(k for k in ("text", "image", "audio") if getattr(body, k) is not None)
     try:
         plan = plan_query(described, vectors, modality, body.vector, body.via, body.route)
