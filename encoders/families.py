@@ -4,7 +4,7 @@ A family is the one place that knows a kind of model. Everything else asks the t
 ``ModelSpec`` (``spec.space``, ``spec.cacheable``, ``spec.transcribes``, ``spec.is_remote``)
 and never compares family names, so a new family is one ``Family`` row (or one
 ``register_family`` call in its own module) and nothing else changes; see
-docs/adding-a-model-family.md.
+docs/architecture.md ("Adding a model family").
 
 The table names each family's code by module and function (``Lazy``) instead of importing it:
 open_clip, transformers, sentence-transformers and whisper are imported only when a model of

@@ -1,5 +1,5 @@
 """A whole model family in one file: a deterministic text encoder with no weights (hashed
-character trigrams), its table row, and the names it answers to. docs/adding-a-model-family.md
+character trigrams), its table row, and the names it answers to. docs/architecture.md ("Adding a model family")
 walks through this file."""
 
 from __future__ import annotations
