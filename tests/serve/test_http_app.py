@@ -7,21 +7,9 @@ import base64
 from pathlib import Path
 
 import numpy as np
-import pytest
 from fake_backend import TRANSCRIPT, FakeBackend, unit_vector
 from fastapi.testclient import TestClient
 from http_app import MODELS, PNG, WAV, api_error, b64, client_for
-
-
-@pytest.fixture
-def backend() -> FakeBackend:
-    return FakeBackend()
-
-
-@pytest.fixture
-def client(tmp_path: Path, backend: FakeBackend) -> TestClient:
-    return client_for(tmp_path, backend)
-
 
 # --- operations ---------------------------------------------------------------------------
 

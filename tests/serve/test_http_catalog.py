@@ -4,24 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 from fake_backend import TRANSCRIPT, FakeBackend
 from fastapi.testclient import TestClient
 from http_app import MODELS, PNG, WAV, api_error, b64, client_for
 
 from mmembed.contracts import PathForbidden, TooManyJobs
 from mmembed.store.objects import LocalObjects
-
-
-@pytest.fixture
-def backend() -> FakeBackend:
-    return FakeBackend()
-
-
-@pytest.fixture
-def client(tmp_path: Path, backend: FakeBackend) -> TestClient:
-    return client_for(tmp_path, backend)
-
 
 # --- the catalogue ----------------------------------------------------------------------------
 
