@@ -13,7 +13,7 @@ from typing import Protocol
 import httpx
 import numpy as np
 
-from mmembed.config import Settings, get_settings
+from mmembed.config import Settings
 from mmembed.encoders import Modality, load
 from mmembed.loaders.images import ImageDecodeError, decode_image
 
@@ -29,8 +29,8 @@ class Embedder(Protocol):
 
 
 class LocalEmbedder:
-    def __init__(self, model: str, settings: Settings | None = None) -> None:
-        self.loaded = load(model, (settings or get_settings()).models_config())
+    def __init__(self, model: str, settings: Settings) -> None:
+        self.loaded = load(model, settings.models_config())
         self.name = model
         self.modalities = {str(m) for m in self.loaded.encoders}
         self.dim = next(iter(self.loaded.encoders.values())).dim

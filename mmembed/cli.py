@@ -133,7 +133,7 @@ def demo_train_clip(
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     train(out, steps=steps, batch_size=batch_size, seed=seed, threads=threads)
-    report = write_report(out)
+    report = write_report(out, get_settings().models_config())
     console.print(json.dumps(report, indent=2))
 
 
@@ -145,7 +145,7 @@ def demo_report(
     """Evaluate a demo-clip checkpoint on held-out scenes and write docs/demo-clip-report.md."""
     from mmembed.demo.report import write_report
 
-    console.print(json.dumps(write_report(weights, n=n), indent=2))
+    console.print(json.dumps(write_report(weights, get_settings().models_config(), n=n), indent=2))
 
 
 @demo_app.command("train-bind")
@@ -162,8 +162,10 @@ def demo_train_bind(
     from mmembed.demo.train_bind import BindData, train_bind
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    train_bind(out, BindData(clips=clips, seed=seed), steps=steps, batch_size=batch_size, threads=threads)
-    console.print(json.dumps(write_report(f"bind-dir:{out.resolve()}"), indent=2))
+    settings = get_settings()
+    data = BindData(clips=clips, seed=seed)
+    train_bind(out, data, steps=steps, batch_size=batch_size, threads=threads, settings=settings)
+    console.print(json.dumps(write_report(settings, f"bind-dir:{out.resolve()}"), indent=2))
 
 
 @demo_app.command("bind-report")
@@ -173,7 +175,7 @@ def demo_bind_report(
     """Evaluate a bind head on held-out voices and captions; writes docs/bind-report.md."""
     from mmembed.demo.bind_report import write_report
 
-    console.print(json.dumps(write_report(model), indent=2))
+    console.print(json.dumps(write_report(get_settings(), model), indent=2))
 
 
 @app.command("transcribe")

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from mmembed.config import Settings, get_settings
+from mmembed.config import Settings
 from mmembed.demo import world
 from mmembed.demo.metrics import SHORT_QUERIES, parse_short_query
 from mmembed.demo.speech import random_voice, speak
@@ -43,9 +43,8 @@ def _spoken(texts: Sequence[str], seed: str) -> list[AudioClip]:
 
 
 def evaluate(
-    model: str = "bind", queries: int = 300, transcript_queries: int = 100, settings: Settings | None = None
+    settings: Settings, model: str = "bind", queries: int = 300, transcript_queries: int = 100
 ) -> dict[str, Any]:
-    settings = settings or get_settings()
     bind = load(model, settings.models_config())
     pool = world.eval_set(GALLERY, seed=EVAL_SEED)
     scenes = [s for s, _ in pool]
@@ -86,9 +85,8 @@ def _precision_at_5(sim: np.ndarray, relevant: np.ndarray) -> float:
     return float(np.mean([relevant[i, top[i]].mean() for i in range(len(sim))]))
 
 
-def write_report(model: str = "bind", out_dir: Path = REPORT_DIR, settings: Settings | None = None) -> dict[str, Any]:
-    settings = settings or get_settings()
-    report = evaluate(model, settings=settings)
+def write_report(settings: Settings, model: str = "bind", out_dir: Path = REPORT_DIR) -> dict[str, Any]:
+    report = evaluate(settings, model)
     head_config = json.loads((load(model, settings.models_config()).weights / "bind_config.json").read_text())  # type: ignore[operator]
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "bind-report.json").write_text(json.dumps({"metrics": report, **head_config}, indent=2) + "\n")

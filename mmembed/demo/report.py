@@ -7,16 +7,16 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mmembed.config import get_settings
 from mmembed.demo.metrics import retrieval_report
 from mmembed.encoders import Modality, load
+from mmembed.encoders.config import ModelsConfig
 
 REPORT_DIR = Path("docs")
 TARGET_R5 = 0.90
 
 
-def evaluate(weights: Path, n: int = 1000) -> dict[str, Any]:
-    model = load(f"local-dir:{weights.resolve()}", get_settings().models_config())
+def evaluate(weights: Path, config: ModelsConfig, n: int = 1000) -> dict[str, Any]:
+    model = load(f"local-dir:{weights.resolve()}", config)
     image, text = model.encoder(Modality.IMAGE), model.encoder(Modality.TEXT)
     return retrieval_report(
         lambda ims: image.encode(list(map(image.preprocess, ims))),
@@ -25,8 +25,8 @@ def evaluate(weights: Path, n: int = 1000) -> dict[str, Any]:
     )
 
 
-def write_report(weights: Path, n: int = 1000, out_dir: Path = REPORT_DIR) -> dict[str, Any]:
-    report = evaluate(weights, n)
+def write_report(weights: Path, config: ModelsConfig, n: int = 1000, out_dir: Path = REPORT_DIR) -> dict[str, Any]:
+    report = evaluate(weights, config, n)
     config = json.loads((weights / "open_clip_config.json").read_text())
     training = {k: v for k, v in config.get("training", {}).items() if k != "eval_during_training"}
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmembed.config import Settings, get_settings
+from mmembed.config import Settings
 from mmembed.demo import world
 from mmembed.demo.speech import random_voice, speak
 from mmembed.demo.train_clip import soft_clip_loss
@@ -123,9 +123,9 @@ def train_bind(
     batch_size: int = 128,
     lr: float = 1e-3,
     threads: int = 2,
-    settings: Settings | None = None,
+    *,
+    settings: Settings,
 ) -> dict[str, float]:
-    settings = settings or get_settings()
     torch.manual_seed(data.seed)
     torch.set_num_threads(threads)
     device = torch.device("cpu")

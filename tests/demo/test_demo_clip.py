@@ -22,8 +22,8 @@ def test_checkpoint_is_small_and_in_open_clip_format() -> None:
     assert config["model_cfg"] == json.loads(json.dumps(MODEL_CONFIG))
 
 
-def test_held_out_recall_meets_the_target_and_matches_the_committed_report() -> None:
-    measured = evaluate(ROOT / "encoders" / "weights" / "demo-clip", n=1000)
+def test_held_out_recall_meets_the_target_and_matches_the_committed_report(settings: Settings) -> None:
+    measured = evaluate(ROOT / "encoders" / "weights" / "demo-clip", settings.models_config(), n=1000)
     committed = json.loads((ROOT / "docs" / "demo-clip-report.json").read_text())["metrics"]
     assert measured["text_to_image_R@5"] >= TARGET_R5
     for key in ("text_to_image_R@1", "text_to_image_R@5", "text_to_image_R@10", "image_to_text_R@1"):
