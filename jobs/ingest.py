@@ -271,7 +271,8 @@ class Ingest:
             for item_id in plan.gone:
                 retrying(self.options.attempts)(self.catalog.delete)(item_id)
             summary.deleted = len(plan.gone)
-        todo = [i for i in plan.todo if i.uri in set(self.jobs.pending(self.job))]
+        pending = set(self.jobs.pending(self.job))  # one query, not one per item
+        todo = [i for i in plan.todo if i.uri in pending]
         done: list[str] = []
         remote = self.models.remote()
         usage = {name: Usage() for name in remote}

@@ -193,3 +193,24 @@ def test_dead_letters_are_listed_retried_and_purged_from_the_command_line(env, t
     assert "1 item(s) back" in retried and "1 written" in retried and "0 failed" in retried
     assert "broken.png" not in cli("dlq", "list")
     assert "purged 0" in cli("dlq", "purge")
+
+
+class CountingJobStore(JobStore):
+    """The real job store, counting the queries that read a job's pending items."""
+
+    pending_calls = 0
+
+    def pending(self, job: str) -> list[str]:
+        self.pending_calls += 1
+        return super().pending(job)
+
+
+def test_a_run_reads_its_pending_items_once_however_many_items_it_has(env, tmp_path: Path):
+    """A per-item query would make a job of a million items a million scans of the job table."""
+    env["jobs"] = CountingJobStore(tmp_path / "counted-jobs.sqlite")
+    job = _ingest(env)
+    plan = job.plan(calibrate=False)
+    before = env["jobs"].pending_calls
+    summary = job.run(plan, progress=False)
+    assert summary.written == SCENES
+    assert env["jobs"].pending_calls - before == 1
