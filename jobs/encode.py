@@ -21,7 +21,7 @@ from mmembed.jobs.dataset import Loaded, SourceDataset
 from mmembed.loaders.audio import AudioLimits
 from mmembed.loaders.images import DecodeLimits
 from mmembed.loaders.sources import SourceItem
-from mmembed.store.cache import EmbeddingCache, cache_key
+from mmembed.store.cache import EmbeddingCache, media_key
 from mmembed.store.catalog import vector_name
 from mmembed.store.spaces import item_encoders, layout
 
@@ -152,7 +152,7 @@ class BatchEncoder:
     ) -> None:
         name, version = vector_name(model, kind), self.models.versions[model]
         cacheable = use_cache and self.cache is not None and self.models.described[model].cacheable
-        keys = {b.index: cache_key(b.content_hash, model, version) for b in group}
+        keys = {b.index: media_key(b.content_hash, model, version) for b in group}
         hits = self.cache.get_many(model, list(keys.values())) if cacheable else {}  # type: ignore[union-attr]
         for b in group:
             outcome = out[b.index]

@@ -37,7 +37,8 @@ Clock = Callable[[], float]
 # shared by several machines reads back the same numbers everywhere.
 STORED_DTYPE = np.dtype("<f4")
 # Version of the key scheme: changing how keys are made must never let old entries answer new keys.
-KEY_SCHEME = b"mmembed-cache-key-v1"
+# v2: media keyed by its content hash, one entry for the API and bulk jobs (v1 keyed the API's raw bytes).
+KEY_SCHEME = b"mmembed-cache-key-v2"
 # SQLite allows 32,766 parameters per statement; chunks keep every statement well under that.
 SQLITE_CHUNK = 500
 SQLITE_SCHEMA = (
@@ -65,13 +66,23 @@ ACCEPTED_URLS = "'off', 'sqlite', 'sqlite:///ABSOLUTE/PATH.sqlite', 'redis://HOS
 
 
 def cache_key(content: bytes | str, model: str, version: str) -> str:
-    """Every part is length-prefixed so no two different (content, model, version) triples hash the
-    same bytes ('ab' + 'c' vs 'a' + 'bc'); text is tagged apart from bytes because a caller embeds
-    text and the raw bytes of a file differently even when their bytes agree."""
+    """The key of one item's vector. Media is keyed by its SHA-256, the content hash a bulk job
+    computes as it reads a file and stores in the item's payload, so the bytes of one file share
+    one entry whether a job or the API embedded them (``media_key``). Text is tagged apart: a
+    caller embeds text and the raw bytes of a file differently even when their bytes agree."""
     if isinstance(content, str):
-        tag, data = b"str", content.encode("utf-8")
-    else:
-        tag, data = b"bytes", bytes(content)
+        return _key(b"text", content.encode("utf-8"), model, version)
+    return media_key(hashlib.sha256(content).hexdigest(), model, version)
+
+
+def media_key(content_hash: str, model: str, version: str) -> str:
+    """The key of media whose SHA-256 (hex) is already known: a job's items, a stored point."""
+    return _key(b"sha256", bytes.fromhex(content_hash), model, version)
+
+
+def _key(tag: bytes, data: bytes, model: str, version: str) -> str:
+    """Every part is length-prefixed so no two different (content, model, version) triples hash the
+    same bytes ('ab' + 'c' vs 'a' + 'bc')."""
     digest = hashlib.sha256()
     for part in (KEY_SCHEME, tag, data, model.encode("utf-8"), version.encode("utf-8")):
         digest.update(len(part).to_bytes(8, "big"))

@@ -35,9 +35,14 @@ def bucket(s3_server) -> str:
 
 
 @pytest.fixture(scope="module")
-def api(ray_cluster: int, s3_server, bucket: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+def cache_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return f"sqlite:///{tmp_path_factory.mktemp('cache') / 'cache.sqlite'}"
+
+
+@pytest.fixture(scope="module")
+def api(ray_cluster: int, s3_server, bucket: str, cache_url: str) -> str:
     env = {
-        "MMEMBED_CACHE_URL": f"sqlite:///{tmp_path_factory.mktemp('cache') / 'cache.sqlite'}",
+        "MMEMBED_CACHE_URL": cache_url,
         "MMEMBED_COLLECTION": f"search-{uuid.uuid4().hex[:8]}",
         "MMEMBED_S3_BUCKET": bucket,
         "MMEMBED_S3_ENDPOINT_URL": s3_server.endpoint_url,
@@ -225,3 +230,41 @@ def test_the_encode_endpoints_answer_repeated_content_from_the_cache(api: str, s
     assert last["info"]["cached"] is True
     metrics = httpx.get(f"{api}/metrics").text
     assert 'mmembed_cache_hits_total{modality="text",model="demo-clip"}' in metrics
+
+
+def _image_hits(api: str) -> float:
+    prefix = 'mmembed_cache_hits_total{modality="image",model="demo-clip"} '
+    lines = [line for line in httpx.get(f"{api}/metrics").text.splitlines() if line.startswith(prefix)]
+    return float(lines[0].removeprefix(prefix)) if lines else 0.0
+
+
+def test_bulk_jobs_and_the_api_share_one_cache(api: str, cache_url: str, settings, tmp_path):
+    """One key for the same bytes whoever embeds them: a job's file is a hit over HTTP, and a file
+    first sent over HTTP is a hit for the job that later finds it in its folder."""
+    from mmembed.jobs.ingest import Ingest, IngestOptions
+
+    job_settings = settings.model_copy(
+        update={"data_dir": tmp_path / "job", "models_dir": settings.models_path, "cache_url": cache_url}
+    )
+    folder = tmp_path / "shop"
+    folder.mkdir()
+    by_job, by_api = (_png(image) for _, image in world.eval_set(2, seed=41))
+    (folder / "by-job.png").write_bytes(by_job)
+
+    def ingest():
+        return Ingest(IngestOptions(str(folder), ("demo-clip",), workers=0), job_settings).run(progress=False)
+
+    first = ingest()
+    assert first.written == 1 and first.cache["hits"] == 0 and first.cache["puts"] == 1
+    hits = _image_hits(api)
+    answer = httpx.post(
+        f"{api}/encode/image", json={"model": "demo-clip", "items": [base64.b64encode(by_job).decode()]}
+    )
+    assert answer.json()["data"][0]["info"]["cached"] is True
+    assert _image_hits(api) == hits + 1
+
+    fresh = httpx.post(f"{api}/encode/image", json={"model": "demo-clip", "items": [base64.b64encode(by_api).decode()]})
+    assert "cached" not in fresh.json()["data"][0]["info"]
+    (folder / "by-api.png").write_bytes(by_api)
+    second = ingest()
+    assert second.written == 1 and second.cache["hits"] == 1 and second.cache["misses"] == 0

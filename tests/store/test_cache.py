@@ -6,6 +6,7 @@ is; the one exception is Redis's own expiry, which runs on the server's clock.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import socket
 import sqlite3
@@ -21,7 +22,15 @@ import redis
 from redis_server import RedisProcess
 
 from mmembed.config import Settings
-from mmembed.store.cache import CacheStats, EmbeddingCache, RedisCache, SqliteCache, cache_key, open_cache
+from mmembed.store.cache import (
+    CacheStats,
+    EmbeddingCache,
+    RedisCache,
+    SqliteCache,
+    cache_key,
+    media_key,
+    open_cache,
+)
 
 MODEL = "demo-clip"
 OTHER_MODEL = "all-MiniLM-L6-v2"
@@ -85,8 +94,8 @@ def test_key_is_sha256_hex_and_stable() -> None:
     key = cache_key(b"a cat", "demo-clip", "1")
     assert len(key) == 64 and int(key, 16) >= 0
     assert key == cache_key(b"a cat", "demo-clip", "1")
-    # Pinned: changing the scheme silently orphans every cache users have built.
-    assert key == "21ce8e3d41a5ab1ce383f4568b0128870f75d0fb72781a7e7ce36f1e8dec97be"
+    # Pinned: changing the scheme orphans every cache users have built, so it changes only with KEY_SCHEME.
+    assert key == "81bf1fa6171b54d1c8982e4d63588f8f0d8236398d3a9c00782de2dce4809d2f"
 
 
 def test_key_differs_by_content_model_version_and_type() -> None:
@@ -98,7 +107,16 @@ def test_key_differs_by_content_model_version_and_type() -> None:
     assert cache_key(bytearray(b"x"), "m", "1") == base
     # Length prefixes: moving a boundary between parts changes the key.
     assert cache_key(b"x", "ab", "c") != cache_key(b"x", "a", "bc")
-    assert cache_key(b"xa", "b", "1") != cache_key(b"x", "ab", "1")
+    assert cache_key("xa", "b", "1") != cache_key("x", "ab", "1")
+
+
+def test_media_is_keyed_by_its_content_hash_as_bulk_jobs_know_it() -> None:
+    """The API has the bytes, a job the SHA-256 it computed while reading them: one entry."""
+    data = b"\x89PNG the bytes of one file"
+    assert cache_key(data, "demo-clip", "v") == media_key(hashlib.sha256(data).hexdigest(), "demo-clip", "v")
+    assert media_key(hashlib.sha256(data).hexdigest(), "demo-clip", "v") != cache_key(
+        hashlib.sha256(data).hexdigest(), "demo-clip", "v"
+    ), "a text that spells a digest is not the file"
 
 
 # --- behaviour shared by both backends ---
