@@ -214,11 +214,14 @@ class Ingest:
         row = self.jobs.get(self.job)
         assert row is not None
         by_id = {point_id(i.uri): i for i in items}
-        existing: dict[str, dict[str, Any]] = {}
+        # The source version of each item already stored, and nothing more of its payload: the plan
+        # of a million-item catalogue holds a million of these.
+        existing: dict[str, Any] = {}
         self.models  # noqa: B018  (opens the collection with the models' layout)
         ids = list(by_id)
         for start in range(0, len(ids), 512):
-            existing |= self.catalog.payloads(ids[start : start + 512])
+            for item_id, payload in self.catalog.payloads(ids[start : start + 512]).items():
+                existing[item_id] = payload.get("source_version")
         pending = set(self.jobs.pending(self.job)) if row.status in ("running", "interrupted") else set()
         resumed = bool(pending)
         # A new run retries the dead letters: items this job did not finish, even where a write that
@@ -226,8 +229,7 @@ class Ingest:
         failed = set() if resumed else {d.uri for d in self.jobs.dead_letters(self.job)}
         todo = []
         for item_id, item in by_id.items():
-            known = existing.get(item_id)
-            finished = known is not None and item.version is not None and known.get("source_version") == item.version
+            finished = item_id in existing and item.version is not None and existing[item_id] == item.version
             if (item.uri in pending) or (item.uri in failed) or not finished:
                 todo.append(item)
         in_store = set(self.catalog.vectors.scroll_ids({"source": self.options.source}))
