@@ -12,26 +12,33 @@ from mmembed.serve.deployments import Queued, batch_slots, build_encoder, item_c
 
 
 def test_concurrent_requests_are_grouped_into_batches(ray_cluster, demo_clip: LoadedModel):
-    config = ModelConfig(name="demo-clip", batch=BatchConfig(max_batch_size=8, batch_wait_timeout_s=0.2))
+    # Each request is preprocessed in a thread before it joins the batch queue, so on a busy
+    # 2-core machine the last ones can trail the rest by a few hundred ms: the batch waits 1 s
+    # for company, long enough that no request ends alone however loaded the machine is.
+    config = ModelConfig(name="demo-clip", batch=BatchConfig(max_batch_size=8, batch_wait_timeout_s=1.0))
     handle = serve.run(build_encoder(config), name="batching", route_prefix=None)
-    texts = [f"a red circle number {i}" for i in range(24)]
-    responses = [handle.encode.remote("text", [t]) for t in texts]
-    results = [r.result()[0] for r in responses]
+    try:
+        texts = [f"a red circle number {i}" for i in range(24)]
+        responses = [handle.encode.remote("text", [t]) for t in texts]
+        results = [r.result()[0] for r in responses]
+    finally:
+        serve.delete("batching")  # a leaked app holds its CPUs: later apps could never start
     sizes = [r.batch_size for r in results]
     assert max(sizes) == 8 and min(sizes) >= 2, sizes  # grouped, and never past the cap
     local = demo_clip.encoder(Modality.TEXT).encode_items(texts)
     for remote, mine in zip(results, local, strict=True):
         assert np.allclose(remote.vector, mine.vector, atol=1e-5)
     assert all(r.queue_ms >= 0 and r.encode_ms > 0 for r in results)
-    serve.delete("batching")
 
 
 def test_bad_items_fail_alone_in_a_request(ray_cluster):
     handle = serve.run(build_encoder(ModelConfig(name="all-MiniLM-L6-v2")), name="bad-items", route_prefix=None)
-    results = handle.encode.remote("text", ["fine", "", "also fine"]).result()
+    try:
+        results = handle.encode.remote("text", ["fine", "", "also fine"]).result()
+    finally:
+        serve.delete("bad-items")
     assert [r.error.code if r.error else "ok" for r in results] == ["ok", "empty_input", "ok"]
     assert results[0].vector.shape == (384,)
-    serve.delete("bad-items")
 
 
 def test_batches_are_capped_by_tokens_as_well_as_count():
