@@ -138,6 +138,8 @@ class SourceDataset(Dataset[Loaded]):
     def _prepare(self, item: SourceItem, data: bytes, preprocess: Preprocessor) -> Prepared:
         if item.kind == "image":
             return preprocess(decode_image(data, self.image_limits))
+        if item.kind == "text":
+            return preprocess(data.decode("utf-8"))
         # Any audio encoder, built-in or registered, sees only a container it could decode.
         if sniff_format(data) is None:
             raise SourceError(

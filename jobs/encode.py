@@ -49,7 +49,7 @@ class Models:
         """Per kind, one callable giving every direct model its own preprocessed input (a 64 px
         demo-clip view and a 224 px ViT view of the same decoded image), run in the workers."""
         out = {}
-        for kind in ("image", "audio"):
+        for kind in ("image", "audio", "text"):
             models = [(m, self.loaded[m].encoder(kind)) for m in self.direct(kind)]
             if models:
                 out[kind] = _Preprocess(models)
@@ -140,7 +140,7 @@ class BatchEncoder:
             b.index: ItemError(*b.error) if b.error is not None else ItemVectors() for b in batch
         }
         good = [b for b in batch if b.error is None]
-        for kind in ("image", "audio"):
+        for kind in ("image", "audio", "text"):
             group = [b for b in good if items[b.index].kind == kind]
             for model in self.models.direct(kind) if group else []:
                 self._encode_model(model, kind, group, out, use_cache)

@@ -17,12 +17,13 @@ counts do not depend on the engine.
 
 from __future__ import annotations
 
+import itertools
 import mimetypes
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from tenacity import retry, retry_if_exception, stop_after_attempt, wait_random_exponential
 from tqdm import tqdm
@@ -32,11 +33,12 @@ from mmembed.contracts import ItemError
 from mmembed.encoders.remote.costs import Usage
 from mmembed.encoders.remote.costs import plan_line as remote_plan_line
 from mmembed.encoders.remote.costs import summary_line as remote_summary_line
+from mmembed.encoders.remote.costs import usd as remote_usd
 from mmembed.jobs.dataset import SourceDataset, make_loader
 from mmembed.jobs.encode import BatchEncoder, EncodedBatch, Loading, Models, unchanged_content
-from mmembed.jobs.state import DONE, JobStore, job_id
+from mmembed.jobs.state import DONE, PENDING, JobStore, job_id
 from mmembed.loaders.images import DecodeLimits
-from mmembed.loaders.sources import SourceItem, list_source, s3_client
+from mmembed.loaders.sources import SourceItem, iter_source, s3_client
 from mmembed.store.cache import EmbeddingCache, open_cache
 from mmembed.store.catalog import Catalog, NewItem
 from mmembed.store.objects import ObjectStoreError, object_store
@@ -44,7 +46,9 @@ from mmembed.store.spaces import transcriber
 from mmembed.store.vectors import DimensionError, StoreError, open_store, point_id
 
 DEFAULT_MODELS = ("demo-clip", "all-MiniLM-L6-v2", "whisper-base", "bind")
+PLAN_CHUNK = 2048  # listed items per store read and job-store write while planning
 ENGINES = ("local", "ray")
+T = TypeVar("T")
 
 
 def _transient(exc: BaseException) -> bool:
@@ -77,6 +81,7 @@ class IngestOptions:
     ray_encoders: int = 1  # ray engine: encoder actors, each with its own copy of the job's models
     num_gpus_per_encoder: float = 0.0  # ray engine: GPUs each encoder actor reserves (a fraction shares one GPU)
     file_roots: tuple[str, ...] | None = None  # local files only inside these (a server's jobs); None: anywhere
+    window: int = 65_536  # pending items read from the job store per pass of the engine
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
@@ -101,8 +106,8 @@ class Plan:
     resumed: bool
     seconds_per_item: float = 0.0
     price_per_hour: float = 1.0
-    todo: list[SourceItem] = field(default_factory=list, repr=False)
-    gone: list[str] = field(default_factory=list, repr=False)
+    sample: list[SourceItem] = field(default_factory=list, repr=False)  # the first items to embed, for calibration
+    gone: list[str] = field(default_factory=list, repr=False)  # point ids --sync deletes
     remote_costs: dict[str, dict[str, Any]] = field(default_factory=dict)  # per remote model: tokens, usd (estimate)
 
     @property
@@ -209,47 +214,50 @@ class Ingest:
     # --- plan ------------------------------------------------------------------------------
 
     def plan(self, calibrate: bool = True) -> Plan:
-        items = list_source(self.options.source, self._s3_client())
-        self.jobs.create(self.job, self.options.source, self.options.job_config(self.settings))
-        row = self.jobs.get(self.job)
-        assert row is not None
-        by_id = {point_id(i.uri): i for i in items}
-        # The source version of each item already stored, and nothing more of its payload: the plan
-        # of a million-item catalogue holds a million of these.
-        existing: dict[str, Any] = {}
+        """Streams the listing through the job store chunk by chunk: each chunk's stored versions
+        (one store read), prior states and dead letters (one indexed query each), and its planned
+        items (one write). Memory holds a chunk, the calibration sample and the points to delete."""
+        row = self.jobs.create(self.job, self.options.source, self.options.job_config(self.settings))
         self.models  # noqa: B018  (opens the collection with the models' layout)
-        ids = list(by_id)
-        for start in range(0, len(ids), 512):
-            for item_id, payload in self.catalog.payloads(ids[start : start + 512]).items():
-                existing[item_id] = payload.get("source_version")
-        pending = set(self.jobs.pending(self.job)) if row.status in ("running", "interrupted") else set()
-        resumed = bool(pending)
-        # A new run retries the dead letters: items this job did not finish, even where a write that
-        # failed half-way left their point. A resumed run finishes what is pending and leaves them.
-        failed = set() if resumed else {d.uri for d in self.jobs.dead_letters(self.job)}
-        todo = []
-        for item_id, item in by_id.items():
-            finished = item_id in existing and item.version is not None and existing[item_id] == item.version
-            if (item.uri in pending) or (item.uri in failed) or not finished:
-                todo.append(item)
-        in_store = set(self.catalog.vectors.scroll_ids({"source": self.options.source}))
-        gone = sorted(in_store - set(by_id))
-        plan = Plan(
-            self.job,
-            len(items),
-            len(items) - len(todo),
-            len(todo),
-            sum(1 for i in todo if point_id(i.uri) not in existing),
-            len(gone),
-            resumed,
-            price_per_hour=self.options.price_per_hour,
-            todo=todo,
-            gone=gone,
-        )
-        if calibrate and todo:
-            plan.seconds_per_item = self._calibrate(todo[: self.options.calibrate])
-        plan.remote_costs = self._remote_estimates(todo)
+        resumed = row.status in ("running", "interrupted") and self.jobs.has_pending(self.job)
+        self.jobs.begin_plan(self.job, resume=resumed)
+        plan = Plan(self.job, 0, 0, 0, 0, 0, resumed, price_per_hour=self.options.price_per_hour)
+        captions: list[str] = []  # of one chunk, for the remote models' estimate
+        listing = iter_source(self.options.source, self._s3_client())
+        for start, chunk in _chunks(listing, PLAN_CHUNK):
+            ids = [point_id(i.uri) for i in chunk]
+            self.jobs.record_listing(self.job, self.options.source, list(zip(ids, (i.uri for i in chunk), strict=True)))
+            stored = {k: p.get("source_version") for k, p in self.catalog.payloads(ids).items()}
+            uris = [i.uri for i in chunk]
+            # A resumed run finishes what is pending and leaves the dead letters; a new run retries them:
+            # items this job did not finish, even where a write that failed half-way left their point.
+            pending = {u for u, s in self.jobs.states(self.job, uris).items() if s == PENDING} if resumed else set()
+            failed = set() if resumed else self.jobs.dead_lettered(self.job, uris)
+            todo = []
+            for n, (item_id, item) in enumerate(zip(ids, chunk, strict=True)):
+                finished = item_id in stored and item.version is not None and stored[item_id] == item.version
+                if item.uri in pending or item.uri in failed or not finished:
+                    todo.append((start + n, item))
+                    plan.new += item_id not in stored
+            self.jobs.plan(self.job, todo)
+            plan.total += len(chunk)
+            plan.to_check += len(todo)
+            plan.sample.extend(item for _, item in todo[: self.options.calibrate - len(plan.sample)])
+            captions = [i.caption for _, i in todo if i.kind == "image" and i.caption and i.caption.strip()]
+            self._estimate_remote(plan, captions, sum(1 for _, i in todo if i.kind == "audio"))
+        plan.unchanged = plan.total - plan.to_check
+        plan.gone = self._gone()
+        plan.deleted = len(plan.gone)
+        if calibrate and plan.sample:
+            plan.seconds_per_item = self._calibrate(plan.sample)
         return plan
+
+    def _gone(self) -> list[str]:
+        """Points of this source its listing no longer names, a page of the store at a time."""
+        gone: list[str] = []
+        for _, page in _chunks(self.catalog.vectors.iter_ids({"source": self.options.source}), PLAN_CHUNK):
+            gone.extend(self.jobs.unlisted(self.job, page))
+        return gone
 
     def _calibrate(self, sample: list[SourceItem]) -> float:
         """The full path (read, decode, encode) on a few items, in this process, nothing written."""
@@ -262,36 +270,37 @@ class Ingest:
     # --- run -------------------------------------------------------------------------------
 
     def run(self, plan: Plan | None = None, progress: bool = True) -> Summary:
+        """Writes the plan's pending items, read back from the job store a window at a time (each window
+        one DataLoader or Ray Data pass): memory holds a window, whatever the size of the catalogue."""
         plan = plan or self.plan(calibrate=False)
         summary = Summary(self.job, price_per_hour=self.options.price_per_hour)
         started = time.perf_counter()
-        if not plan.resumed:
-            self.jobs.reset_items(self.job)
-            self.jobs.plan(self.job, [i.uri for i in plan.todo])
         self.jobs.update(self.job, status="running")
         if self.options.sync and plan.gone:
             for item_id in plan.gone:
                 retrying(self.options.attempts)(self.catalog.delete)(item_id)
             summary.deleted = len(plan.gone)
-        pending = set(self.jobs.pending(self.job))  # one query, not one per item
-        todo = [i for i in plan.todo if i.uri in pending]
         done: list[str] = []
         remote = self.models.remote()
         usage = {name: Usage() for name in remote}
-        bar = tqdm(total=len(todo), unit="item", desc="ingest", disable=not progress)
+        bar = tqdm(total=plan.to_check, unit="item", desc="ingest", disable=not progress)
+        batches_written = 0
         try:
-            with self._engine(todo, progress) as batches:
-                for n, batch in enumerate(batches, 1):
-                    self._write_batch(todo, batch, summary, done)
-                    for name, used in batch.remote_usage.items():
-                        usage[name] += used
-                    bar.update(len(batch))
-                    bar.set_postfix({k: f"{v:.0f}s" for k, v in summary.stages_s.items()})
-                    if n % self.options.checkpoint_every == 0:
-                        self.jobs.mark(self.job, done, DONE)
-                        done.clear()
-                        self.jobs.update(self.job, counts=self._counts(summary, plan))
-            self.jobs.mark(self.job, done, DONE)
+            for todo in self._windows():
+                with self._engine(todo, progress) as batches:
+                    for batch in batches:
+                        self._write_batch(todo, batch, summary, done)
+                        for name, used in batch.remote_usage.items():
+                            usage[name] += used
+                        bar.update(len(batch))
+                        bar.set_postfix({k: f"{v:.0f}s" for k, v in summary.stages_s.items()})
+                        batches_written += 1
+                        if batches_written % self.options.checkpoint_every == 0:
+                            self.jobs.mark(self.job, done, DONE)
+                            done.clear()
+                            self.jobs.update(self.job, counts=self._counts(summary, plan))
+                self.jobs.mark(self.job, done, DONE)
+                done.clear()
         except BaseException as exc:
             self.jobs.mark(self.job, done, DONE)
             self.jobs.update(self.job, status="interrupted", counts=self._counts(summary, plan), error=repr(exc))
@@ -306,6 +315,15 @@ class Ingest:
         }
         self.jobs.update(self.job, status="done", counts=self._counts(summary, plan))
         return summary
+
+    def _windows(self) -> Iterator[list[SourceItem]]:
+        """The pending items in windows by position. A window's items are all marked before the next
+        is read (written ones done, failed ones dead letters), so reading after the last position seen
+        never skips or repeats one."""
+        after = -1
+        while window := self.jobs.pending(self.job, after, self.options.window):
+            after = window[-1][0]
+            yield [item for _, item in window]
 
     def _engine(self, todo: list[SourceItem], progress: bool) -> AbstractContextManager[Iterator[EncodedBatch]]:
         """The encoded batches of ``todo`` (indexes into it), from the engine the options name; a context,
@@ -337,15 +355,17 @@ class Ingest:
             fresh = [b for b in batch if not unchanged_content(b, stored[b.index])]
             yield encoder.encode_batch(fresh, unchanged, {b.index: todo[b.index] for b in fresh})
 
-    def _remote_estimates(self, todo: list[SourceItem]) -> dict[str, dict[str, Any]]:
-        """Tokens and dollars the remote models will cost: captions are counted now; transcripts
-        exist only once the audio is transcribed, so those items are only counted."""
-        captions = [i.caption for i in todo if i.kind == "image" and i.caption and i.caption.strip()]
-        audio = sum(1 for i in todo if i.kind == "audio") if transcriber(self.models.described) else 0
-        return {
-            name: enc.estimate(captions) | {"transcripts_not_counted": audio}
-            for name, enc in self.models.remote().items()
-        }
+    def _estimate_remote(self, plan: Plan, captions: list[str], audio: int) -> None:
+        """Adds one chunk to the tokens and dollars the remote models will cost: captions are counted
+        now; transcripts exist only once the audio is transcribed, so those items are only counted."""
+        audio = audio if transcriber(self.models.described) else 0
+        for name, encoder in self.models.remote().items():
+            chunk = encoder.estimate(captions)
+            total = plan.remote_costs.setdefault(name, chunk | {"texts": 0, "tokens": 0, "transcripts_not_counted": 0})
+            total["texts"] += chunk["texts"]
+            total["tokens"] += chunk["tokens"]
+            total["transcripts_not_counted"] += audio
+            total["usd"] = remote_usd(total["tokens"], total["usd_per_million"])
 
     def _counts(self, summary: Summary, plan: Plan) -> dict[str, Any]:
         return {
@@ -391,7 +411,9 @@ class Ingest:
                 summary.failed += 1
                 continue
             source = todo[b.index]
-            media_type = mimetypes.guess_type(source.uri.split("?")[0])[0] or f"{source.kind}/octet-stream"
+            text = source.kind == "text"
+            media_type = "text/plain" if text else mimetypes.guess_type(source.uri.split("?")[0])[0]
+            media_type = media_type or f"{source.kind}/octet-stream"
             items.append(
                 NewItem(
                     data=b.data,
@@ -400,7 +422,7 @@ class Ingest:
                     vectors=result.vectors,
                     source_uri=source.uri,
                     filename=source.uri.rsplit("/", 1)[-1],
-                    caption=source.caption,
+                    caption=None if text else source.caption,  # a text item's text is its object
                     transcript=result.transcript,
                     meta=source.meta,
                     source=self.options.source,
@@ -420,3 +442,11 @@ class Ingest:
             summary.stages_s["write"] += time.perf_counter() - started
         summary.written += len(written)
         done.extend(written)
+
+
+def _chunks(items: Iterable[T], size: int) -> Iterator[tuple[int, list[T]]]:
+    """(position of the chunk's first item, the chunk), streaming."""
+    iterator, start = iter(items), 0
+    while chunk := list(itertools.islice(iterator, size)):
+        yield start, chunk
+        start += len(chunk)

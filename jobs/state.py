@@ -2,22 +2,30 @@
 point resumes where it stopped), and the dead letters (items that failed past their retries,
 with the reason, until retried or purged).
 
+The plan lives here, not in memory: a job over a million items records each planned item (its
+listing, as JSON) and the point id of everything its source listed, chunk by chunk, then reads
+its pending items back in windows by position, and finds the points gone from the source by
+point id. Every one of those is an indexed query per chunk or window, never one per item.
+
 SQLite because it survives SIGKILL mid-write (the WAL journal), needs no server, and is
 shared safely by the CLI and the server's job runner on one machine.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import sqlite3
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mmembed.contracts import DeadLetter
+from mmembed.loaders.sources import SourceItem, repeated
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -25,10 +33,11 @@ CREATE TABLE IF NOT EXISTS jobs (
     created REAL NOT NULL, updated REAL NOT NULL, counts TEXT NOT NULL DEFAULT '{}', error TEXT
 );
 CREATE TABLE IF NOT EXISTS items (
-    job_id TEXT NOT NULL, uri TEXT NOT NULL, position INTEGER NOT NULL, status TEXT NOT NULL,
+    job_id TEXT NOT NULL, uri TEXT NOT NULL, position INTEGER NOT NULL, status TEXT NOT NULL, item TEXT,
     PRIMARY KEY (job_id, uri)
 );
 CREATE INDEX IF NOT EXISTS items_pending ON items (job_id, status, position);
+CREATE TABLE IF NOT EXISTS listed (job_id TEXT NOT NULL, point TEXT NOT NULL, PRIMARY KEY (job_id, point));
 CREATE TABLE IF NOT EXISTS dead_letters (
     job_id TEXT NOT NULL, uri TEXT NOT NULL, code TEXT NOT NULL, reason TEXT NOT NULL,
     attempts INTEGER NOT NULL, at REAL NOT NULL, PRIMARY KEY (job_id, uri)
@@ -64,6 +73,9 @@ class JobStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        columns = {r[1] for r in self._db.execute("PRAGMA table_info(items)")}
+        if "item" not in columns:  # a job store written before plans were kept here
+            self._db.execute("ALTER TABLE items ADD COLUMN item TEXT")
         self._lock = threading.Lock()
 
     def _run(self, sql: str, args: tuple = ()) -> list[tuple]:
@@ -73,7 +85,11 @@ class JobStore:
     def _many(self, sql: str, rows: list[tuple]) -> None:
         with self._lock:
             self._db.execute("BEGIN")
-            self._db.executemany(sql, rows)
+            try:
+                self._db.executemany(sql, rows)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
             self._db.execute("COMMIT")
 
     def create(self, job: str, source: str, config: dict[str, Any]) -> JobRow:
@@ -113,24 +129,69 @@ class JobStore:
             ),
         )
 
-    def reset_items(self, job: str) -> None:
-        """A finished job run again plans afresh (the incremental check decides what to write)."""
-        self._run("DELETE FROM items WHERE job_id = ?", (job,))
+    def begin_plan(self, job: str, resume: bool) -> None:
+        """A new plan forgets the last listing; a run that is not a resume also forgets the last
+        run's items (the incremental check decides what to write again)."""
+        self._run("DELETE FROM listed WHERE job_id = ?", (job,))
+        if not resume:
+            self._run("DELETE FROM items WHERE job_id = ?", (job,))
 
-    def plan(self, job: str, uris: list[str]) -> None:
-        """Record the items a run must write; items already planned keep their state."""
-        self._many(
-            "INSERT OR IGNORE INTO items (job_id, uri, position, status) VALUES (?, ?, ?, ?)",
-            [(job, u, n, PENDING) for n, u in enumerate(uris)],
-        )
+    def has_pending(self, job: str) -> bool:
+        return bool(self._run("SELECT 1 FROM items WHERE job_id = ? AND status = ? LIMIT 1", (job, PENDING)))
 
-    def pending(self, job: str) -> list[str]:
-        return [
+    def record_listing(self, job: str, source: str, points: Sequence[tuple[str, str]]) -> None:
+        """``points``: (point id, URI) of a chunk of the listing; the source naming an item twice is refused."""
+        try:
+            self._many("INSERT INTO listed (job_id, point) VALUES (?, ?)", [(job, p) for p, _ in points])
+        except sqlite3.IntegrityError:
+            seen: set[str] = set()
+            for point, uri in points:
+                if point in seen or self._run("SELECT 1 FROM listed WHERE job_id = ? AND point = ?", (job, point)):
+                    raise repeated(source, uri) from None
+                seen.add(point)
+            raise
+
+    def unlisted(self, job: str, points: Sequence[str]) -> list[str]:
+        """Which of these points (a page of the store's) the last plan's listing did not name."""
+        listed = {
             r[0]
             for r in self._run(
-                "SELECT uri FROM items WHERE job_id = ? AND status = ? ORDER BY position", (job, PENDING)
+                f"SELECT point FROM listed WHERE job_id = ? AND point IN ({','.join('?' * len(points))})",
+                (job, *points),
             )
-        ]
+        }
+        return [p for p in points if p not in listed]
+
+    def states(self, job: str, uris: Sequence[str]) -> dict[str, str]:
+        """The recorded state of each of these items that has one (pending, done, failed)."""
+        rows = self._run(
+            f"SELECT uri, status FROM items WHERE job_id = ? AND uri IN ({','.join('?' * len(uris))})", (job, *uris)
+        )
+        return dict(rows)  # type: ignore[arg-type]
+
+    def dead_lettered(self, job: str, uris: Sequence[str]) -> set[str]:
+        rows = self._run(
+            f"SELECT uri FROM dead_letters WHERE job_id = ? AND uri IN ({','.join('?' * len(uris))})", (job, *uris)
+        )
+        return {r[0] for r in rows}
+
+    def plan(self, job: str, items: Sequence[tuple[int, SourceItem]]) -> None:
+        """Record items a run must write, at their listing positions; items already planned (a resumed
+        run's) keep their state."""
+        self._many(
+            "INSERT INTO items (job_id, uri, position, status, item) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT (job_id, uri) DO UPDATE SET position = excluded.position, item = excluded.item",
+            [(job, i.uri, n, PENDING, json.dumps(dataclasses.astuple(i), default=str)) for n, i in items],
+        )
+
+    def pending(self, job: str, after: int = -1, limit: int = -1) -> list[tuple[int, SourceItem]]:
+        """Planned items not yet written, by position: a window of at most ``limit`` after ``after``."""
+        rows = self._run(
+            "SELECT position, item FROM items WHERE job_id = ? AND status = ? AND position > ? AND item IS NOT NULL "
+            "ORDER BY position LIMIT ?",
+            (job, PENDING, after, limit),
+        )
+        return [(position, SourceItem(*json.loads(item))) for position, item in rows]
 
     def mark(self, job: str, uris: list[str], status: str) -> None:
         self._many("UPDATE items SET status = ? WHERE job_id = ? AND uri = ?", [(status, job, u) for u in uris])

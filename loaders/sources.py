@@ -15,6 +15,8 @@ what a deployment means to read from its own network.
 from __future__ import annotations
 
 import csv
+import hashlib
+import itertools
 import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -35,10 +37,10 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", 
 AUDIO_EXTENSIONS = frozenset(
     {".wav", ".flac", ".mp3", ".ogg", ".oga", ".opus", ".m4a", ".aac", ".webm", ".aiff", ".aif", ".amr"}
 )
-KINDS = ("image", "audio")
+KINDS = ("image", "audio", "text")  # a text item is a manifest row's own text (its ``text`` column)
 MANIFEST_SUFFIXES = (".csv", ".jsonl", ".parquet")
 URI_COLUMNS = ("uri", "path", "url")  # the first one a row fills in is the item
-RESERVED_COLUMNS = frozenset({*URI_COLUMNS, "kind", "caption"})
+RESERVED_COLUMNS = frozenset({*URI_COLUMNS, "kind", "caption", "text"})
 MAX_REDIRECTS = 3
 ACCEPTED_FORMS = (
     "a folder, a manifest (.csv, .jsonl or .parquet with a uri, path or url column), "
@@ -57,11 +59,15 @@ class SourceError(Exception):
         self.code = code
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SourceItem:
     """One item as listed. ``uri`` is its identity across runs; ``version`` is whatever the listing
     knows for free that changes when the content does, so a re-run can skip unchanged items
-    without reading them (the content hash, computed on read, is the authority)."""
+    without reading them (the content hash, computed on read, is the authority). A text item
+    (``kind="text"``) carries its text as ``caption``: its content is listed, not read.
+
+    Slots: a job streams its listing, but a plan's chunk and a window of pending items hold
+    thousands of these at once."""
 
     uri: str
     kind: str
@@ -76,8 +82,24 @@ class SourceItem:
 
 
 def list_source(source: str, s3_client: Any | None = None) -> list[SourceItem]:
-    """Every item of ``source``, sorted by URI. A folder and a manifest naming the same files give
-    equal items (local files named by a manifest are stat'ed for ``size`` and ``version``).
+    """Every item of ``source``, sorted by URI (``iter_source`` in a list, for callers that want it whole)."""
+    items = sorted(iter_source(source, s3_client), key=lambda item: item.uri)
+    for before, after in itertools.pairwise(items):
+        if before.uri == after.uri:
+            raise repeated(source, after.uri)
+    return items
+
+
+def repeated(source: str, uri: str) -> SourceError:
+    """A manifest naming one item twice is ambiguous (which caption, which metadata?): refused."""
+    return SourceError(f"{source} lists the item {uri} more than once", "bad_manifest")
+
+
+def iter_source(source: str, s3_client: Any | None = None) -> Iterator[SourceItem]:
+    """Every item of ``source``, streamed: a job plans a catalogue of millions without holding its
+    listing. The order is deterministic (folders walked in name order, manifests and URL lists
+    in file order, S3 in key order). A folder and a manifest naming the same files give equal
+    items (local files named by a manifest are stat'ed for ``size`` and ``version``).
 
     Folders are walked recursively, skipping hidden files and folders (``.git``, ``.thumbnails``,
     macOS ``._name.jpg`` resource forks carry image extensions but are not images) and not
@@ -120,28 +142,21 @@ def _file_item(path: Path, kind: str, caption: str | None = None, meta: dict[str
     return SourceItem(path.as_uri(), kind, caption, meta or {}, size, version)
 
 
-def _list_folder(root: Path) -> list[SourceItem]:
-    items = []
+def _list_folder(root: Path) -> Iterator[SourceItem]:
     for folder, dirs, files in os.walk(root):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        for name in files:
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
             kind = kind_of(name)
             if kind and not name.startswith("."):
-                items.append(_file_item(Path(folder, name), kind))
-    return sorted(items, key=lambda item: item.uri)
+                yield _file_item(Path(folder, name), kind)
 
 
-def _list_manifest(manifest: Path, suffix: str) -> list[SourceItem]:
+def _list_manifest(manifest: Path, suffix: str) -> Iterator[SourceItem]:
+    """A repeated item is refused when the job records its plan (``JobStore``, by URI), so the
+    listing keeps no set of a million URIs."""
     rows = {".csv": _csv_rows, ".jsonl": _jsonl_rows, ".parquet": _parquet_rows}[suffix](manifest)
-    items: list[SourceItem] = []
-    seen: dict[str, str] = {}
     for where, row in rows:
-        item = _row_item(row, where, manifest)
-        if item.uri in seen:
-            raise SourceError(f"{manifest}: {where} repeats the item of {seen[item.uri]} ({item.uri})", "bad_manifest")
-        seen[item.uri] = where
-        items.append(item)
-    return sorted(items, key=lambda item: item.uri)
+        yield _row_item(row, where, manifest)
 
 
 def _require_uri_column(manifest: Path, columns: Sequence[str]) -> None:
@@ -212,10 +227,12 @@ def _row_item(row: Mapping[str, Any], where: str, manifest: Path) -> SourceItem:
         raise bad(f"has a caption that is not a string: {caption!r}")
     meta = {k: v for k, v in row.items() if k not in RESERVED_COLUMNS and v is not None and v != ""}
     declared = row.get("kind")
+    if declared == "text":
+        return _text_item(value, row.get("text"), meta, bad)
     if declared not in (None, ""):
         kind = str(declared).strip().lower()
         if kind not in KINDS:
-            raise bad(f"has kind {declared!r}; kinds are {' and '.join(KINDS)}")
+            raise bad(f"has kind {declared!r}; kinds are {', '.join(KINDS)}")
     else:
         kind = kind_of(unquote(urlsplit(value).path) if "://" in value else value) or ""
         if not kind:
@@ -236,6 +253,15 @@ def _row_item(row: Mapping[str, Any], where: str, manifest: Path) -> SourceItem:
     # Lexically normalised, not resolved: the item is the path the manifest names, like a folder listing.
     absolute = Path(os.path.normpath(manifest.parent / path))
     return _file_item(absolute, kind, caption or None, meta)
+
+
+def _text_item(uri: str, text: Any, meta: dict[str, Any], bad: Any) -> SourceItem:
+    """The text is the content, listed with its identity; its hash is the version, so a rerun
+    skips unchanged texts without embedding them and re-embeds edited ones."""
+    if not isinstance(text, str) or not text.strip():
+        raise bad("is a text item without a text")
+    version = hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+    return SourceItem(uri, "text", text, meta, len(text.encode("utf-8")), version)
 
 
 def _list_urls(listing: Path) -> list[SourceItem]:
@@ -271,13 +297,12 @@ def _split_s3(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
-def _list_s3(source: str, client: Any) -> list[SourceItem]:
+def _list_s3(source: str, client: Any) -> Iterator[SourceItem]:
     bucket, prefix = _split_s3(source)
     if not bucket:
         raise SourceError(f"unsupported source {source!r}: expected {ACCEPTED_FORMS}", "unsupported_source")
     prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
     request: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": _S3_PAGE_SIZE}
-    items = []
     try:
         while True:
             page = client.list_objects_v2(**request)
@@ -286,7 +311,7 @@ def _list_s3(source: str, client: Any) -> list[SourceItem]:
                 kind = kind_of(key)
                 if kind and not key.endswith("/"):
                     etag = str(obj.get("ETag", "")).strip('"') or None
-                    items.append(SourceItem(f"s3://{bucket}/{key}", kind, size=obj.get("Size"), version=etag))
+                    yield SourceItem(f"s3://{bucket}/{key}", kind, size=obj.get("Size"), version=etag)
             if not page.get("IsTruncated"):
                 break
             request["ContinuationToken"] = page["NextContinuationToken"]
@@ -297,7 +322,6 @@ def _list_s3(source: str, client: Any) -> list[SourceItem]:
         raise SourceError(f"cannot list {source}: {code or exc}", "s3_error") from exc
     except BotoCoreError as exc:
         raise SourceError(f"cannot list {source}: {exc}", "s3_error") from exc
-    return sorted(items, key=lambda item: item.uri)
 
 
 def _s3_code(exc: ClientError) -> str:
@@ -348,6 +372,8 @@ def read_item(
     across URLs; without one, or without ``s3_client`` for an S3 item, a client is made for this
     call, which is fine once but slow per item."""
     uri = item.uri
+    if item.kind == "text":
+        return (item.caption or "").encode("utf-8")
     scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
     if scheme == "file":
         return _read_file(uri, max_bytes, file_roots)

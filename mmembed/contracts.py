@@ -120,7 +120,7 @@ class StoredItem:
 
     id: str
     payload: dict[str, Any]
-    url: str
+    url: str | None  # None for a text item: its text is in the payload, there is no object
     vectors: dict[str, Any] = field(default_factory=dict)
 
 
@@ -129,7 +129,7 @@ class SearchHit:
     id: str
     score: float
     payload: dict[str, Any]
-    url: str
+    url: str | None  # None for a text item
 
 
 @dataclass(frozen=True)

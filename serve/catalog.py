@@ -73,8 +73,7 @@ class CatalogDeployment:
         point = self.catalog.get(item_id, with_vectors) if _is_id(item_id) else None
         if point is None:
             return None
-        url = self.catalog.objects.http_url(point.payload["object_uri"])
-        return StoredItem(point.id, point.payload, url, point.vectors)
+        return StoredItem(point.id, point.payload, self.catalog.url(point.payload), point.vectors)
 
     def search(self, vector: str, query: np.ndarray, **options: Any) -> list[SearchHit]:
         return self.catalog.search(vector, query, **options)

@@ -40,7 +40,7 @@ def vector_name(model: str, modality: str) -> str:
 @dataclass
 class NewItem:
     data: bytes
-    kind: str  # "image" | "audio"
+    kind: str  # "image" | "audio" | "text" (data: the UTF-8 text, kept in the payload, no object)
     media_type: str
     vectors: dict[str, np.ndarray]
     source_uri: str | None = None  # the caller's identity for the item; default: the stored object's URI
@@ -69,11 +69,17 @@ class Catalog:
         points = []
         for item in items:
             content_hash = hashlib.sha256(item.data).hexdigest()
-            key = object_key(content_hash, item.filename, item.media_type)
-            uri = self.objects.put(key, item.data, item.media_type)
-            payload: dict[str, Any] = {
+            if item.kind == "text":  # the text is the object: it lives in the payload
+                uri = None
+                where: dict[str, Any] = {"text": item.data.decode("utf-8")}
+            else:
+                key = object_key(content_hash, item.filename, item.media_type)
+                uri = self.objects.put(key, item.data, item.media_type)
+                where = {"object_uri": uri}
+            if (item.source_uri or uri) is None:
+                raise ValueError("a text item needs a source_uri: it is its only identity")
+            payload: dict[str, Any] = where | {
                 "kind": item.kind,
-                "object_uri": uri,
                 "source_uri": item.source_uri or uri,
                 "content_hash": content_hash,
                 "media_type": item.media_type,
@@ -111,7 +117,8 @@ class Catalog:
         if not found:
             return False
         payload = found[0].payload
-        if self.vectors.count({"content_hash": payload["content_hash"]}) == 1:  # this point is the only holder
+        holds = "object_uri" in payload and self.vectors.count({"content_hash": payload["content_hash"]}) == 1
+        if holds:  # this point is the only holder of the object
             self.objects.delete(payload["object_uri"])
         self.vectors.delete([item_id])
         return True
@@ -130,4 +137,8 @@ class Catalog:
         offset: int = 0,
     ) -> list[SearchHit]:
         hits: list[Hit] = self.vectors.search(vector, query, top_k, threshold, filter, offset)
-        return [SearchHit(h.id, h.score, h.payload, self.objects.http_url(h.payload["object_uri"])) for h in hits]
+        return [SearchHit(h.id, h.score, h.payload, self.url(h.payload)) for h in hits]
+
+    def url(self, payload: dict[str, Any]) -> str | None:
+        """Where a client gets the item's object; a text item has none."""
+        return self.objects.http_url(payload["object_uri"]) if "object_uri" in payload else None

@@ -46,9 +46,11 @@ def layout(described: Described) -> dict[str, int]:
 
 
 def item_encoders(described: Described, kind: str) -> list[tuple[str, str]]:
-    """(model, modality) pairs that encode an item of this kind ("image" or "audio"), and
-    the text towers that embed its caption or transcript."""
+    """(model, modality) pairs that encode an item of this kind ("image", "audio" or "text"),
+    and the text towers that embed an image's caption or a recording's transcript."""
     direct = [(name, kind) for name, info in described.items() if info.native(kind)]
+    if kind == "text":  # the text is the item: its towers are its direct encoders
+        return direct
     text = [(name, "text") for name, info in described.items() if info.native("text")]
     return direct + text
 

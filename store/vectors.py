@@ -20,7 +20,7 @@ import re
 import sys
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -253,9 +253,14 @@ class VectorStore(ABC):
         return self._count(_parse_filter(filter))
 
     def scroll_ids(self, filter: dict[str, Any] | None = None) -> list[str]:
-        """Every matching id, for syncing a catalogue against the store and deleting what is gone."""
+        """Every matching id, in a list."""
+        return list(self.iter_ids(filter))
+
+    def iter_ids(self, filter: dict[str, Any] | None = None) -> Iterator[str]:
+        """Every matching id, a page at a time: a job syncing a million-item source against the
+        store holds one page."""
         self._require_open()
-        return self._scroll_ids(_parse_filter(filter))
+        return self._iter_ids(_parse_filter(filter))
 
     def verify(self, points: Sequence[Point], sample: int = 32, seed: int = 0) -> None:
         """Re-read a random sample (all if fewer) of the written points; compare vectors (allclose,
@@ -351,7 +356,7 @@ class VectorStore(ABC):
     def _count(self, conditions: list[_Condition]) -> int: ...
 
     @abstractmethod
-    def _scroll_ids(self, conditions: list[_Condition]) -> list[str]: ...
+    def _iter_ids(self, conditions: list[_Condition]) -> Iterator[str]: ...
 
 
 def _same(written: Point, stored: Point | None) -> bool:
@@ -514,17 +519,16 @@ class EdgeStore(VectorStore):
     def _count(self, conditions: list[_Condition]) -> int:
         return self.shard.count(edge.CountRequest(exact=True, filter=_edge_filter(conditions)))
 
-    def _scroll_ids(self, conditions: list[_Condition]) -> list[str]:
-        ids: list[str] = []
+    def _iter_ids(self, conditions: list[_Condition]) -> Iterator[str]:
         offset = None
         while True:
             request = edge.ScrollRequest(
                 offset=offset, limit=_SCROLL_PAGE, filter=_edge_filter(conditions), with_payload=False
             )
             records, offset = self.shard.scroll(request)
-            ids.extend(str(r.id) for r in records)
+            yield from (str(r.id) for r in records)
             if offset is None:
-                return ids
+                return
 
 
 # --- qdrant-client (a Qdrant server, or the client's ':memory:' mode) ---------------------------
@@ -643,8 +647,7 @@ class ClientStore(VectorStore):
     def _count(self, conditions: list[_Condition]) -> int:
         return self.client.count(self.collection, count_filter=_client_filter(conditions), exact=True).count
 
-    def _scroll_ids(self, conditions: list[_Condition]) -> list[str]:
-        ids: list[str] = []
+    def _iter_ids(self, conditions: list[_Condition]) -> Iterator[str]:
         offset = None
         while True:
             records, offset = self.client.scroll(
@@ -655,9 +658,9 @@ class ClientStore(VectorStore):
                 with_payload=False,
                 with_vectors=False,
             )
-            ids.extend(str(r.id) for r in records)
+            yield from (str(r.id) for r in records)
             if offset is None:
-                return ids
+                return
 
 
 def open_store(config: VectorsConfig) -> VectorStore:

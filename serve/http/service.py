@@ -96,6 +96,8 @@ def get_api(request: Request) -> Api:
     return request.app.state.api
 
 
-def mounted(request: Request, url: str) -> str:
+def mounted(request: Request, url: str | None) -> str | None:
     """Local paths the API answers (objects, jobs) under the app's mount point (Serve's route_prefix)."""
-    return request.scope.get("root_path", "").rstrip("/") + url if url.startswith("/") else url
+    if url is None or not url.startswith("/"):
+        return url
+    return request.scope.get("root_path", "").rstrip("/") + url

@@ -21,7 +21,7 @@ from redis_server import RedisProcess
 from s3 import S3Process
 
 from mmembed.config import Settings
-from mmembed.jobs.ingest import Ingest, IngestOptions, Plan
+from mmembed.jobs.ingest import Ingest, IngestOptions
 from mmembed.jobs.state import DONE, FAILED, JobStore
 from mmembed.store.cache import RedisCache
 from mmembed.store.catalog import Catalog, NewItem
@@ -56,9 +56,9 @@ def _scenes(env: dict) -> set[str]:
     return {_uri(env, f"scene-{n}.png") for n in range(SCENES)}
 
 
-def _batches(plan: Plan) -> list[list[str]]:
-    """The run's batches, in the order the run writes them (the plan's)."""
-    todo = [i.uri for i in plan.todo]
+def _batches(env: dict, job: Ingest) -> list[list[str]]:
+    """The run's batches, in the order the run writes them (the plan's, as the job store keeps it)."""
+    todo = [i.uri for _, i in env["jobs"].pending(job.job)]
     return [todo[n : n + BATCH] for n in range(0, len(todo), BATCH)]
 
 
@@ -133,7 +133,7 @@ def test_s3_killed_mid_run_dead_letters_the_rest_and_a_rerun_after_it_is_back_lo
     catalog = Catalog(EdgeStore(tmp_path / "vectors"), objects)
     job = _ingest(env, catalog)
     plan = job.plan(calibrate=False)
-    first, second, *rest = _batches(plan)
+    first, second, *rest = _batches(env, job)
     written = set(first) & _scenes(env)
     assert len(rest) == 1 and set(second) <= _scenes(env)
     # Killed right after the second batch's second object: that batch dies half-way through its puts.
@@ -220,7 +220,7 @@ def test_a_vector_store_failing_mid_batch_past_its_retries_leaves_no_partial_poi
     catalog = Catalog(EdgeStoreThatFails(tmp_path / "vectors", at=2, times=ATTEMPTS), objects)
     job = _ingest(env, catalog)
     plan = job.plan(calibrate=False)
-    batch = set(_batches(plan)[1])
+    batch = set(_batches(env, job)[1])
     assert len(batch) == BATCH and batch <= _scenes(env)
     summary = job.run(plan, progress=False)
 
@@ -242,7 +242,9 @@ def test_a_vector_store_failing_mid_batch_past_its_retries_leaves_no_partial_poi
     # dead letter once the item is whole.
     rerun = _ingest(env, catalog)
     plan = rerun.plan(calibrate=False)
-    assert {i.uri for i in plan.todo} == batch | {_uri(env, "broken.png")}, "every failed write is retried"
+    assert {i.uri for _, i in env["jobs"].pending(rerun.job)} == batch | {_uri(env, "broken.png")}, (
+        "every failed write is retried"
+    )
     again = rerun.run(plan, progress=False)
     # The items whose whole point is already stored (same content hash) only get their version set again.
     assert (again.written, again.refreshed, again.failed) == (BATCH // 4, BATCH // 2 + BATCH // 4, 1)
@@ -278,7 +280,7 @@ def test_redis_killed_mid_run_is_bypassed_with_one_warning_and_the_run_completes
     job = _ingest(env, catalog, cache=True)  # the cache the settings name, as `mmembed ingest` opens it
     assert isinstance(job.cache, RedisCache) and job.cache.url == redis_process.url
     plan = job.plan(calibrate=False)
-    first = set(_batches(plan)[0]) & _scenes(env)
+    first = set(_batches(env, job)[0]) & _scenes(env)
 
     with caplog.at_level(logging.WARNING, logger="mmembed.store.cache"):
         summary = job.run(plan, progress=False)

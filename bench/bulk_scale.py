@@ -1,0 +1,429 @@
+"""Bulk ingest at catalogue scale: a million captions, a hundred thousand JPEGs, search over the
+million points, and bulk ingest against the raw forward ceiling.
+
+    python bench/bulk_scale.py [--texts 1000000] [--images 100000] [--work /tmp/mmembed-scale]
+                               [--parts texts,search,images,ceiling] [--out bench/results/bulk_scale.json]
+
+Parts, each written to ``--out`` as soon as it ends (a long run that is cut off keeps what it measured):
+
+- **texts**: a JSONL manifest of generated captions (``kind: text``), embedded with demo-clip's text
+  tower, at ``--texts`` and at a tenth of it;
+- **images**: a folder of small generated JPEGs embedded with demo-clip, at ``--images`` and a tenth.
+
+  Each size runs, in a fresh process each (so peak RSS is the run's own): the first run; an unchanged
+  rerun (it must make 0 model calls and take at most 5% of the first run's time); a first run on a
+  second copy killed with SIGKILL half-way, then resumed; and ``--sync`` after deleting 1% of the
+  source. Reported: plan seconds, items/s, peak RSS (and its anonymous part: the process's own
+  memory, without the vector store's memory-mapped files), job-state and vector-store size on disk,
+  and the ratios of the large size to the small one (per-item time ≤ 1.2, peak RSS ≤ 1.5).
+- **search**: over the large text collection, p50/p95 latency and recall@10 against exact search for
+  real demo-clip queries (image embeddings of rendered scenes and unseen captions), for HNSW ``ef``
+  values after building the index, with and without int8 scalar quantization.
+- **ceiling**: end-to-end bulk ingest of 1,024 JPEGs with ViT-B-32 (random weights, the published
+  compute) against its raw batch-32 forward on pre-decoded tensors, measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import random
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).parent / "results" / "bulk_scale.json"
+TEXT_MODEL = IMAGE_MODEL = "demo-clip"
+CEILING_MODEL = "ViT-B-32@random"
+CEILING_IMAGES = 1024
+
+
+# --- the measured process ---------------------------------------------------------------------------
+
+
+def _status(pid: int | str = "self") -> dict[str, float]:
+    """VmHWM (the kernel's peak RSS) and RssAnon (resident memory that is not a mapped file), in MB."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmHWM", "RssAnon"):
+            out[key] = int(value.split()[0]) / 1024
+    return out
+
+
+def run_job(source: str, data: Path, model: str, sync: bool, batch_size: int, workers: int) -> dict[str, Any]:
+    """One `mmembed ingest` run, local engine, in this (fresh) process: plan, then run, timed apart."""
+    from mmembed.config import Settings
+    from mmembed.jobs.ingest import Ingest, IngestOptions
+
+    settings = Settings(data_dir=data, allow_downloads=False)
+    options = IngestOptions(source, (model,), batch_size=batch_size, workers=workers, sync=sync)
+    job = Ingest(options, settings)
+    calls = {"model_calls": 0}
+    for loaded in job.models.loaded.values():
+        for encoder in loaded.encoders.values():
+            forward = encoder.encode_prepared
+
+            def counted(batch: Any, forward: Any = forward) -> Any:
+                calls["model_calls"] += 1
+                return forward(batch)
+
+            encoder.encode_prepared = counted  # type: ignore[method-assign]
+    started = time.perf_counter()
+    plan = job.plan(calibrate=False)
+    plan_s = time.perf_counter() - started
+    summary = job.run(plan, progress=False)
+    total_s = time.perf_counter() - started
+    return {
+        "plan_s": plan_s,
+        "run_s": summary.elapsed_s,
+        "total_s": total_s,
+        "listed": plan.total,
+        "to_embed": plan.to_check,
+        "written": summary.written,
+        "refreshed": summary.refreshed,
+        "failed": summary.failed,
+        "deleted": summary.deleted,
+        "resumed": plan.resumed,
+        "stages_s": summary.stages_s,
+        "items_per_s": (summary.written + summary.refreshed) / summary.elapsed_s if summary.elapsed_s else 0.0,
+        **calls,
+        "peak_rss_mb": _status()["VmHWM"],
+    }
+
+
+# --- the driver ------------------------------------------------------------------------------------
+
+
+def child(args: list[str], kill_when: Any = None) -> dict[str, Any] | None:
+    """Runs ``run_job`` in a fresh process; ``kill_when(elapsed)`` returning True SIGKILLs it (and its
+    DataLoader worker, as a kill -9 of a whole job would). The peak of the run's anonymous memory (its
+    own, not the vector store's mapped files) is sampled from here: the kernel keeps no high-water
+    mark of it, and a sampling thread in the run would be forked into its workers."""
+    command = [sys.executable, __file__, "_run", *args]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    started, anon = time.perf_counter(), 0.0
+    while process.poll() is None:
+        with contextlib.suppress(OSError, KeyError):  # it may just have ended
+            anon = max(anon, _status(process.pid)["RssAnon"])
+        if kill_when is not None and kill_when(time.perf_counter() - started):
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            return None
+        time.sleep(0.2)
+    out = process.stdout.read() if process.stdout else ""
+    if process.returncode != 0:
+        raise SystemExit(f"run failed ({process.returncode}): {' '.join(command)}")
+    return json.loads(out.strip().splitlines()[-1]) | {"peak_anon_mb": anon}
+
+
+def done_items(data: Path) -> int:
+    path = data / "jobs.sqlite"
+    if not path.exists():
+        return 0
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+    try:
+        return db.execute("SELECT COUNT(*) FROM items WHERE status = 'done'").fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0
+    finally:
+        db.close()
+
+
+def disk_mb(*paths: Path) -> float:
+    """Blocks in use, not file sizes: the engine's segment files are sparse, preallocated."""
+    files = [f for p in paths for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file()]
+    return sum(f.stat().st_blocks * 512 for f in files) / 2**20
+
+
+def scenario(name: str, source: Path, shrink: Any, total: int, model: str, work: Path, batch: int) -> dict[str, Any]:
+    """First run, unchanged rerun, kill half-way and resume (second copy), --sync after deleting 1%."""
+    base = ["--model", model, "--batch-size", str(batch)]
+    data, killed = work / f"data-{name}", work / f"data-{name}-killed"
+    for d in (data, killed):
+        shutil.rmtree(d, ignore_errors=True)
+    out: dict[str, Any] = {"items": total}
+    print(f"[{name}] first run of {total} items", flush=True)
+    out["first"] = child([str(source), str(data), *base])
+    out["first"]["job_state_mb"] = disk_mb(*data.glob("jobs.sqlite*"))  # with its write-ahead log
+    out["first"]["vector_store_mb"] = disk_mb(data / "vectors")
+    print(f"[{name}] unchanged rerun", flush=True)
+    out["rerun"] = child([str(source), str(data), *base])
+    out["rerun"]["time_vs_first"] = out["rerun"]["total_s"] / out["first"]["total_s"]
+    print(f"[{name}] killed half-way, then resumed", flush=True)
+    killed_at: dict[str, float] = {}
+
+    def half_done(elapsed: float) -> bool:
+        if done_items(killed) >= total // 2:
+            killed_at.update(elapsed_s=elapsed, done=done_items(killed))
+            return True
+        return False
+
+    child([str(source), str(killed), *base], kill_when=half_done)
+    out["killed"] = killed_at
+    out["resumed"] = child([str(source), str(killed), *base])
+    out["resumed"]["points"] = _points(killed)
+    print(f"[{name}] --sync after deleting 1%", flush=True)
+    removed = shrink(source)
+    out["sync"] = child([str(source), str(data), *base, "--sync"])
+    out["sync"]["removed_from_source"] = removed
+    out["sync"]["points"] = _points(data)
+    return out
+
+
+def _points(data: Path) -> int:
+    import qdrant_edge as edge
+
+    shard = edge.EdgeShard.load(str(next((data / "vectors").iterdir())))
+    try:
+        return shard.count(edge.CountRequest(exact=True))
+    finally:
+        shard.close()
+
+
+def ratios(small: dict[str, Any], large: dict[str, Any]) -> dict[str, float]:
+    per_item = [r["first"]["run_s"] / r["items"] for r in (small, large)]
+    return {
+        "per_item_time_large_vs_small": per_item[1] / per_item[0],
+        "peak_rss_large_vs_small": large["first"]["peak_rss_mb"] / small["first"]["peak_rss_mb"],
+        "peak_anon_large_vs_small": large["first"]["peak_anon_mb"] / small["first"]["peak_anon_mb"],
+    }
+
+
+# --- sources ---------------------------------------------------------------------------------------
+
+
+def caption(rng: random.Random) -> str:
+    from mmembed.demo import world
+
+    return world.random_scene(rng).caption()
+
+
+def write_texts(path: Path, count: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(count)
+    with path.open("w") as f:
+        for n in range(count):
+            f.write(json.dumps({"uri": f"caption-{n:07d}", "kind": "text", "text": f"{caption(rng)} #{n}"}) + "\n")
+
+
+def drop_text_lines(path: Path) -> int:
+    """Deletes every 100th line (1%)."""
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(line for n, line in enumerate(lines) if n % 100 != 99))
+    return len(lines) // 100
+
+
+def write_images(folder: Path, count: int, size: int = 96) -> None:
+    """Small JPEGs of demo-world scenes (a few distinct renders, each made unique by one pixel)."""
+    import numpy as np
+    from PIL import Image
+
+    from mmembed.demo import world
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+    renders = [np.asarray(world.render(world.random_scene(rng), rng, size=size)) for _ in range(64)]
+    for n in range(count):
+        pixels = renders[n % len(renders)].copy()
+        pixels[n % size, (n // size) % size] = [n % 251, n % 241, n % 239]
+        sub = folder / f"{n // 1000:04d}"
+        sub.mkdir(exist_ok=True)
+        Image.fromarray(pixels).save(sub / f"img-{n:07d}.jpg", quality=90)
+
+
+def drop_images(folder: Path) -> int:
+    files = sorted(folder.rglob("*.jpg"))
+    for path in files[99::100]:
+        path.unlink()
+    return len(files[99::100])
+
+
+# --- search ----------------------------------------------------------------------------------------
+
+
+def search_part(data: Path, queries: int = 200) -> dict[str, Any]:
+    """HNSW and int8 quantization over the large text collection's points, against exact search."""
+    import numpy as np
+    import qdrant_edge as edge
+
+    from mmembed.config import Settings
+    from mmembed.demo import world
+    from mmembed.encoders import load
+
+    model = load(TEXT_MODEL, Settings(allow_downloads=False).models_config())
+    rng = random.Random(12345)
+    images = [world.render(world.random_scene(rng), rng, size=96) for _ in range(queries // 2)]
+    texts = [caption(rng) for _ in range(queries - len(images))]
+    vectors = [r.vector for r in model.encoder("image").encode_items(images)]
+    vectors += [r.vector for r in model.encoder("text").encode_items(texts)]
+    shard_path = next((data / "vectors").iterdir())
+    using = f"{TEXT_MODEL}.text"
+    out: dict[str, Any] = {"queries": len(vectors), "query_kinds": {"image": len(images), "text": len(texts)}}
+
+    def query(shard: Any, vector: Any, params: Any) -> list[str]:
+        request = edge.QueryRequest(
+            limit=10, query=edge.Query.Nearest(vector.tolist(), using=using), params=params, with_payload=False
+        )
+        return [str(p.id) for p in shard.query(request)]
+
+    def measure(shard: Any, params: Any, truth: list[list[str]] | None) -> dict[str, float]:
+        times, found = [], []
+        for v in vectors:
+            started = time.perf_counter()
+            found.append(query(shard, v, params))
+            times.append((time.perf_counter() - started) * 1000)
+        figures = {"p50_ms": float(np.percentile(times, 50)), "p95_ms": float(np.percentile(times, 95))}
+        if truth is not None:
+            figures["recall_at_10"] = float(
+                np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth, strict=True)])
+            )
+        return figures | {"_found": found}  # type: ignore[dict-item]
+
+    shard = edge.EdgeShard.load(str(shard_path))
+    out["points"] = shard.count(edge.CountRequest(exact=True))
+    exact = measure(shard, edge.SearchParams(exact=True), None)
+    truth = exact.pop("_found")
+    out["exact"] = exact
+    configs = {
+        "hnsw_m16_efc100": edge.EdgeConfig(
+            hnsw_config=edge.HnswIndexConfig(m=16, ef_construct=100, full_scan_threshold=10000)
+        ),
+        "hnsw_m16_efc100_int8": edge.EdgeConfig(
+            quantization_config=edge.ScalarQuantizationConfig(edge.ScalarType.Int8, quantile=0.99, always_ram=True)
+        ),
+    }
+    shard.close()
+    for name, config in configs.items():
+        shard = edge.EdgeShard.load(str(shard_path), config)
+        started = time.perf_counter()
+        shard.optimize()
+        out[name] = {"build_s": time.perf_counter() - started, "by_ef": {}}
+        for ef in (16, 32, 64, 128, 256):
+            figures = measure(shard, edge.SearchParams(hnsw_ef=ef), truth)
+            figures.pop("_found")
+            out[name]["by_ef"][str(ef)] = figures
+            print(f"[search] {name} ef={ef}: {figures}", flush=True)
+        shard.close()
+        save_part("search", out)
+    return out
+
+
+# --- the ceiling -----------------------------------------------------------------------------------
+
+
+def ceiling_part(work: Path) -> dict[str, Any]:
+    """Bulk ingest of 1,024 JPEGs against the raw batch-32 forward of the same model, same run."""
+    import torch
+
+    from mmembed.config import Settings
+    from mmembed.demo import world
+    from mmembed.encoders import load
+
+    folder = work / "ceiling-jpegs"
+    if not folder.exists():
+        folder.mkdir(parents=True)
+        rng = random.Random(1)
+        for n in range(CEILING_IMAGES):
+            world.render(world.random_scene(rng), rng, size=256).save(folder / f"scene-{n:04d}.jpg", quality=90)
+    encoder = load(CEILING_MODEL, Settings(allow_downloads=False).models_config()).encoder("image")
+    rng = random.Random(2)
+    batch = [encoder.preprocess(world.render(world.random_scene(rng), rng, size=256)) for _ in range(32)]
+    with torch.inference_mode():
+        encoder.encode(batch)
+        started, done = time.perf_counter(), 0
+        while done < CEILING_IMAGES // 4:
+            encoder.encode(batch)
+            done += 32
+    ceiling = done / (time.perf_counter() - started)
+    data = work / "data-ceiling"
+    shutil.rmtree(data, ignore_errors=True)
+    job = child([str(folder), str(data), "--model", CEILING_MODEL, "--batch-size", "32"])
+    assert job is not None
+    return {
+        "model": CEILING_MODEL,
+        "images": CEILING_IMAGES,
+        "raw_forward_b32_per_s": ceiling,
+        "ingest_per_s_run": CEILING_IMAGES / job["run_s"],
+        "ingest_per_s_total": CEILING_IMAGES / job["total_s"],
+        "ratio_run": CEILING_IMAGES / job["run_s"] / ceiling,
+        "ratio_total_with_plan": CEILING_IMAGES / job["total_s"] / ceiling,
+        "job": job,
+    }
+
+
+# --- main ------------------------------------------------------------------------------------------
+
+_OUT = RESULTS
+
+
+def save_part(name: str, figures: dict[str, Any]) -> None:
+    results = json.loads(_OUT.read_text()) if _OUT.exists() else {}
+    results[name] = figures
+    results["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
+    _OUT.parent.mkdir(parents=True, exist_ok=True)
+    _OUT.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def main() -> None:
+    global _OUT
+    if len(sys.argv) > 1 and sys.argv[1] == "_run":
+        parser = argparse.ArgumentParser()
+        parser.add_argument("source")
+        parser.add_argument("data", type=Path)
+        parser.add_argument("--model", required=True)
+        parser.add_argument("--batch-size", type=int, default=256)
+        parser.add_argument("--workers", type=int, default=1)
+        parser.add_argument("--sync", action="store_true")
+        a = parser.parse_args(sys.argv[2:])
+        print(json.dumps(run_job(a.source, a.data, a.model, a.sync, a.batch_size, a.workers)))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--texts", type=int, default=1_000_000)
+    parser.add_argument("--images", type=int, default=100_000)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/mmembed-scale"))
+    parser.add_argument("--parts", default="texts,search,images,ceiling")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    _OUT = args.out
+    parts = args.parts.split(",")
+    args.work.mkdir(parents=True, exist_ok=True)
+    if "texts" in parts:
+        sizes = {}
+        for count in (args.texts // 10, args.texts):
+            manifest = args.work / f"captions-{count}.jsonl"
+            write_texts(manifest, count)
+            sizes[str(count)] = scenario(f"texts-{count}", manifest, drop_text_lines, count, TEXT_MODEL, args.work, 256)
+            save_part("texts", sizes)
+        sizes["ratios"] = ratios(sizes[str(args.texts // 10)], sizes[str(args.texts)])
+        save_part("texts", sizes)
+        print(json.dumps(sizes["ratios"], indent=2), flush=True)
+    if "search" in parts:
+        # The rerun and --sync left the large collection at 99% of the items; the index is what is measured.
+        save_part("search", search_part(args.work / f"data-texts-{args.texts}"))
+    if "images" in parts:
+        sizes = {}
+        for count in (args.images // 10, args.images):
+            folder = args.work / f"jpegs-{count}"
+            shutil.rmtree(folder, ignore_errors=True)
+            write_images(folder, count)
+            sizes[str(count)] = scenario(f"images-{count}", folder, drop_images, count, IMAGE_MODEL, args.work, 128)
+            save_part("images", sizes)
+        sizes["ratios"] = ratios(sizes[str(args.images // 10)], sizes[str(args.images)])
+        save_part("images", sizes)
+        print(json.dumps(sizes["ratios"], indent=2), flush=True)
+    if "ceiling" in parts:
+        save_part("ceiling", ceiling_part(args.work))
+    print(f"wrote {_OUT}")
+
+
+if __name__ == "__main__":
+    main()
