@@ -21,6 +21,7 @@ from mmembed.config import Settings
 from mmembed.demo import world
 from mmembed.jobs.ingest import Ingest, IngestOptions
 from mmembed.jobs.state import JobStore
+from mmembed.loaders.sources import SourceError
 from mmembed.store.cache import SqliteCache
 from mmembed.store.catalog import Catalog
 from mmembed.store.objects import LocalObjects, ObjectStoreError
@@ -217,3 +218,45 @@ def test_a_run_reads_its_pending_items_a_window_at_a_time(env, tmp_path: Path):
     summary = job.run(plan, progress=False)
     assert summary.written == SCENES
     assert env["jobs"].pending_calls - before == math.ceil(SCENES / 3) + 1
+
+
+def test_a_manifest_of_texts_is_embedded_by_the_text_towers_and_searchable(env, tmp_path: Path):
+    """Text items (a RAG corpus, product titles) are the manifest's own rows: no file to read, no
+    object stored, the text in the payload; an edited text is embedded again, the rest are not."""
+    manifest = tmp_path / "texts.jsonl"
+    texts = {f"doc-{n}": scene.caption() for n, (scene, _) in enumerate(world.eval_set(6, seed=5))}
+    rows = [{"uri": uri, "kind": "text", "text": text, "lang": "en"} for uri, text in texts.items()]
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    options = IngestOptions(str(manifest), ("demo-clip",), batch_size=4, workers=0)
+    job = Ingest(options, env["settings"], catalog=env["catalog"], cache=env["cache"], jobs=env["jobs"])
+    summary = job.run(progress=False)
+    assert (summary.written, summary.failed) == (6, 0)
+    point = env["catalog"].get(point_id("doc-2"), with_vectors=True)
+    assert set(point.vectors) == {"demo-clip.text"}
+    assert point.payload["text"] == texts["doc-2"] and point.payload["kind"] == "text"
+    assert point.payload["meta"] == {"lang": "en"} and "object_uri" not in point.payload
+    query = job.models.loaded["demo-clip"].encoder("text").encode_items([texts["doc-2"]])[0].vector
+    [best] = env["catalog"].search("demo-clip.text", query, top_k=1)
+    assert best.id == point.id and best.url is None
+
+    rows[0]["text"] = "a completely different sentence about green triangles"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    again = Ingest(options, env["settings"], catalog=env["catalog"], cache=env["cache"], jobs=env["jobs"])
+    plan = again.plan(calibrate=False)
+    assert (plan.unchanged, plan.to_check) == (5, 1)
+    assert again.run(plan, progress=False).written == 1
+    assert env["catalog"].get(point_id("doc-0")).payload["text"] == rows[0]["text"]
+
+
+def test_a_source_listing_one_item_twice_is_refused_when_planned(env, tmp_path: Path):
+    """The listing streams and keeps no set of URIs: the job store's listing table refuses the repeat."""
+    manifest = tmp_path / "twice.jsonl"
+    rows = [{"uri": f"doc-{n}", "kind": "text", "text": f"text {n}"} for n in range(5000)] + [
+        {"uri": "doc-7", "kind": "text", "text": "again"}
+    ]
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    options = IngestOptions(str(manifest), ("demo-clip",), batch_size=4, workers=0)
+    job = Ingest(options, env["settings"], catalog=env["catalog"], cache=env["cache"], jobs=env["jobs"])
+    with pytest.raises(SourceError) as info:
+        job.plan(calibrate=False)
+    assert info.value.code == "bad_manifest" and "doc-7" in str(info.value)

@@ -212,6 +212,7 @@ def test_a_manifest_of_a_folders_files_gives_the_folders_items(tmp_path: Path) -
         ("m.jsonl", '{"uri": "ftp://host/a.jpg"}\n', "line 1"),
         ("m.jsonl", '{"uri": "s3://bucket-only.jpg"}\n', "line 1"),
         ("m.jsonl", '{"uri": "a.jpg", "caption": 7}\n', "line 1"),
+        ("m.jsonl", '{"uri": "doc-1", "kind": "text"}\n', "line 1 is a text item without a text"),
         ("m.jsonl", '{"uri": "a.jpg"}\n{"uri": "b.jpg"}\n{"uri": "./a.jpg"}\n', "more than once"),
         ("urls.txt", "# images\nhttps://example.com/a.jpg\n\nexample.com/b.jpg\n", "line 4"),
         ("urls.txt", "https://example.com/a.jpg\nhttps://example.com/render?id=3\n", "line 2"),
