@@ -293,17 +293,26 @@ def search_part(data: Path, queries: int = 200) -> dict[str, Any]:
     exact = measure(shard, edge.SearchParams(exact=True), None)
     truth = exact.pop("_found")
     out["exact"] = exact
+    dims = {n: p["size"] for n, p in json.loads((shard_path / "edge_config.json").read_text())["vectors"].items()}
+
+    def config(**options: Any) -> Any:
+        return edge.EdgeConfig(
+            vectors={n: edge.EdgeVectorParams(d, edge.Distance.Cosine) for n, d in dims.items()}, **options
+        )
+
+    hnsw = edge.HnswIndexConfig(m=16, ef_construct=100, full_scan_threshold=10_000)
+    int8 = edge.ScalarQuantizationConfig(edge.ScalarType.Int8, quantile=0.99, always_ram=True)
     configs = {
-        "hnsw_m16_efc100": edge.EdgeConfig(
-            hnsw_config=edge.HnswIndexConfig(m=16, ef_construct=100, full_scan_threshold=10000)
-        ),
-        "hnsw_m16_efc100_int8": edge.EdgeConfig(
-            quantization_config=edge.ScalarQuantizationConfig(edge.ScalarType.Int8, quantile=0.99, always_ram=True)
-        ),
+        "hnsw_m16_efc100": config(hnsw_config=hnsw),
+        "hnsw_m16_efc100_int8": config(hnsw_config=hnsw, quantization_config=int8),
     }
     shard.close()
     for name, config in configs.items():
-        shard = edge.EdgeShard.load(str(shard_path), config)
+        # Each configuration indexes its own copy of the unindexed shard, so each build starts alike.
+        copy = data / f"search-{name}"
+        shutil.rmtree(copy, ignore_errors=True)
+        shutil.copytree(shard_path, copy)
+        shard = edge.EdgeShard.load(str(copy), config)
         started = time.perf_counter()
         shard.optimize()
         out[name] = {"build_s": time.perf_counter() - started, "by_ef": {}}
@@ -313,6 +322,8 @@ def search_part(data: Path, queries: int = 200) -> dict[str, Any]:
             out[name]["by_ef"][str(ef)] = figures
             print(f"[search] {name} ef={ef}: {figures}", flush=True)
         shard.close()
+        out[name]["index_disk_mb"] = disk_mb(copy)
+        shutil.rmtree(copy)
         save_part("search", out)
     return out
 
