@@ -147,6 +147,7 @@ class Summary:
         default_factory=lambda: {"read": 0.0, "decode": 0.0, "encode": 0.0, "write": 0.0}
     )
     elapsed_s: float = 0.0
+    index_s: float = 0.0  # building the search index once the run had written (in elapsed_s)
     price_per_hour: float = 1.0
     remote_costs: dict[str, dict[str, Any]] = field(default_factory=dict)  # per remote model: this run's usage
 
@@ -170,7 +171,7 @@ class Summary:
             f"job {self.job_id}: {self.written} written, {self.refreshed} unchanged content (version updated), "
             f"{self.failed} failed (see `mmembed dlq list`), {self.deleted} deleted, in {self.elapsed_s:.1f} s "
             f"({rate:.1f} items/s)",
-            f"  stages (summed over workers): {stages}",
+            f"  stages (summed over workers): {stages}" + (f"; index {self.index_s:.1f} s" if self.index_s else ""),
             f"  cache: {cache or 'off'}",
             *(remote_summary_line(name, c) for name, c in self.remote_costs.items()),
         ]
@@ -307,6 +308,10 @@ class Ingest:
             raise
         finally:
             bar.close()
+        if summary.written or summary.deleted:
+            indexing = time.perf_counter()
+            if self.catalog.vectors.build_index():
+                summary.index_s = time.perf_counter() - indexing
         summary.elapsed_s = time.perf_counter() - started
         summary.cache = self.cache.stats.as_dict() if self.cache else {}
         summary.remote_costs = {

@@ -30,7 +30,7 @@ from mmembed.encoders.config import (
     RemoteModelConfig,
     TokenPolicy,
 )
-from mmembed.store.config import CacheConfig, ObjectsConfig, VectorsConfig
+from mmembed.store.config import CacheConfig, IndexConfig, ObjectsConfig, VectorsConfig
 
 if TYPE_CHECKING:
     from mmembed.loaders.url_policy import UrlPolicy
@@ -64,6 +64,17 @@ class Settings(BaseSettings):
     )
     qdrant_api_key: str | None = Field(default=None, description="API key for the Qdrant server.")
     collection: str = Field(default="catalog", description="Collection (Edge: shard folder) holding catalogue items.")
+    hnsw_m: int = Field(default=IndexConfig.m, ge=4, description="HNSW edges per node (new collections).")
+    hnsw_ef_construct: int = Field(
+        default=IndexConfig.ef_construct, ge=4, description="HNSW build beam (new collections)."
+    )
+    hnsw_ef: int = Field(default=IndexConfig.ef, ge=1, description="HNSW search beam: higher finds more, slower.")
+    vector_quantization: Literal["none", "int8"] = Field(
+        default=IndexConfig.quantization, description="int8: quantised vectors in RAM, rescored (new collections)."
+    )
+    index_min_points: int = Field(
+        default=IndexConfig.min_points, ge=0, description="Collections this large get an HNSW index after a bulk job."
+    )
     # Object store: a local folder under DATA_DIR/objects, unless an S3 bucket is given.
     s3_bucket: str | None = Field(default=None, description="Store objects in this S3 bucket instead of locally.")
     s3_prefix: str = Field(default="mmembed/", description="Key prefix for objects in the bucket.")
@@ -217,7 +228,10 @@ class Settings(BaseSettings):
         return Path(folder) if folder else Path(tempfile.gettempdir()) / "data-gym-cache"
 
     def vectors_config(self) -> VectorsConfig:
-        return VectorsConfig(self.vectors_path, self.collection, self.qdrant_url, self.qdrant_api_key)
+        index = IndexConfig(
+            self.hnsw_m, self.hnsw_ef_construct, self.hnsw_ef, self.vector_quantization, self.index_min_points
+        )
+        return VectorsConfig(self.vectors_path, self.collection, self.qdrant_url, self.qdrant_api_key, index)
 
     def objects_config(self) -> ObjectsConfig:
         return ObjectsConfig(

@@ -3,8 +3,22 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """The approximate index a collection searches with, as measured on a million demo-clip points by
+    ``bench/bulk_scale.py`` (README: "Search at a million points"). Graph settings apply to collections
+    created with them; ``ef`` and rescoring apply to every search."""
+
+    m: int = 16  # HNSW edges per node
+    ef_construct: int = 100  # HNSW build beam
+    ef: int = 128  # search beam: recall against latency
+    quantization: Literal["none", "int8"] = "none"  # "int8": scalar-quantised copies in RAM, rescored
+    min_points: int = 20_000  # below this a collection is searched exactly and a job builds no index
 
 
 @dataclass(frozen=True)
@@ -13,6 +27,7 @@ class VectorsConfig:
     collection: str
     qdrant_url: str | None = None  # a Qdrant server, or ":memory:"; None: the embedded engine
     qdrant_api_key: str | None = None
+    index: IndexConfig = field(default_factory=IndexConfig)
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ import numpy as np
 import qdrant_edge as edge
 from qdrant_client import QdrantClient, models
 
-from mmembed.store.config import VectorsConfig
+from mmembed.store.config import IndexConfig, VectorsConfig
 
 Vector = Sequence[float] | np.ndarray
 _RANGE_OPERATORS = ("gt", "gte", "lt", "lte")
@@ -154,8 +154,9 @@ class VectorStore(ABC):
 
     vectors: dict[str, int]
 
-    def __init__(self) -> None:
+    def __init__(self, index: IndexConfig | None = None) -> None:
         self.vectors = {}
+        self.index = index or IndexConfig()
 
     def open(self, vectors: dict[str, int], indexes: dict[str, str] | None = None) -> None:
         """Create the collection with these named vectors (cosine distance) if it does not exist; if it
@@ -251,6 +252,19 @@ class VectorStore(ABC):
     def count(self, filter: dict[str, Any] | None = None) -> int:
         self._require_open()
         return self._count(_parse_filter(filter))
+
+    def build_index(self) -> bool:
+        """Index what was written since the last build, once the collection is large enough for the
+        graph to beat an exact scan (``IndexConfig.min_points``); True if it built. Minutes at a
+        million points, so bulk jobs call it when they end, not per batch."""
+        self._require_open()
+        if self._count([]) < self.index.min_points:
+            return False
+        self._build_index()
+        return True
+
+    @abstractmethod
+    def _build_index(self) -> None: ...
 
     def scroll_ids(self, filter: dict[str, Any] | None = None) -> list[str]:
         """Every matching id, in a list."""
@@ -413,8 +427,8 @@ class EdgeStore(VectorStore):
     """Qdrant Edge in this process: one shard folder, reopened with its data. Every write is flushed
     before it returns, so a crash never loses a write that was acknowledged."""
 
-    def __init__(self, path: Path) -> None:
-        super().__init__()
+    def __init__(self, path: Path, index: IndexConfig | None = None) -> None:
+        super().__init__(index)
         self.path = Path(path)
         self._shard: edge.EdgeShard | None = None
 
@@ -471,10 +485,18 @@ class EdgeStore(VectorStore):
 
     def _create(self, vectors: dict[str, int]) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
+        quantization = None
+        if self.index.quantization == "int8":
+            quantization = edge.ScalarQuantizationConfig(edge.ScalarType.Int8, quantile=0.99, always_ram=True)
         config = edge.EdgeConfig(
-            vectors={name: edge.EdgeVectorParams(dim, edge.Distance.Cosine) for name, dim in vectors.items()}
+            vectors={name: edge.EdgeVectorParams(dim, edge.Distance.Cosine) for name, dim in vectors.items()},
+            hnsw_config=edge.HnswIndexConfig(self.index.m, self.index.ef_construct, full_scan_threshold=10_000),
+            quantization_config=quantization,
         )
         self._shard = edge.EdgeShard.create(str(self.path), config)
+
+    def _build_index(self) -> None:
+        self.shard.optimize()
 
     def _create_index(self, field_name: str, kind: str) -> None:
         self.shard.update(edge.UpdateOperation.create_field_index(field_name, _EDGE_INDEX[kind]))
@@ -506,6 +528,7 @@ class EdgeStore(VectorStore):
         conditions: list[_Condition],
         offset: int,
     ) -> list[Hit]:
+        rescore = edge.QuantizationSearchParams(rescore=True) if self.index.quantization != "none" else None
         request = edge.QueryRequest(
             limit=top_k,
             offset=offset,
@@ -513,6 +536,7 @@ class EdgeStore(VectorStore):
             filter=_edge_filter(conditions),
             score_threshold=threshold,
             with_payload=True,
+            params=edge.SearchParams(hnsw_ef=self.index.ef, quantization=rescore),
         )
         return [Hit(str(p.id), p.score, p.payload or {}) for p in self.shard.query(request)]
 
@@ -558,8 +582,8 @@ def _client_condition(c: _Condition) -> models.FieldCondition:
 class ClientStore(VectorStore):
     """A collection reached through qdrant-client. The store owns the client: close() closes it."""
 
-    def __init__(self, client: QdrantClient, collection: str) -> None:
-        super().__init__()
+    def __init__(self, client: QdrantClient, collection: str, index: IndexConfig | None = None) -> None:
+        super().__init__(index)
         self.client = client
         self.collection = collection
 
@@ -587,12 +611,21 @@ class ClientStore(VectorStore):
     def _load(self) -> None:
         pass
 
+    def _build_index(self) -> None:
+        """A Qdrant server's optimizers index segments by themselves as they grow."""
+
     def _create(self, vectors: dict[str, int]) -> None:
         self.client.create_collection(
             self.collection,
             vectors_config={
                 name: models.VectorParams(size=dim, distance=models.Distance.COSINE) for name, dim in vectors.items()
             },
+            hnsw_config=models.HnswConfigDiff(m=self.index.m, ef_construct=self.index.ef_construct),
+            quantization_config=(
+                models.ScalarQuantization(scalar=models.ScalarQuantizationConfig(type=models.ScalarType.INT8))
+                if self.index.quantization == "int8"
+                else None
+            ),
         )
 
     def _create_index(self, field_name: str, kind: str) -> None:
@@ -641,6 +674,7 @@ class ClientStore(VectorStore):
             offset=offset,
             score_threshold=threshold,
             with_payload=True,
+            search_params=models.SearchParams(hnsw_ef=self.index.ef),
         )
         return [Hit(str(p.id), p.score, p.payload or {}) for p in response.points]
 
@@ -671,7 +705,8 @@ def open_store(config: VectorsConfig) -> VectorStore:
                 f"collection name {config.collection!r} must be letters, digits, '.', '_' or '-' "
                 "(it names a folder under the vectors directory)"
             )
-        return EdgeStore(config.path / config.collection)
+        return EdgeStore(config.path / config.collection, config.index)
     if config.qdrant_url == ":memory:":
-        return ClientStore(QdrantClient(location=":memory:"), config.collection)
-    return ClientStore(QdrantClient(url=config.qdrant_url, api_key=config.qdrant_api_key), config.collection)
+        return ClientStore(QdrantClient(location=":memory:"), config.collection, config.index)
+    client = QdrantClient(url=config.qdrant_url, api_key=config.qdrant_api_key)
+    return ClientStore(client, config.collection, config.index)

@@ -16,6 +16,7 @@ import qdrant_edge as edge
 from qdrant_client import QdrantClient, models
 
 from mmembed.config import Settings
+from mmembed.store.config import IndexConfig
 from mmembed.store.vectors import (
     ClientStore,
     DimensionError,
@@ -440,3 +441,31 @@ def test_open_store_picks_the_backend(tmp_path: Path) -> None:
     in_memory.close()
     with pytest.raises(StoreError, match="folder"):
         open_store(Settings(data_dir=tmp_path, qdrant_url=None, collection="../escape").vectors_config())
+
+
+@pytest.mark.parametrize("quantization", ["none", "int8"])
+def test_a_large_enough_collection_gets_the_configured_index_and_still_finds_its_points(
+    tmp_path: Path, quantization: str
+) -> None:
+    """Below ``min_points`` an exact scan is as fast and nothing is built; above it, the search that
+    runs through the graph (and int8 rescoring) still answers every point's own vector with itself."""
+    index = IndexConfig(m=8, ef_construct=32, ef=64, quantization=quantization, min_points=500)  # type: ignore[arg-type]
+    store = EdgeStore(tmp_path / "indexed", index)
+    store.open({IMAGE: 8})
+    rng = np.random.default_rng(3)
+    vectors = rng.standard_normal((400, 8)).astype(np.float32)
+    store.upsert([Point(point_id(f"p{n}"), {IMAGE: v}, {"n": n}) for n, v in enumerate(vectors)])
+    assert store.build_index() is False
+    store.upsert([Point(point_id(f"q{n}"), {IMAGE: v}, {"n": n}) for n, v in enumerate(vectors + 0.5)])
+    assert store.build_index() is True
+    edge_config = (tmp_path / "indexed" / "edge_config.json").read_text()
+    assert '"m":8' in edge_config.replace(" ", "") and ("int8" in edge_config.lower()) == (quantization == "int8")
+    for n in range(0, 400, 40):
+        assert store.search(IMAGE, vectors[n], top_k=1)[0].id == point_id(f"p{n}")
+
+
+def test_the_index_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MMEMBED_HNSW_EF", "200")
+    monkeypatch.setenv("MMEMBED_VECTOR_QUANTIZATION", "int8")
+    index = Settings().vectors_config().index
+    assert (index.ef, index.quantization, index.m) == (200, "int8", IndexConfig.m)
