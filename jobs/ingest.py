@@ -196,7 +196,7 @@ class Ingest:
     ) -> None:
         """``deployments``: the encoder deployments the serve engine sends its items to."""
         if (options.engine == "serve") != (deployments is not None):
-            raise ValueError("the serve engine, and only it, needs the encoder deployments")
+            raise ValueError("the serve engine, and only it, runs over encoder deployments (a server's jobs)")
         self.options, self.settings, self.deployments = options, settings, deployments
         self.catalog = catalog or Catalog(
             open_store(settings.vectors_config()), object_store(settings.objects_config())
