@@ -64,8 +64,10 @@ class SourceDataset(Dataset[Loaded]):
 
     Images are decoded here (``decode_image``) and handed to ``preprocessors['image']`` as RGB
     Pillow images; audio goes to ``preprocessors['audio']`` as the bytes read, since the audio
-    encoders decode (and resample) bytes themselves. Each read is capped at the decoder's own
-    ``max_bytes`` for the item's kind, so nothing larger than it would accept is ever buffered.
+    encoders decode (and resample) bytes themselves. A kind whose preprocessor is None is only read
+    and hashed (``prepared`` None): the encoder deployments of a server job decode it next to the
+    model. Each read is capped at the decoder's own ``max_bytes`` for the item's kind, so nothing
+    larger than it would accept is ever buffered.
     S3 and HTTP clients are made lazily in each worker process: they hold sockets and cannot be
     pickled or shared across a fork. URLs are read under ``url_policy`` (``loaders.url_policy``;
     default: public addresses only).
@@ -74,7 +76,7 @@ class SourceDataset(Dataset[Loaded]):
     def __init__(
         self,
         items: Sequence[SourceItem],
-        preprocessors: Mapping[str, Preprocessor],
+        preprocessors: Mapping[str, Preprocessor | None],
         image_limits: DecodeLimits = DecodeLimits(),
         audio_limits: AudioLimits = AudioLimits(),
         s3_config: Mapping[str, Any] | None = None,
@@ -102,8 +104,7 @@ class SourceDataset(Dataset[Loaded]):
 
     def __getitem__(self, index: int) -> Loaded:
         item = self.items[index]
-        preprocess = self.preprocessors.get(item.kind)
-        if preprocess is None:  # known before any I/O: no reason to fetch what cannot be encoded
+        if item.kind not in self.preprocessors:  # known before any I/O: no reason to fetch what cannot be encoded
             message = f"this job encodes {', '.join(self.preprocessors) or 'nothing'}, not {item.kind}"
             return Loaded(index, item.uri, None, None, ("unsupported_kind", message), 0.0, 0.0)
         started = time.perf_counter()
@@ -115,7 +116,7 @@ class SourceDataset(Dataset[Loaded]):
         content_hash = hashlib.sha256(data).hexdigest()
         started = time.perf_counter()
         try:
-            prepared = self._prepare(item, data, preprocess)
+            prepared = self._prepare(item, data, self.preprocessors[item.kind])
         except Exception as exc:
             return Loaded(index, item.uri, content_hash, None, _failure(exc), read_ms, _ms_since(started))
         return Loaded(index, item.uri, content_hash, prepared, None, read_ms, _ms_since(started), data)
@@ -135,17 +136,17 @@ class SourceDataset(Dataset[Loaded]):
             item, s3, max_bytes=max_bytes, timeout_s=self.timeout_s, http_client=self._http, file_roots=self.file_roots
         )
 
-    def _prepare(self, item: SourceItem, data: bytes, preprocess: Preprocessor) -> Prepared:
+    def _prepare(self, item: SourceItem, data: bytes, preprocess: Preprocessor | None) -> Prepared | None:
         if item.kind == "image":
-            return preprocess(decode_image(data, self.image_limits))
+            return preprocess(decode_image(data, self.image_limits)) if preprocess else None
         if item.kind == "text":
-            return preprocess(data.decode("utf-8"))
+            return preprocess(data.decode("utf-8")) if preprocess else None
         # Any audio encoder, built-in or registered, sees only a container it could decode.
         if sniff_format(data) is None:
             raise SourceError(
                 f"not a supported audio format (supported: {', '.join(SUPPORTED_FORMATS)})", "unsupported_format"
             )
-        return preprocess(data)
+        return preprocess(data) if preprocess else None
 
 
 # Worth another try after a pause: the network or the S3 endpoint, not the item itself.

@@ -1,59 +1,133 @@
-"""The encode step of a bulk job, shared by both engines: the job's models, how each kind of item
-is preprocessed in the workers, and ``BatchEncoder``, which turns a loaded batch into one
-``ItemOutcome`` per item (cache lookups, forward passes, captions and transcripts through the
-text towers). The local engine runs it in the driving process, the ray engine in each encoder
-actor, so a vector never depends on the engine.
+"""The encode step of a bulk job, shared by every engine: the job's models (loaded in this process,
+or the encoder deployments of a server), how each kind of item is preprocessed in the workers,
+and ``BatchEncoder``, which hands a loaded batch to the one item step (``mmembed.embedding``) and
+returns one ``ItemOutcome`` per item. The local engine runs it in the driving process, the ray
+engine in each encoder actor, the serve engine in the catalogue replica over the deployments'
+handles: a vector never depends on the engine.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Callable, Mapping, Sequence
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from mmembed.config import Settings
-from mmembed.contracts import ItemError, ItemOutcome, ItemVectors
-from mmembed.encoders import LoadedModel, Prepared, load, model_version
+from mmembed.contracts import EncodedItem, ItemError, ItemOutcome, ModelInfo
+from mmembed.embedding import Encoders, Item, ItemEmbedder, LocalEncoders, Media, ModelStep
+from mmembed.encoders import LoadedModel, Modality, Prepared, load, model_version
 from mmembed.encoders.remote.costs import Usage
-from mmembed.jobs.dataset import Loaded, SourceDataset
+from mmembed.jobs.dataset import Loaded, Preprocessor, SourceDataset
 from mmembed.loaders.audio import AudioLimits
 from mmembed.loaders.images import DecodeLimits
 from mmembed.loaders.sources import SourceItem
-from mmembed.store.cache import EmbeddingCache, media_key
-from mmembed.store.catalog import vector_name
+from mmembed.store.cache import CacheStats, EmbeddingCache
 from mmembed.store.spaces import item_encoders, layout
 
+# What a job looks up in the cache and counts in its summary: its items' forward passes, one per item and
+# media model. Captions are short and mostly unique, and their vectors cost little.
+JOB_CACHED = frozenset({Modality.IMAGE, Modality.AUDIO})
 
-class Models:
-    """The job's encoders, and which of them each kind of item goes through."""
 
-    def __init__(self, names: tuple[str, ...], settings: Settings) -> None:
-        self.loaded: dict[str, LoadedModel] = {n: load(n, settings.models_config()) for n in names}
-        self.described = {n: m.describe() for n, m in self.loaded.items()}
-        self.versions = {n: model_version(m.spec, settings.models_config()) for n, m in self.loaded.items()}
-        self.layout = layout(self.described)
+class Models(ABC):
+    """The job's models as the job sees them, wherever they run: what each is (``described``, by the
+    names the job was given), the collection's layout, and which of them each kind of item goes through."""
+
+    def __init__(self, described: dict[str, ModelInfo]) -> None:
+        self.described = described
+        self.layout = layout(described)
 
     def direct(self, kind: str) -> list[str]:
         return [m for m, k in item_encoders(self.described, kind) if k == kind]
 
-    def text(self, kind: str) -> list[str]:
-        return [m for m, k in item_encoders(self.described, kind) if k == "text"]
+    def remote(self) -> dict[str, Any]:
+        """The remote text models' encoders whose cost meters this process can read (``RemoteEncoder``)."""
+        return {}
+
+    @abstractmethod
+    def preprocessors(self) -> dict[str, Preprocessor | None]:
+        """Per kind of item the job encodes, what the workers run on it after reading it."""
+
+    @abstractmethod
+    def embedder(self, cache: EmbeddingCache | None, remote: bool = True) -> ItemEmbedder:
+        """The item step over these models. ``remote=False`` leaves out remote (paid, rate-limited)
+        models, as calibration must."""
+
+
+class LoadedModels(Models):
+    """The job's models loaded in this process (the local engine; each ray encoder actor)."""
+
+    def __init__(self, names: tuple[str, ...], settings: Settings) -> None:
+        config = settings.models_config()
+        self.loaded: dict[str, LoadedModel] = {n: load(n, config) for n in names}
+        self.versions = {n: model_version(m.spec, config) for n, m in self.loaded.items()}
+        super().__init__({n: m.describe() for n, m in self.loaded.items()})
 
     def remote(self) -> dict[str, Any]:
-        """The remote text models' encoders (``RemoteEncoder``: they count tokens and keep a cost meter)."""
         return {n: m.encoder("text") for n, m in self.loaded.items() if m.spec.is_remote}
 
-    def preprocessors(self) -> dict[str, Callable[[Any], dict[str, Prepared]]]:
+    def preprocessors(self) -> dict[str, Preprocessor | None]:
         """Per kind, one callable giving every direct model its own preprocessed input (a 64 px
         demo-clip view and a 224 px ViT view of the same decoded image), run in the workers."""
-        out = {}
+        out: dict[str, Preprocessor | None] = {}
         for kind in ("image", "audio", "text"):
             models = [(m, self.loaded[m].encoder(kind)) for m in self.direct(kind)]
             if models:
                 out[kind] = _Preprocess(models)
         return out
+
+    def embedder(self, cache: EmbeddingCache | None, remote: bool = True) -> ItemEmbedder:
+        names = [n for n, m in self.loaded.items() if remote or not m.spec.is_remote]
+        steps = {n: ModelStep(self.loaded[n], self.versions[n], cache, cached=JOB_CACHED) for n in names}
+        return ItemEmbedder({n: self.described[n] for n in names}, LocalEncoders(steps))
+
+
+class Deployments(Encoders, Protocol):
+    """A server's encoder deployments, as a job that sends them its items sees them."""
+
+    def describe(self, models: Sequence[str]) -> dict[str, ModelInfo]:
+        """What each model is, by name; raises for a model not served."""
+        ...
+
+
+class ServedModels(Models):
+    """The job's models as a server's encoder deployments (the serve engine): this process loads none.
+    Its workers only read and hash; each deployment decodes, preprocesses, looks the cache up and batches
+    the job's items with everyone else's requests. Remote models' meters live in their deployments, so
+    their costs are neither estimated nor summed here, and the job is not calibrated (it would pay for them)."""
+
+    def __init__(self, names: tuple[str, ...], deployments: Deployments) -> None:
+        self.deployments = deployments
+        super().__init__(deployments.describe(names))
+
+    def preprocessors(self) -> dict[str, Preprocessor | None]:
+        return {kind: None for kind in ("image", "audio", "text") if self.direct(kind)}
+
+    def embedder(self, cache: EmbeddingCache | None, remote: bool = True) -> ItemEmbedder:
+        counted = _Counted(self.deployments, self.described, cache.stats if cache is not None else None)
+        return ItemEmbedder(self.described, counted)
+
+
+class _Counted:
+    """The deployments' cache answers counted into the job's cache figures (``EncodedItem.cached``), as a
+    job in this process would count its own lookups: media of cacheable models, per item that encoded."""
+
+    def __init__(self, encoders: Encoders, described: Mapping[str, ModelInfo], stats: CacheStats | None) -> None:
+        self.encoders, self.described, self.stats = encoders, described, stats
+
+    async def encode(self, model: str, modality: str, inputs: list[Any]) -> list[EncodedItem]:
+        results = await self.encoders.encode(model, modality, inputs)
+        if self.stats is not None and modality in JOB_CACHED and self.described[model].cacheable:
+            hits = sum(r.cached for r in results if r.ok)
+            fresh = sum(not r.cached for r in results if r.ok)
+            self.stats.hits += hits
+            self.stats.misses += fresh
+            self.stats.puts += fresh
+        return results
 
 
 class _Preprocess:
@@ -112,18 +186,18 @@ def unchanged_content(loaded: Loaded, stored_hash: str | None) -> bool:
 
 
 class BatchEncoder:
-    """The encode step of both engines: per direct model, cache lookups and one forward pass over the
-    misses, then captions and transcripts through every text tower. The local engine runs it in the
-    driving process, the ray engine in each encoder actor, so a vector never depends on the engine."""
+    """A loaded batch through the item step: every engine's encode step. It adds what a job needs around
+    it: the seconds it took and what the remote models' calls cost."""
 
-    def __init__(self, models: Models, cache: EmbeddingCache | None) -> None:
-        self.models, self.cache = models, cache
+    def __init__(self, models: Models, cache: EmbeddingCache | None, remote: bool = True) -> None:
+        self.models = models
+        self.embedder = models.embedder(cache, remote)
 
     def encode_batch(
         self, fresh: list[Loaded], unchanged: list[Loaded], items: Mapping[int, SourceItem]
     ) -> EncodedBatch:
-        """``encode`` with its figures: the seconds it took and what the remote models' calls cost, read off
-        their meters here, in whichever process runs the step."""
+        """``encode`` with its figures, the remote models' costs read off their meters here, in whichever
+        process runs the step."""
         meters = {name: encoder.meter for name, encoder in self.models.remote().items()}
         before = {name: meter.snapshot() for name, meter in meters.items()}
         started = time.perf_counter()
@@ -131,71 +205,21 @@ class BatchEncoder:
         usage = {name: meter.snapshot() - before[name] for name, meter in meters.items()}
         return EncodedBatch(fresh, unchanged, results, time.perf_counter() - started, usage)
 
-    def encode(
-        self, batch: Sequence[Loaded], items: Mapping[int, SourceItem], use_cache: bool = True, remote: bool = True
-    ) -> dict[int, ItemOutcome]:
-        """``items``: the listed item of each loaded one, by ``Loaded.index``. ``remote=False`` skips
-        remote (paid, rate-limited) text models, as calibration must."""
-        out: dict[int, ItemOutcome] = {
-            b.index: ItemError(*b.error) if b.error is not None else ItemVectors() for b in batch
-        }
-        good = [b for b in batch if b.error is None]
-        for kind in ("image", "audio", "text"):
-            group = [b for b in good if items[b.index].kind == kind]
-            for model in self.models.direct(kind) if group else []:
-                self._encode_model(model, kind, group, out, use_cache)
-        self._encode_texts(batch, items, out, remote)
-        return out
+    def encode(self, batch: Sequence[Loaded], items: Mapping[int, SourceItem]) -> dict[int, ItemOutcome]:
+        """``items``: the listed item of each loaded one, by ``Loaded.index``. Engines call this from plain
+        threads (a DataLoader loop, a Ray actor, a server job's thread), so each batch gets its own loop."""
+        outcomes = asyncio.run(self.embedder.embed([_item(b, items[b.index]) for b in batch]))
+        return {b.index: outcome for b, outcome in zip(batch, outcomes, strict=True)}
 
-    def _encode_model(
-        self, model: str, kind: str, group: list[Loaded], out: dict[int, ItemOutcome], use_cache: bool
-    ) -> None:
-        name, version = vector_name(model, kind), self.models.versions[model]
-        cacheable = use_cache and self.cache is not None and self.models.described[model].cacheable
-        keys = {b.index: media_key(b.content_hash, model, version) for b in group}
-        hits = self.cache.get_many(model, list(keys.values())) if cacheable else {}  # type: ignore[union-attr]
-        for b in group:
-            outcome = out[b.index]
-            if keys[b.index] in hits and isinstance(outcome, ItemVectors):
-                outcome.vectors[name] = hits[keys[b.index]]
-        misses = [b for b in group if keys[b.index] not in hits and isinstance(out[b.index], ItemVectors)]
-        if not misses:
-            return
-        results = self.models.loaded[model].encoder(kind).encode_prepared([b.prepared[model] for b in misses])
-        fresh = {}
-        for b, r in zip(misses, results, strict=True):
-            outcome = out[b.index]
-            assert isinstance(outcome, ItemVectors)
-            if r.error is not None:
-                out[b.index] = ItemError(r.error.code or "encode_error", f"{model}: {r.error}")
-                continue
-            outcome.vectors[name] = r.vector
-            fresh[keys[b.index]] = r.vector
-            if "transcript" in r.info:
-                outcome.transcript = r.info["transcript"]
-        if cacheable and fresh:
-            self.cache.put_many(model, fresh)  # type: ignore[union-attr]
 
-    def _encode_texts(
-        self, batch: Sequence[Loaded], items: Mapping[int, SourceItem], out: dict[int, ItemOutcome], remote: bool
-    ) -> None:
-        """Captions (images) and transcripts (audio) through every text tower. A text a remote provider
-        failed to embed past its retries makes the item a dead letter, to be retried, not a point without it."""
-        for kind in ("image", "audio"):
-            rows = []
-            for b in batch:
-                outcome = out[b.index]
-                if items[b.index].kind != kind or not isinstance(outcome, ItemVectors):
-                    continue
-                words = items[b.index].caption if kind == "image" else outcome.transcript
-                if words and words.strip():
-                    rows.append((b, outcome, words))
-            for model in self.models.text(kind) if rows else []:
-                if not remote and self.models.loaded[model].spec.is_remote:
-                    continue
-                results = self.models.loaded[model].encoder("text").encode_items([w for _, _, w in rows])
-                for (b, outcome, _), result in zip(rows, results, strict=True):
-                    if result.ok:
-                        outcome.vectors[vector_name(model, "text")] = result.vector
-                    elif result.error is not None and result.error.code == "provider_failed":
-                        out[b.index] = ItemError(result.error.code, f"{model}: {result.error}")
+def _item(loaded: Loaded, source: SourceItem) -> Item | ItemError:
+    if loaded.error is not None:
+        return ItemError(*loaded.error)
+    if isinstance(loaded.prepared, dict):  # each model's input, preprocessed by a worker
+        assert loaded.content_hash is not None
+        text = source.caption if source.kind == "text" else None  # a text item's caption is its text
+        content: bytes | dict[str, Media] = {m: Media(loaded.content_hash, p, text) for m, p in loaded.prepared.items()}
+    else:  # read and hashed only: the models' side decodes and preprocesses
+        assert loaded.data is not None
+        content = loaded.data
+    return Item(source.kind, content, None if source.kind == "text" else source.caption)

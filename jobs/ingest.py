@@ -9,10 +9,12 @@ idempotent (point ids from the source URI, content-addressed objects), so the it
 interrupted batch written twice still end as one point each. Items that keep failing go
 to the dead-letter store with their reason instead of stopping the run.
 
-Two engines run the middle of that (read, decode, encode): "local" (DataLoader workers and this
-process's models) and "ray" (Ray Data over a cluster, ``jobs.ray_engine``). Both hand the same
-``EncodedBatch`` to the same write step here, so planning, writing, checkpoints, dead letters and
-counts do not depend on the engine.
+Three engines run the middle of that (read, decode, encode): "local" (DataLoader workers and this
+process's models), "ray" (Ray Data over a cluster, ``jobs.ray_engine``) and "serve" (a server's jobs:
+this process reads and hashes, the server's encoder deployments decode, encode and batch the items
+with its requests). All encode through the one item step (``mmembed.embedding``, via
+``jobs.encode.BatchEncoder``) and hand the same ``EncodedBatch`` to the same write step here, so
+vectors, planning, writing, checkpoints, dead letters and counts do not depend on the engine.
 """
 
 from __future__ import annotations
@@ -35,7 +37,16 @@ from mmembed.encoders.remote.costs import plan_line as remote_plan_line
 from mmembed.encoders.remote.costs import summary_line as remote_summary_line
 from mmembed.encoders.remote.costs import usd as remote_usd
 from mmembed.jobs.dataset import SourceDataset, make_loader
-from mmembed.jobs.encode import BatchEncoder, EncodedBatch, Loading, Models, unchanged_content
+from mmembed.jobs.encode import (
+    BatchEncoder,
+    Deployments,
+    EncodedBatch,
+    LoadedModels,
+    Loading,
+    Models,
+    ServedModels,
+    unchanged_content,
+)
 from mmembed.jobs.state import DONE, PENDING, JobStore, job_id
 from mmembed.loaders.images import DecodeLimits
 from mmembed.loaders.sources import SourceItem, iter_source, s3_client
@@ -47,7 +58,7 @@ from mmembed.store.vectors import DimensionError, StoreError, open_store, point_
 
 DEFAULT_MODELS = ("demo-clip", "all-MiniLM-L6-v2", "whisper-base", "bind")
 PLAN_CHUNK = 2048  # listed items per store read and job-store write while planning
-ENGINES = ("local", "ray")
+ENGINES = ("local", "ray", "serve")
 T = TypeVar("T")
 
 
@@ -77,7 +88,9 @@ class IngestOptions:
     price_per_hour: float = 1.0  # USD per hour of this machine, for the estimate
     calibrate: int = 8  # items timed end to end for the estimate
     attempts: int = 5  # tries of a transient write before the batch's items are dead letters
-    engine: str = "local"  # "local": DataLoader workers and this process's models; "ray": Ray Data (jobs.ray_engine)
+    # "local": DataLoader workers and this process's models; "ray": Ray Data (jobs.ray_engine);
+    # "serve": a server's encoder deployments (``Ingest(deployments=...)``), no model in this process
+    engine: str = "local"
     ray_encoders: int = 1  # ray engine: encoder actors, each with its own copy of the job's models
     num_gpus_per_encoder: float = 0.0  # ray engine: GPUs each encoder actor reserves (a fraction shares one GPU)
     file_roots: tuple[str, ...] | None = None  # local files only inside these (a server's jobs); None: anywhere
@@ -185,8 +198,12 @@ class Ingest:
         catalog: Catalog | None = None,
         cache: EmbeddingCache | bool | None = True,
         jobs: JobStore | None = None,
+        deployments: Deployments | None = None,
     ) -> None:
-        self.options, self.settings = options, settings
+        """``deployments``: the encoder deployments the serve engine sends its items to."""
+        if (options.engine == "serve") != (deployments is not None):
+            raise ValueError("the serve engine, and only it, runs over encoder deployments (a server's jobs)")
+        self.options, self.settings, self.deployments = options, settings, deployments
         self.catalog = catalog or Catalog(
             open_store(settings.vectors_config()), object_store(settings.objects_config())
         )
@@ -199,7 +216,10 @@ class Ingest:
     @property
     def models(self) -> Models:
         if self._models is None:
-            self._models = Models(self.options.models, self.settings)
+            if self.deployments is not None:
+                self._models = ServedModels(self.options.models, self.deployments)
+            else:
+                self._models = LoadedModels(self.options.models, self.settings)
             self.catalog.open(self._models.layout)
         return self._models
 
@@ -261,11 +281,13 @@ class Ingest:
         return gone
 
     def _calibrate(self, sample: list[SourceItem]) -> float:
-        """The full path (read, decode, encode) on a few items, in this process, nothing written."""
+        """The full path (read, decode, encode) on a few items, nothing written: no cache (it would time
+        lookups, not forward passes) and no remote model (it would pay for them)."""
         started = time.perf_counter()
         loader = make_loader(self._dataset(sample), batch_size=len(sample), workers=0)
+        encoder = BatchEncoder(self.models, None, remote=False)
         for batch in loader:
-            self.encoder.encode(batch, {b.index: sample[b.index] for b in batch}, use_cache=False, remote=False)
+            encoder.encode(batch, {b.index: sample[b.index] for b in batch})
         return (time.perf_counter() - started) / len(sample)
 
     # --- run -------------------------------------------------------------------------------
@@ -332,7 +354,8 @@ class Ingest:
 
     def _engine(self, todo: list[SourceItem], progress: bool) -> AbstractContextManager[Iterator[EncodedBatch]]:
         """The encoded batches of ``todo`` (indexes into it), from the engine the options name; a context,
-        because the ray engine may start Ray and must stop it however the run ends."""
+        because the ray engine may start Ray and must stop it however the run ends. The serve engine is the
+        local one whose models are the deployments (``self.models``)."""
         if self.options.engine == "ray":
             from mmembed.jobs.ray_engine import RayJob, ray_batches  # Ray is imported only by jobs that use it
 
@@ -381,6 +404,7 @@ class Ingest:
             "deleted": summary.deleted,
             "items": self.jobs.item_counts(self.job),
             "stages_s": summary.stages_s,
+            "cache": self.cache.stats.as_dict() if self.cache else {},
         }
 
     def loading(self, items: Sequence[SourceItem]) -> Loading:

@@ -7,7 +7,8 @@ reading, decoding and the forward passes spread over a Ray cluster by Ray Data.
 
 Only the two middle stages move. Planning, the write step (objects, points, retries, dead letters),
 checkpoints and the job record stay in the driving process, in the very code the local engine runs, and
-the actors encode with the same ``BatchEncoder``: both engines write the same points for the same input.
+the actors encode with the same ``BatchEncoder`` (the one item step, ``mmembed.embedding``, over the
+actor's own models): both engines write the same points for the same input.
 
 Workers rebuild what they need from plain data (model names, settings, limits, the cache's address), never
 from pickled models or open connections. Rows carry the job's Python objects (a ``SourceItem`` with free-form
@@ -42,7 +43,7 @@ from mmembed.config import Settings
 from mmembed.contracts import ItemOutcome
 from mmembed.encoders.remote.costs import Usage
 from mmembed.jobs.dataset import Loaded
-from mmembed.jobs.encode import BatchEncoder, EncodedBatch, Loading, Models, unchanged_content
+from mmembed.jobs.encode import BatchEncoder, EncodedBatch, LoadedModels, Loading, unchanged_content
 from mmembed.loaders.sources import SourceItem
 from mmembed.store.cache import CacheStats, EmbeddingCache, RedisCache, SqliteCache
 from mmembed.store.catalog import Catalog
@@ -81,15 +82,15 @@ class CacheAddress:
         return RedisCache(self.location, self.ttl_seconds, self.max_entries, self.prefix)
 
 
-_MODELS: dict[tuple[tuple[str, ...], str], Models] = {}
+_MODELS: dict[tuple[tuple[str, ...], str], LoadedModels] = {}
 
 
-def process_models(names: tuple[str, ...], settings: Settings) -> Models:
+def process_models(names: tuple[str, ...], settings: Settings) -> LoadedModels:
     """The job's models, loaded once per worker process: Ray reuses a worker for many decode tasks, so
     they load their preprocessors once, and a fused decode-and-encode actor shares one copy."""
     key = (names, settings.model_dump_json())
     if key not in _MODELS:
-        _MODELS[key] = Models(names, settings)
+        _MODELS[key] = LoadedModels(names, settings)
     return _MODELS[key]
 
 

@@ -1,4 +1,5 @@
-"""The Serve application: one encoder deployment per configured model behind the ingress.
+"""The Serve application: one encoder deployment per configured model behind the ingress, and the
+catalogue, whose server jobs send their items to the same encoder deployments.
 
 ``build_app`` is a Serve application builder, so the same YAML works three ways:
 ``mmembed serve --config serve.yaml``, ``serve run serve.yaml`` and ``serve deploy serve.yaml``
@@ -31,7 +32,7 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     }
     if config.env:
         options["ray_actor_options"] = {"runtime_env": {"env_vars": config.env}}
-    catalog = build_catalog(settings, config.env)
+    catalog = build_catalog(settings, config.env, encoders)
     return Ingress.options(**options).bind(encoders, catalog, config.model_dump(), settings)
 
 

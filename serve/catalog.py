@@ -7,13 +7,20 @@ one process may write, so the default runs exactly one. With a Qdrant server
 replica for the same reason (they write the same store), in background threads; their
 state lives in the job store on disk, so a job the last replica left unfinished resumes
 when a new one starts.
+
+This replica loads no model. A job here reads and hashes its items and sends them to the
+encoder deployments (the ingest engine "serve", through ``EncoderHandles``), which decode,
+preprocess, look the cache up and batch them with the API's requests: one copy of each model,
+one set of batches, queue limits and metrics for everything the server embeds.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -21,13 +28,17 @@ from urllib.request import url2pathname
 
 import numpy as np
 from ray import serve
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
 
 from mmembed.config import Settings
 from mmembed.contracts import (
     DeadLetter,
+    EncodedItem,
     JobStart,
     JobStarted,
     JobView,
+    ModelInfo,
     PathForbidden,
     SearchHit,
     StoredItem,
@@ -42,10 +53,36 @@ from mmembed.store.vectors import open_store
 
 log = logging.getLogger(__name__)
 
+BUSY_RETRY_S = 1.0  # a full encoder queue makes a job wait this long before asking again, not fail
+
+
+class EncoderHandles:
+    """The encoder deployments, as a server job's models (``jobs.encode.Deployments``). Called from a
+    job's thread: ``describe`` waits on its answers there (``.result()``), and ``encode`` runs in the
+    thread's own event loop (``BatchEncoder`` gives each batch one)."""
+
+    def __init__(self, handles: dict[str, DeploymentHandle]) -> None:
+        self.handles = handles
+
+    def describe(self, models: Sequence[str]) -> dict[str, ModelInfo]:
+        missing = sorted(set(models) - set(self.handles))
+        if missing:
+            raise ValueError(f"models not served here: {missing}; served: {sorted(self.handles)}")
+        return {m: self.handles[m].describe.remote().result() for m in models}
+
+    async def encode(self, model: str, modality: str, inputs: list[Any]) -> list[EncodedItem]:
+        """A job yields to the API's requests: while the deployment's queue is full it waits and asks again."""
+        while True:
+            try:
+                return await self.handles[model].encode.remote(modality, inputs)
+            except BackPressureError:
+                await asyncio.sleep(BUSY_RETRY_S)
+
 
 class CatalogDeployment:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, encoders: dict[str, DeploymentHandle]) -> None:
         self.settings = settings
+        self.encoders = EncoderHandles(encoders)
         self.catalog = Catalog(open_store(self.settings.vectors_config()), object_store(self.settings.objects_config()))
         self.layout: dict[str, int] | None = None
         self.jobs = JobStore(self.settings.data_dir.expanduser() / "jobs.sqlite")
@@ -85,7 +122,7 @@ class CatalogDeployment:
 
     def start_job(self, source: str, models: list[str], sync: bool = False) -> JobStart:
         """Plans and runs in a background thread; answers the job id at once, or how many jobs
-        run when ``max_concurrent_jobs`` already do (each loads its own models and workers)."""
+        run when ``max_concurrent_jobs`` already do (each reads and writes in this replica)."""
         local = "://" not in source or source.lower().startswith("file://")
         if local:
             try:
@@ -101,9 +138,14 @@ class CatalogDeployment:
 
     def _start(self, source: str, config: dict[str, Any]) -> str:
         options = IngestOptions(
-            source, tuple(config["models"]), sync=config.get("sync", False), workers=0, file_roots=self.roots
+            source,
+            tuple(config["models"]),
+            sync=config.get("sync", False),
+            workers=0,
+            engine="serve",
+            file_roots=self.roots,
         )
-        ingest = Ingest(options, self.settings, catalog=self.catalog, jobs=self.jobs)
+        ingest = Ingest(options, self.settings, catalog=self.catalog, jobs=self.jobs, deployments=self.encoders)
         self.jobs.create(ingest.job, source, options.job_config(self.settings) | {"server": True, "sync": options.sync})
         if ingest.job in self.threads and self.threads[ingest.job].is_alive():
             return ingest.job  # already running: the same source and models are the same job
@@ -147,7 +189,8 @@ def _is_id(item_id: str) -> bool:
         return False
 
 
-def build_catalog(settings: Settings, env: dict[str, str]) -> serve.Application:
+def build_catalog(settings: Settings, env: dict[str, str], encoders: dict[str, serve.Application]) -> serve.Application:
+    """``encoders``: the encoder deployments by model name, which this replica's jobs send their items to."""
     options = {"runtime_env": {"env_vars": env}} if env else {}
     deployment = serve.deployment(CatalogDeployment, name="catalog", num_replicas=1, max_ongoing_requests=64)
-    return deployment.options(ray_actor_options=options).bind(settings)
+    return deployment.options(ray_actor_options=options).bind(settings, encoders)

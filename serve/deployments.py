@@ -1,9 +1,11 @@
 """One Ray Serve deployment per model, batching concurrent requests with ``@serve.batch``.
 
-A request's items are preprocessed (decoded, resized, tokenised) in a worker thread of
-the replica, then each item joins its modality's batch queue. The batch handler only
-stacks ready items and runs the forward pass, also in a thread, so the event loop keeps
-admitting and preprocessing the next requests while the model runs: the accelerator
+A request's items go through the model's step of the one embedding step
+(``mmembed.embedding.ModelStep``: preprocess in a worker thread, the cache, the same for every
+path), and each miss joins its modality's batch queue, the step's forward pass here. Every
+caller's items meet in those queues: HTTP requests, ``POST /items`` and server jobs. The batch
+handler only stacks ready items and runs the forward pass, also in a thread, so the event loop
+keeps admitting and preprocessing the next requests while the model runs: the accelerator
 never waits for a JPEG decoder, and preprocessing never waits for the accelerator.
 
 Batches are capped by count and by cost (tokens, seconds of audio) through
@@ -24,11 +26,13 @@ from typing import Any
 from ray import serve
 
 from mmembed.config import Settings
-from mmembed.contracts import EncodedItem, ItemError, ModelInfo
-from mmembed.encoders import Encoder, InputError, ItemResult, LoadedModel, Modality, Prepared, load, model_version
-from mmembed.loaders.images import DecodeLimits, ImageDecodeError, decode_image
+from mmembed.contracts import EncodedItem, ModelInfo
+from mmembed.embedding import ModelStep, encoded
+from mmembed.embedding.model import Input
+from mmembed.encoders import Modality, Prepared, load, model_version
+from mmembed.loaders.images import DecodeLimits
 from mmembed.serve.config import BatchConfig, ModelConfig, replica_settings
-from mmembed.store.cache import cache_key, open_cache
+from mmembed.store.cache import open_cache
 
 
 @dataclass
@@ -55,29 +59,23 @@ def item_cost(modality: Modality, prepared: Prepared, batch: BatchConfig) -> flo
     return min(cost, float(batch.max_batch_size))
 
 
-def refused(error: InputError) -> EncodedItem:
-    return EncodedItem(None, ItemError(error.code, str(error)))
-
-
 class EncoderDeployment:
     """Serve deployment for one model (all its modalities). Built by ``build_encoder``."""
 
     def __init__(self, config: dict[str, Any], settings: Settings) -> None:
         self.config = ModelConfig.model_validate(config)
-        self.model: LoadedModel = load(self.config.name, settings.models_config())
-        self.info = self.model.describe()
+        model = load(self.config.name, settings.models_config())
         # JPEGs decode at the smallest DCT scale that still covers the model's input: 4x
         # fewer pixels for a 640x480 photo and a 224 model, and half the decode time.
-        image = self.model.encoders.get(Modality.IMAGE)
-        self.image_limits = DecodeLimits(
+        image = model.encoders.get(Modality.IMAGE)
+        image_limits = DecodeLimits(
             max_bytes=settings.max_image_bytes,
             max_pixels=settings.max_image_pixels,
             draft_size=image.limits.image_size if image and image.limits.image_size else DecodeLimits.draft_size,
         )
-        # The same embedding cache bulk jobs use (key: content, model, weights version).
-        # Transcribing models are not cached: their transcript is part of the answer.
-        self.cache = open_cache(settings.cache_config()) if self.info.cacheable else None
-        self.version = model_version(self.model.spec, settings.models_config())
+        # The same embedding cache bulk jobs use; the step decides what it may answer.
+        version = model_version(model.spec, settings.models_config())
+        self.step = ModelStep(model, version, open_cache(settings.cache_config()), image_limits)
         batch = self.config.batch
         self._seconds_per_item: dict[Modality, float] = {}
         for handler in (self._batch_text, self._batch_image, self._batch_audio):
@@ -90,47 +88,27 @@ class EncoderDeployment:
         }
 
     def describe(self) -> ModelInfo:
-        return self.info
+        return self.step.info
 
-    async def encode(self, modality: str, items: Sequence[Any]) -> list[EncodedItem]:
+    async def encode(self, modality: str, items: Sequence[Input]) -> list[EncodedItem]:
         """Per-item results in input order; a bad item never fails the others."""
-        encoder = self.model.encoder(modality)
-        prepared = await asyncio.to_thread(_preprocess_all, encoder, items, self.image_limits)
-        name = self.model.spec.name
-        keys = [
-            cache_key(i, name, self.version) if self.cache and isinstance(p, Prepared) else None
-            for i, p in zip(items, prepared, strict=True)
-        ]
-        hits = await asyncio.to_thread(self.cache.get_many, name, [k for k in keys if k]) if self.cache else {}
-        handler = self._handlers[encoder.modality]
-        now = time.perf_counter()
-        pending = [
-            handler(Queued(p, item_cost(encoder.modality, p, self.config.batch), now))
-            for p, k in zip(prepared, keys, strict=True)
-            if isinstance(p, Prepared) and k not in hits
-        ]
-        encoded = iter(await asyncio.gather(*pending))
-        out: list[EncodedItem] = []
-        fresh = {}
-        for p, k in zip(prepared, keys, strict=True):
-            if isinstance(p, InputError):
-                out.append(refused(p))
-            elif k in hits:  # the forward pass saved; preprocessing ran, so info (tokens) is the same
-                out.append(EncodedItem(hits[k], info=p.info, cached=True))
-            else:
-                out.append(next(encoded))
-                if k and out[-1].vector is not None:
-                    fresh[k] = out[-1].vector
-        if fresh:
-            await asyncio.to_thread(self.cache.put_many, name, fresh)  # type: ignore[union-attr]
-        return out
+        return await self.step.encode(modality, items, self._queue)
+
+    async def _queue(self, modality: Modality, prepared: list[Prepared]) -> list[EncodedItem]:
+        """The step's forward pass: each item joins its modality's batch queue, weighed by its cost."""
+        handler, now = self._handlers[modality], time.perf_counter()
+        return list(
+            await asyncio.gather(
+                *(handler(Queued(p, item_cost(modality, p, self.config.batch), now)) for p in prepared)
+            )
+        )
 
     async def _run(self, modality: Modality, batch: list[Queued]) -> list[EncodedItem]:
         """Serve forms the next batch while this one runs and closes it after the short wait,
         so under load it would queue small batches behind the model. While the forward pass
         runs, the next batch may fill for as long as this one is expected to take."""
         started = time.perf_counter()
-        encoder, handler = self.model.encoder(modality), self._handlers[modality]
+        encoder, handler = self.step.model.encoder(modality), self._handlers[modality]
         base_wait = self.config.batch.batch_wait_timeout_s
         handler.set_batch_wait_timeout_s(max(base_wait, self._seconds_per_item.get(modality, 0.0) * len(batch)))
         try:
@@ -140,7 +118,7 @@ class EncoderDeployment:
         encode_ms = (time.perf_counter() - started) * 1000
         self._seconds_per_item[modality] = encode_ms / 1000 / len(batch)
         return [
-            _encoded(r, batch_size=len(batch), queue_ms=(started - q.enqueued) * 1000, encode_ms=encode_ms)
+            encoded(r, batch_size=len(batch), queue_ms=(started - q.enqueued) * 1000, encode_ms=encode_ms)
             for q, r in zip(batch, results, strict=True)
         ]
 
@@ -155,26 +133,6 @@ class EncoderDeployment:
     @serve.batch(batch_size_fn=batch_slots)
     async def _batch_audio(self, batch: list[Queued]) -> list[EncodedItem]:
         return await self._run(Modality.AUDIO, batch)
-
-
-def _preprocess_all(encoder: Encoder, items: Sequence[Any], limits: DecodeLimits) -> list[Prepared | InputError]:
-    """Images arrive as bytes (smaller over the wire than pixels) and are decoded here."""
-    out: list[Prepared | InputError] = []
-    for item in items:
-        try:
-            if encoder.modality == Modality.IMAGE and isinstance(item, bytes):
-                item = decode_image(item, limits)
-            out.append(encoder.preprocess(item))
-        except ImageDecodeError as exc:
-            out.append(InputError(str(exc), code=exc.code))
-        except InputError as exc:
-            out.append(exc)
-    return out
-
-
-def _encoded(result: ItemResult, **timing: Any) -> EncodedItem:
-    error = None if result.error is None else ItemError(result.error.code, str(result.error))
-    return EncodedItem(result.vector, error, result.info, **timing)
 
 
 def build_encoder(

@@ -24,7 +24,7 @@ def test_the_wheel_installs_one_top_level_name_with_every_layer_and_its_data(tmp
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
     assert top == {"mmembed"}
-    for layer in ("encoders", "loaders", "store", "jobs", "serve", "evaluation", "demo"):
+    for layer in ("encoders", "loaders", "store", "embedding", "jobs", "serve", "evaluation", "demo"):
         assert f"mmembed/{layer}/__init__.py" in names
     # Package data travels with its package: shipped weights, the search page, the demo clips.
     assert "mmembed/encoders/weights/demo-clip/open_clip_model.safetensors" in names

@@ -1,17 +1,19 @@
 """The catalogue's items: add one (uploaded or fetched, with its caption or transcript
-embedded too), read one, delete one. No ``from __future__ import annotations``: FastAPI
-reads these signatures' types."""
+embedded too, by the one item step bulk jobs use, over the API's own limits and metrics),
+read one, delete one. No ``from __future__ import annotations``: FastAPI reads these
+signatures' types."""
 
-import asyncio
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse
 
+from mmembed.contracts import ItemError
+from mmembed.embedding import Item, ItemEmbedder
 from mmembed.loaders.audio import sniff_format
 from mmembed.serve.http.errors import ApiError
 from mmembed.serve.http.media import item_kind, parse_meta, resolve_or_raise
-from mmembed.serve.http.service import Api, first, get_api, mounted
+from mmembed.serve.http.service import Api, get_api, item_status, mounted
 from mmembed.store.catalog import NewItem
 from mmembed.store.objects import ObjectStoreError
 from mmembed.store.spaces import item_encoders
@@ -43,18 +45,12 @@ async def add_item(
     media_type = media_type if media_type.startswith(kind) else f"{kind}/{sniff_format(data) or 'octet-stream'}"
     described = await api.described()
     await api.open_catalog()
-    pairs = item_encoders(described, kind)
-    direct = [(m, k) for m, k in pairs if k == kind]
-    if not direct:
+    if not any(k == kind for _, k in item_encoders(described, kind)):
         raise ApiError(422, "unsupported_modality", f"no served model encodes {kind} items")
-    results = [first(r, kind) for r in await asyncio.gather(*(api.encode(m, k, [data]) for m, k in direct))]
-    vectors = {f"{m}.{k}": r.vector for (m, k), r in zip(direct, results, strict=True)}
-    transcript = next((r.transcript for r in results if r.transcript is not None), None)
-    words = caption if kind == "image" else transcript
-    if words and words.strip():
-        texts = [m for m, k in pairs if k == "text"]
-        encoded = await asyncio.gather(*(api.encode(m, "text", [words]) for m in texts))
-        vectors |= {f"{m}.text": first(r, "caption").vector for m, r in zip(texts, encoded, strict=True)}
+    [outcome] = await ItemEmbedder(described, api, strict_text=True).embed([Item(kind, data, caption)])
+    if isinstance(outcome, ItemError):
+        raise ApiError(item_status(outcome.code), outcome.code, outcome.message)
+    vectors, transcript = outcome.vectors, outcome.transcript
     item = NewItem(
         data=data,
         kind=kind,
