@@ -16,7 +16,7 @@ class IndexConfig:
 
     m: int = 16  # HNSW edges per node
     ef_construct: int = 100  # HNSW build beam
-    ef: int = 128  # search beam: recall against latency
+    ef: int = 128  # search beam: recall against latency (0: the backend's default)
     quantization: Literal["none", "int8"] = "none"  # "int8": scalar-quantised copies in RAM, rescored
     min_points: int = 20_000  # below this a collection is searched exactly and a job builds no index
 

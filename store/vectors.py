@@ -21,7 +21,7 @@ import sys
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -674,7 +674,7 @@ class ClientStore(VectorStore):
             offset=offset,
             score_threshold=threshold,
             with_payload=True,
-            search_params=models.SearchParams(hnsw_ef=self.index.ef),
+            search_params=models.SearchParams(hnsw_ef=self.index.ef) if self.index.ef else None,
         )
         return [Hit(str(p.id), p.score, p.payload or {}) for p in response.points]
 
@@ -707,6 +707,7 @@ def open_store(config: VectorsConfig) -> VectorStore:
             )
         return EdgeStore(config.path / config.collection, config.index)
     if config.qdrant_url == ":memory:":
-        return ClientStore(QdrantClient(location=":memory:"), config.collection, config.index)
+        # The client's local mode always searches exactly (and warns at every search given a beam).
+        return ClientStore(QdrantClient(location=":memory:"), config.collection, replace(config.index, ef=0))
     client = QdrantClient(url=config.qdrant_url, api_key=config.qdrant_api_key)
     return ClientStore(client, config.collection, config.index)
