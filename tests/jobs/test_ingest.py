@@ -198,13 +198,26 @@ def test_dead_letters_are_listed_retried_and_purged_from_the_command_line(env, t
 
 
 class CountingJobStore(JobStore):
-    """The real job store, counting the queries that read a job's pending items."""
+    """The real job store, counting the queries that read a job's pending items and its dead letters."""
 
-    pending_calls = 0
+    pending_calls = dead_letter_calls = 0
 
     def pending(self, job: str, after: int = -1, limit: int = -1) -> list:
         self.pending_calls += 1
         return super().pending(job, after, limit)
+
+    def dead_lettered(self, job: str, uris) -> set[str]:  # type: ignore[no-untyped-def]
+        self.dead_letter_calls += 1
+        return super().dead_lettered(job, uris)
+
+
+def test_a_plan_queries_the_job_store_once_per_chunk_of_the_listing(env, tmp_path: Path, monkeypatch):
+    """A per-item query would make planning a million items a million scans; one query per chunk is linear."""
+    monkeypatch.setattr("mmembed.jobs.ingest.PLAN_CHUNK", 4)
+    env["jobs"] = CountingJobStore(tmp_path / "counted-jobs.sqlite")
+    plan = _ingest(env).plan(calibrate=False)
+    assert plan.total == SCENES + 1
+    assert env["jobs"].dead_letter_calls == math.ceil((SCENES + 1) / 4)
 
 
 def test_a_run_reads_its_pending_items_a_window_at_a_time(env, tmp_path: Path):
