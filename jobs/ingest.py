@@ -243,7 +243,6 @@ class Ingest:
         resumed = row.status in ("running", "interrupted") and self.jobs.has_pending(self.job)
         self.jobs.begin_plan(self.job, resume=resumed)
         plan = Plan(self.job, 0, 0, 0, 0, 0, resumed, price_per_hour=self.options.price_per_hour)
-        captions: list[str] = []  # of one chunk, for the remote models' estimate
         listing = iter_source(self.options.source, self._s3_client())
         for start, chunk in _chunks(listing, PLAN_CHUNK):
             ids = [point_id(i.uri) for i in chunk]
