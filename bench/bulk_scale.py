@@ -2,7 +2,12 @@
 million points, and bulk ingest against the raw forward ceiling.
 
     python bench/bulk_scale.py [--texts 1000000] [--images 100000] [--work /tmp/mmembed-scale]
-                               [--parts texts,search,images,ceiling] [--out bench/results/bulk_scale.json]
+                               [--parts ceiling,texts,search,images] [--kill-up-to N]
+                               [--out bench/results/bulk_scale.json]
+
+A run cut off is taken up where it stopped: steps already in ``--out`` whose data is still under
+``--work`` are kept. ``--kill-up-to`` limits the SIGKILL-and-resume step (the longest) to sizes up
+to N.
 
 Parts, each written to ``--out`` as soon as it ends (a long run that is cut off keeps what it measured):
 
@@ -145,36 +150,61 @@ def disk_mb(*paths: Path) -> float:
     return sum(f.stat().st_blocks * 512 for f in files) / 2**20
 
 
-def scenario(name: str, source: Path, shrink: Any, total: int, model: str, work: Path, batch: int) -> dict[str, Any]:
-    """First run, unchanged rerun, kill half-way and resume (second copy), --sync after deleting 1%."""
+def scenario(
+    name: str,
+    source: Path,
+    shrink: Any,
+    total: int,
+    model: str,
+    work: Path,
+    batch: int,
+    out: dict,
+    save: Any,
+    kill: bool,
+) -> dict[str, Any]:
+    """First run, unchanged rerun, kill half-way and resume (second copy; skipped unless ``kill``), --sync
+    after deleting 1%. ``out`` holds the steps an earlier invocation measured on data still on disk: a
+    long benchmark cut off is taken up where it stopped. ``save`` is called after every step."""
     base = ["--model", model, "--batch-size", str(batch)]
     data, killed = work / f"data-{name}", work / f"data-{name}-killed"
-    for d in (data, killed):
-        shutil.rmtree(d, ignore_errors=True)
-    out: dict[str, Any] = {"items": total}
-    print(f"[{name}] first run of {total} items", flush=True)
-    out["first"] = sized(child([str(source), str(data), *base]), data)
-    print(f"[{name}] unchanged rerun", flush=True)
-    out["rerun"] = sized(child([str(source), str(data), *base]), data)
-    out["rerun"]["time_vs_first"] = out["rerun"]["total_s"] / out["first"]["total_s"]
-    print(f"[{name}] killed half-way, then resumed", flush=True)
-    killed_at: dict[str, float] = {}
+    if not data.exists():
+        out.clear()
+    out["items"] = total
+    if "first" not in out:
+        for folder in (data, killed):
+            shutil.rmtree(folder, ignore_errors=True)
+        print(f"[{name}] first run of {total} items", flush=True)
+        out["first"] = sized(child([str(source), str(data), *base]), data)
+        save()
+    if "rerun" not in out:
+        print(f"[{name}] unchanged rerun", flush=True)
+        out["rerun"] = sized(child([str(source), str(data), *base]), data)
+        out["rerun"]["time_vs_first"] = out["rerun"]["total_s"] / out["first"]["total_s"]
+        save()
+    if kill and "resumed" not in out:
+        print(f"[{name}] killed half-way, then resumed", flush=True)
+        shutil.rmtree(killed, ignore_errors=True)
+        killed_at: dict[str, float] = {}
 
-    def half_done(elapsed: float) -> bool:
-        if done_items(killed) >= total // 2:
-            killed_at.update(elapsed_s=elapsed, done=done_items(killed))
-            return True
-        return False
+        def half_done(elapsed: float) -> bool:
+            if done_items(killed) >= total // 2:
+                killed_at.update(elapsed_s=elapsed, done=done_items(killed))
+                return True
+            return False
 
-    child([str(source), str(killed), *base], kill_when=half_done)
-    out["killed"] = killed_at
-    out["resumed"] = sized(child([str(source), str(killed), *base]), killed)
-    out["resumed"]["points"] = _points(killed)
-    print(f"[{name}] --sync after deleting 1%", flush=True)
-    removed = shrink(source)
-    out["sync"] = sized(child([str(source), str(data), *base, "--sync"]), data)
-    out["sync"]["removed_from_source"] = removed
-    out["sync"]["points"] = _points(data)
+        child([str(source), str(killed), *base], kill_when=half_done)
+        out["killed"] = killed_at
+        out["resumed"] = sized(child([str(source), str(killed), *base]), killed)
+        out["resumed"]["points"] = _points(killed)
+        shutil.rmtree(killed)
+        save()
+    if "sync" not in out:
+        print(f"[{name}] --sync after deleting 1%", flush=True)
+        removed = shrink(source)
+        out["sync"] = sized(child([str(source), str(data), *base, "--sync"]), data)
+        out["sync"]["removed_from_source"] = removed
+        out["sync"]["points"] = _points(data)
+        save()
     return out
 
 
@@ -417,19 +447,34 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/mmembed-scale"))
     parser.add_argument("--parts", default="ceiling,texts,search,images")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--kill-up-to", type=int, default=10**9, help="run the SIGKILL-and-resume step up to this size")
     args = parser.parse_args()
     _OUT = args.out
     parts = args.parts.split(",")
     args.work.mkdir(parents=True, exist_ok=True)
     if "ceiling" in parts:  # first: the shortest part, and the one a regression would show
         save_part("ceiling", ceiling_part(args.work))
+    earlier = json.loads(_OUT.read_text()) if _OUT.exists() else {}
     if "texts" in parts:
-        sizes = {}
+        sizes = earlier.get("texts", {})
         for count in (args.texts // 10, args.texts):
             manifest = args.work / f"captions-{count}.jsonl"
-            write_texts(manifest, count)
-            sizes[str(count)] = scenario(f"texts-{count}", manifest, drop_text_lines, count, TEXT_MODEL, args.work, 256)
-            save_part("texts", sizes)
+            measured = sizes.setdefault(str(count), {})
+            if "sync" not in measured:
+                write_texts(manifest, count)
+            kill = count <= args.kill_up_to
+            scenario(
+                f"texts-{count}",
+                manifest,
+                drop_text_lines,
+                count,
+                TEXT_MODEL,
+                args.work,
+                256,
+                measured,
+                lambda: save_part("texts", sizes),
+                kill,
+            )
         sizes["ratios"] = ratios(sizes[str(args.texts // 10)], sizes[str(args.texts)])
         save_part("texts", sizes)
         print(json.dumps(sizes["ratios"], indent=2), flush=True)
@@ -437,13 +482,26 @@ def main() -> None:
         # The rerun and --sync left the large collection at 99% of the items; the index is what is measured.
         save_part("search", search_part(args.work / f"data-texts-{args.texts}"))
     if "images" in parts:
-        sizes = {}
+        sizes = earlier.get("images", {})
         for count in (args.images // 10, args.images):
             folder = args.work / f"jpegs-{count}"
-            shutil.rmtree(folder, ignore_errors=True)
-            write_images(folder, count)
-            sizes[str(count)] = scenario(f"images-{count}", folder, drop_images, count, IMAGE_MODEL, args.work, 128)
-            save_part("images", sizes)
+            measured = sizes.setdefault(str(count), {})
+            if "first" not in measured or not folder.exists():
+                shutil.rmtree(folder, ignore_errors=True)
+                write_images(folder, count)
+            kill = count <= args.kill_up_to
+            scenario(
+                f"images-{count}",
+                folder,
+                drop_images,
+                count,
+                IMAGE_MODEL,
+                args.work,
+                128,
+                measured,
+                lambda: save_part("images", sizes),
+                kill,
+            )
         sizes["ratios"] = ratios(sizes[str(args.images // 10)], sizes[str(args.images)])
         save_part("images", sizes)
         print(json.dumps(sizes["ratios"], indent=2), flush=True)
