@@ -11,9 +11,9 @@ from typing import Literal
 @dataclass(frozen=True)
 class IndexConfig:
     """The approximate index a collection searches with, as measured on a million demo-clip points by
-    ``bench/bulk_scale.py`` (README: "Scale: a million items": ef=128 gave recall@10 1.0 at 0.64 ms p50 over
-990k points; int8 quantization 0.91). Graph settings apply to collections
-    created with them; ``ef`` and rescoring apply to every search."""
+    ``bench/bulk_scale.py`` (README, "Scale: a million items": ef=128 gave recall@10 1.0 at 0.64 ms p50
+    over 990k points, int8 quantization 0.91). Graph settings apply to collections created with them;
+    ``ef`` and rescoring apply to every search."""
 
     m: int = 16  # HNSW edges per node
     ef_construct: int = 100  # HNSW build beam
