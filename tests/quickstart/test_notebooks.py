@@ -32,7 +32,7 @@ KEY_OUTPUTS = {
         "first-run": r"done: 12 written, 0 refreshed, 0 failed, 0 deleted; items \{'done': 12\}",
         "second-run": r"'unchanged': 12, 'to_embed': 0.*\n.*done: 0 written, 0 refreshed, 0 failed",
         "dead-letter": r"done: 2 written, 0 refreshed, 1 failed, 0 deleted; items \{'done': 2, 'failed': 1\}"
-        r"(.|\n)*dead letter: broken\.jpg \(not_an_image\): not an image",
+        r"(.|\n)*dead letter: broken\.jpg \(not_an_image\): (demo-clip: )?not an image",
         "search": r"^1\.000  file://.*/more/scene-0001\.jpg",
         "sync": r"done: 0 written, 0 refreshed, 0 failed, 14 deleted",
     },
