@@ -455,56 +455,41 @@ def main() -> None:
     if "ceiling" in parts:  # first: the shortest part, and the one a regression would show
         save_part("ceiling", ceiling_part(args.work))
     earlier = json.loads(_OUT.read_text()) if _OUT.exists() else {}
-    if "texts" in parts:
-        sizes = earlier.get("texts", {})
-        for count in (args.texts // 10, args.texts):
-            manifest = args.work / f"captions-{count}.jsonl"
+
+    def sizes_of(part: str, large: int, source: Any, shrink: Any, model: str, batch: int) -> None:
+        """The part's two sizes (a tenth, then ``large``), each through every step, then their ratios."""
+        sizes = earlier.get(part, {})
+        for count in (large // 10, large):
             measured = sizes.setdefault(str(count), {})
-            if "sync" not in measured:
-                write_texts(manifest, count)
+            save = lambda: save_part(part, sizes)  # noqa: E731
             kill = count <= args.kill_up_to
             scenario(
-                f"texts-{count}",
-                manifest,
-                drop_text_lines,
-                count,
-                TEXT_MODEL,
-                args.work,
-                256,
-                measured,
-                lambda: save_part("texts", sizes),
-                kill,
+                f"{part}-{count}", source(count, measured), shrink, count, model, args.work, batch, measured, save, kill
             )
-        sizes["ratios"] = ratios(sizes[str(args.texts // 10)], sizes[str(args.texts)])
-        save_part("texts", sizes)
+        sizes["ratios"] = ratios(sizes[str(large // 10)], sizes[str(large)])
+        save_part(part, sizes)
         print(json.dumps(sizes["ratios"], indent=2), flush=True)
+
+    def manifest(count: int, measured: dict) -> Path:
+        path = args.work / f"captions-{count}.jsonl"
+        if "sync" not in measured:  # --sync shrank it; a finished size keeps its measured source
+            write_texts(path, count)
+        return path
+
+    def folder(count: int, measured: dict) -> Path:
+        path = args.work / f"jpegs-{count}"
+        if "first" not in measured or not path.exists():
+            shutil.rmtree(path, ignore_errors=True)
+            write_images(path, count)
+        return path
+
+    if "texts" in parts:
+        sizes_of("texts", args.texts, manifest, drop_text_lines, TEXT_MODEL, 256)
     if "search" in parts:
         # The rerun and --sync left the large collection at 99% of the items; the index is what is measured.
         save_part("search", search_part(args.work / f"data-texts-{args.texts}"))
     if "images" in parts:
-        sizes = earlier.get("images", {})
-        for count in (args.images // 10, args.images):
-            folder = args.work / f"jpegs-{count}"
-            measured = sizes.setdefault(str(count), {})
-            if "first" not in measured or not folder.exists():
-                shutil.rmtree(folder, ignore_errors=True)
-                write_images(folder, count)
-            kill = count <= args.kill_up_to
-            scenario(
-                f"images-{count}",
-                folder,
-                drop_images,
-                count,
-                IMAGE_MODEL,
-                args.work,
-                128,
-                measured,
-                lambda: save_part("images", sizes),
-                kill,
-            )
-        sizes["ratios"] = ratios(sizes[str(args.images // 10)], sizes[str(args.images)])
-        save_part("images", sizes)
-        print(json.dumps(sizes["ratios"], indent=2), flush=True)
+        sizes_of("images", args.images, folder, drop_images, IMAGE_MODEL, 128)
     print(f"wrote {_OUT}")
 
 

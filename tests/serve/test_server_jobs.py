@@ -7,13 +7,13 @@ from __future__ import annotations
 import base64
 import io
 import threading
-import time
 import uuid
 from pathlib import Path
 
 import httpx
 import pytest
 from ray import serve
+from test_jobs_http import _until_done
 
 from mmembed.demo import world
 from mmembed.serve.catalog import build_catalog
@@ -59,16 +59,6 @@ def server(ray_cluster: int, tmp_path_factory: pytest.TempPathFactory):
         yield f"http://127.0.0.1:{ray_cluster}/server-jobs", folders
     finally:
         serve.delete("server-jobs")  # a leaked app holds its CPUs: later apps could never start
-
-
-def _until_done(api: str, job: str, deadline_s: float = 240) -> dict:
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline:
-        state = httpx.get(f"{api}/jobs/{job}").json()
-        if state["status"] in ("done", "failed"):
-            return state
-        time.sleep(0.2)  # polling interval; the job's own status is what the test waits for
-    raise AssertionError(f"job {job} not finished in {deadline_s} s: {state}")
 
 
 def test_the_catalogue_replica_runs_a_job_without_loading_a_model(server):
