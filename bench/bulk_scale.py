@@ -2,7 +2,7 @@
 million points, and bulk ingest against the raw forward ceiling.
 
     python bench/bulk_scale.py [--texts 1000000] [--images 100000] [--work /tmp/mmembed-scale]
-                               [--parts ceiling,texts,search,images] [--kill-up-to N]
+                               [--parts ceiling,texts,search,images] [--kill-up-to N] [--no-int8]
                                [--out bench/results/bulk_scale.json]
 
 A run cut off is taken up where it stopped: steps already in ``--out`` whose data is still under
@@ -285,7 +285,7 @@ def drop_images(folder: Path) -> int:
 # --- search ----------------------------------------------------------------------------------------
 
 
-def search_part(data: Path, queries: int = 200) -> dict[str, Any]:
+def search_part(data: Path, int8_variant: bool, queries: int = 200) -> dict[str, Any]:
     """HNSW and int8 quantization over the large text collection's points, against exact search."""
     import numpy as np
     import qdrant_edge as edge
@@ -325,6 +325,7 @@ def search_part(data: Path, queries: int = 200) -> dict[str, Any]:
 
     shard = edge.EdgeShard.load(str(shard_path))
     out["points"] = shard.count(edge.CountRequest(exact=True))
+    out["segments"] = shard.info().segments_count
     exact = measure(shard, edge.SearchParams(exact=True), None)
     truth = exact.pop("_found")
     out["exact"] = exact
@@ -340,10 +341,9 @@ def search_part(data: Path, queries: int = 200) -> dict[str, Any]:
     shard.close()
     # "default": the collection as the bulk job left it, indexed with the shipped IndexConfig; "int8": a
     # copy given int8 scalar quantization (rescored with the originals) and re-optimized, timed.
-    variants = {
-        "default": (shard_path, None),
-        "int8": (data / "search-int8", config(hnsw_config=hnsw, quantization_config=int8)),
-    }
+    variants = {"default": (shard_path, None)}
+    if int8_variant:
+        variants["int8"] = (data / "search-int8", config(hnsw_config=hnsw, quantization_config=int8))
     for name, (path, variant) in variants.items():
         if variant is not None:
             shutil.rmtree(path, ignore_errors=True)
@@ -448,6 +448,7 @@ def main() -> None:
     parser.add_argument("--parts", default="ceiling,texts,search,images")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--kill-up-to", type=int, default=10**9, help="run the SIGKILL-and-resume step up to this size")
+    parser.add_argument("--no-int8", action="store_true", help="search: measure the shipped index only")
     args = parser.parse_args()
     _OUT = args.out
     parts = args.parts.split(",")
@@ -487,7 +488,7 @@ def main() -> None:
         sizes_of("texts", args.texts, manifest, drop_text_lines, TEXT_MODEL, 256)
     if "search" in parts:
         # The rerun and --sync left the large collection at 99% of the items; the index is what is measured.
-        save_part("search", search_part(args.work / f"data-texts-{args.texts}"))
+        save_part("search", search_part(args.work / f"data-texts-{args.texts}", not args.no_int8))
     if "images" in parts:
         sizes_of("images", args.images, folder, drop_images, IMAGE_MODEL, 128)
     print(f"wrote {_OUT}")

@@ -160,7 +160,7 @@ class Summary:
         default_factory=lambda: {"read": 0.0, "decode": 0.0, "encode": 0.0, "write": 0.0}
     )
     elapsed_s: float = 0.0
-    index_s: float = 0.0  # building the search index once the run had written (in elapsed_s)
+    index_s: float = 0.0  # building the search index, after each window (in elapsed_s)
     price_per_hour: float = 1.0
     remote_costs: dict[str, dict[str, Any]] = field(default_factory=dict)  # per remote model: this run's usage
 
@@ -246,8 +246,8 @@ class Ingest:
         listing = iter_source(self.options.source, self._s3_client())
         for start, chunk in _chunks(listing, PLAN_CHUNK):
             ids = [point_id(i.uri) for i in chunk]
-            self.jobs.record_listing(self.job, self.options.source, list(zip(ids, (i.uri for i in chunk), strict=True)))
-            stored = {k: p.get("source_version") for k, p in self.catalog.payloads(ids).items()}
+            self.jobs.record_listing(self.job, list(zip(ids, (i.uri for i in chunk), strict=True)))
+            stored = {k: p.get("source_version") for k, p in self.catalog.payloads(ids, ["source_version"]).items()}
             uris = [i.uri for i in chunk]
             # A resumed run finishes what is pending and leaves the dead letters; a new run retries them:
             # items this job did not finish, even where a write that failed half-way left their point.
@@ -265,6 +265,7 @@ class Ingest:
             plan.sample.extend(item for _, item in todo[: self.options.calibrate - len(plan.sample)])
             captions = [i.caption for _, i in todo if i.kind == "image" and i.caption and i.caption.strip()]
             self._estimate_remote(plan, captions, sum(1 for _, i in todo if i.kind == "audio"))
+        self.jobs.end_listing(self.job, self.options.source)
         plan.unchanged = plan.total - plan.to_check
         plan.gone = self._gone()
         plan.deleted = len(plan.gone)
@@ -323,16 +324,15 @@ class Ingest:
                             self.jobs.update(self.job, counts=self._counts(summary, plan))
                 self.jobs.mark(self.job, done, DONE)
                 done.clear()
+                self._index(summary)
         except BaseException as exc:
             self.jobs.mark(self.job, done, DONE)
             self.jobs.update(self.job, status="interrupted", counts=self._counts(summary, plan), error=repr(exc))
             raise
         finally:
             bar.close()
-        if summary.written or summary.deleted:
-            indexing = time.perf_counter()
-            if self.catalog.vectors.build_index():
-                summary.index_s = time.perf_counter() - indexing
+        if summary.deleted:
+            self._index(summary)
         summary.elapsed_s = time.perf_counter() - started
         summary.cache = self.cache.stats.as_dict() if self.cache else {}
         summary.remote_costs = {
@@ -341,6 +341,13 @@ class Ingest:
         }
         self.jobs.update(self.job, status="done", counts=self._counts(summary, plan))
         return summary
+
+    def _index(self, summary: Summary) -> None:
+        """After each window: what it wrote becomes indexed segments now, so building costs the same per
+        item at any catalogue size and the collection is searchable by HNSW while the job runs."""
+        started = time.perf_counter()
+        if self.catalog.vectors.build_index():
+            summary.index_s += time.perf_counter() - started
 
     def _windows(self) -> Iterator[list[SourceItem]]:
         """The pending items in windows by position. A window's items are all marked before the next

@@ -75,6 +75,11 @@ class Settings(BaseSettings):
     index_min_points: int = Field(
         default=IndexConfig.min_points, ge=0, description="Collections this large get an HNSW index after a bulk job."
     )
+    index_segment_points: int = Field(
+        default=IndexConfig.segment_points,
+        ge=1024,
+        description="Embedded engine: points per sealed, indexed segment (new collections).",
+    )
     # Object store: a local folder under DATA_DIR/objects, unless an S3 bucket is given.
     s3_bucket: str | None = Field(default=None, description="Store objects in this S3 bucket instead of locally.")
     s3_prefix: str = Field(default="mmembed/", description="Key prefix for objects in the bucket.")
@@ -229,7 +234,12 @@ class Settings(BaseSettings):
 
     def vectors_config(self) -> VectorsConfig:
         index = IndexConfig(
-            self.hnsw_m, self.hnsw_ef_construct, self.hnsw_ef, self.vector_quantization, self.index_min_points
+            self.hnsw_m,
+            self.hnsw_ef_construct,
+            self.hnsw_ef,
+            self.vector_quantization,
+            self.index_min_points,
+            self.index_segment_points,
         )
         return VectorsConfig(self.vectors_path, self.collection, self.qdrant_url, self.qdrant_api_key, index)
 

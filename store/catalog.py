@@ -100,8 +100,9 @@ class Catalog:
         self.vectors.verify(points)
         return [p.id for p in points]
 
-    def payloads(self, ids: list[str]) -> dict[str, dict[str, Any]]:
-        return {p.id: p.payload for p in self.vectors.retrieve(ids)}
+    def payloads(self, ids: list[str], fields: list[str] | None = None) -> dict[str, dict[str, Any]]:
+        """``fields``: the payload keys to read (None: all); every found id is in the result."""
+        return {p.id: p.payload for p in self.vectors.retrieve(ids, fields=fields)}
 
     def set_payload(self, item_id: str, payload: dict[str, Any]) -> None:
         """Merge keys into an existing point's payload (its vectors stay)."""

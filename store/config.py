@@ -12,7 +12,7 @@ from typing import Literal
 class IndexConfig:
     """The approximate index a collection searches with, as measured on a million demo-clip points by
     ``bench/bulk_scale.py`` (README, "Scale: a million items": ef=128 gave recall@10 1.0 at 0.64 ms p50
-    over 990k points, int8 quantization 0.91). Graph settings apply to collections created with them;
+    over 990k points, int8 quantization 0.91). Graph and segment settings apply to collections created with them;
     ``ef`` and rescoring apply to every search."""
 
     m: int = 16  # HNSW edges per node
@@ -20,6 +20,9 @@ class IndexConfig:
     ef: int = 128  # search beam: recall against latency (0: the backend's default)
     quantization: Literal["none", "int8"] = "none"  # "int8": scalar-quantised copies in RAM, rescored
     min_points: int = 20_000  # below this a collection is searched exactly and a job builds no index
+    # Points per sealed segment of the embedded engine: a job indexes each segment as it fills, so
+    # building costs the same per point at any size and memory holds one segment being built.
+    segment_points: int = 65_536
 
 
 @dataclass(frozen=True)

@@ -262,7 +262,7 @@ def test_a_manifest_of_texts_is_embedded_by_the_text_towers_and_searchable(env, 
 
 
 def test_a_source_listing_one_item_twice_is_refused_when_planned(env, tmp_path: Path):
-    """The listing streams and keeps no set of URIs: the job store's listing table refuses the repeat."""
+    """The listing streams and keeps no set of URIs: the job store's index of the listing refuses the repeat."""
     manifest = tmp_path / "twice.jsonl"
     rows = [{"uri": f"doc-{n}", "kind": "text", "text": f"text {n}"} for n in range(5000)] + [
         {"uri": "doc-7", "kind": "text", "text": "again"}

@@ -3,6 +3,7 @@ folder and qdrant-client's in-process ':memory:' mode."""
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -464,8 +465,42 @@ def test_a_large_enough_collection_gets_the_configured_index_and_still_finds_its
         assert store.search(IMAGE, vectors[n], top_k=1)[0].id == point_id(f"p{n}")
 
 
+def test_segments_stop_growing_at_their_size_and_live_on_disk(tmp_path: Path) -> None:
+    """A job indexes each window as it ends: every window becomes sealed segments of at most
+    ``segment_points`` instead of one segment rebuilt over the whole collection, and every
+    point is still found through the graphs of all of them."""
+    index = IndexConfig(m=8, ef_construct=32, ef=64, min_points=500, segment_points=1000)
+    store = EdgeStore(tmp_path / "segmented", index)
+    store.open({IMAGE: 8}, indexes={"source": "keyword", "size": "integer"})
+    rng = np.random.default_rng(5)
+    vectors = rng.standard_normal((3000, 8)).astype(np.float32)
+    for window in range(3):
+        rows = range(window * 1000, (window + 1) * 1000)
+        store.upsert([Point(point_id(f"s{n}"), {IMAGE: vectors[n]}, {"source": "x", "size": n}) for n in rows])
+        assert store.build_index() is True
+    info = store.shard.info()
+    assert info.segments_count >= 3 and info.indexed_vectors_count >= 3000 - 10
+    config = json.loads((tmp_path / "segmented" / "edge_config.json").read_text())
+    assert config["payload_memory"] == "cold" and config["optimizers"]["max_segment_size"] == 1000 * 8 * 4 // 1024
+    for n in range(0, 3000, 150):
+        assert store.search(IMAGE, vectors[n], top_k=1)[0].id == point_id(f"s{n}")
+    assert store.count({"size": {"gte": 2000}}) == 1000
+    store.close()
+
+
+def test_retrieve_reads_only_the_fields_asked_for(tmp_path: Path) -> None:
+    store = EdgeStore(tmp_path / "fields")
+    store.open({IMAGE: 4})
+    store.upsert([Point(point_id("a"), {IMAGE: [1, 0, 0, 0]}, {"source_version": "v1", "text": "long"})])
+    assert [p.payload for p in store.retrieve([point_id("a")], fields=["source_version"])] == [{"source_version": "v1"}]
+    assert [p.payload for p in store.retrieve([point_id("a"), point_id("b")], fields=[])] == [{}]
+    assert store.retrieve([point_id("a")])[0].payload == {"source_version": "v1", "text": "long"}
+    store.close()
+
+
 def test_the_index_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MMEMBED_HNSW_EF", "200")
     monkeypatch.setenv("MMEMBED_VECTOR_QUANTIZATION", "int8")
+    monkeypatch.setenv("MMEMBED_INDEX_SEGMENT_POINTS", "131072")
     index = Settings().vectors_config().index
-    assert (index.ef, index.quantization, index.m) == (200, "int8", IndexConfig.m)
+    assert (index.ef, index.quantization, index.m, index.segment_points) == (200, "int8", IndexConfig.m, 131072)
