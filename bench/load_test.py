@@ -401,7 +401,7 @@ def main() -> int:
     load_before = os.getloadavg()
     ray.init(
         address="local",
-        num_cpus=logical_cpus(serve_args, cpus),
+        num_cpus=logical_cpus([serve_args], cpus),
         include_dashboard=False,
         log_to_driver=False,
         _temp_dir=str(work / "ray"),

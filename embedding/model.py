@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from mmembed.contracts import EncodedItem, ItemError
@@ -60,7 +60,7 @@ class ModelStep:
         cached: Collection[Modality] = EVERY_MODALITY,  # for plain inputs; an item's own content always is
     ) -> None:
         self.model, self.version, self.image_limits = model, version, image_limits
-        self.info = model.describe()
+        self.info = replace(model.describe(), version=version)
         self.cache = cache if self.info.cacheable else None
         self.cached = frozenset(cached)
 

@@ -70,6 +70,20 @@ def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> Image.Im
     return to_rgb(ImageOps.exif_transpose(image))
 
 
+def is_image(data: bytes) -> bool:
+    """Whether ``data`` holds an image Pillow reads, from its header alone (no pixel is decoded).
+    A decompression bomb is an image, for ``decode_image`` to refuse with its own code."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # bombs, corrupt EXIF: decode_image says what is wrong
+            with Image.open(io.BytesIO(data), formats=FORMATS):
+                return True
+    except Image.DecompressionBombError:
+        return True
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError):
+        return False
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "RGB":
         return image

@@ -218,7 +218,7 @@ def serve_command(
     console.print("serving; Ctrl-C to stop")
     launch.wait_for_signal()
     console.print("shutting down")
-    launch.stop(running)
+    _stop_server(running)
 
 
 def _start_server(
@@ -229,17 +229,27 @@ def _start_server(
     quiet: bool = False,
     dashboard_host: str = "127.0.0.1",
 ) -> Running:
-    from mmembed.serve import launch
+    from mmembed.serve import launch, local
 
     try:
         running = launch.start(config, address, host, port, quiet, dashboard_host)
     except Exception as exc:  # a model that fails to load, a port in use: say which and stop
         _fail(exc)
-    url = running.url.replace("0.0.0.0", "127.0.0.1")  # bound to every interface, opened on this one
-    console.print(f"mmembed API: {url}  (OpenAPI docs: {url}/docs, OpenAI base_url: {url}/v1)")
+    local.note(get_settings().data_dir.expanduser(), running.url.replace("0.0.0.0", "127.0.0.1"))
+    for name, served in running.urls.items():
+        url = served.replace("0.0.0.0", "127.0.0.1")  # bound to every interface, opened on this one
+        which = f" ({name})" if len(running.urls) > 1 else ""
+        console.print(f"mmembed API{which}: {url}  (OpenAPI docs: {url}/docs, OpenAI base_url: {url}/v1)")
     token = "sign-in token: `ray get-auth-token`, or ~/.ray/auth_token"
     console.print(f"Ray dashboard: {running.dashboard_url}  ({token})")
     return running
+
+
+def _stop_server(running: Running) -> None:
+    from mmembed.serve import launch, local
+
+    local.forget(get_settings().data_dir.expanduser())
+    launch.stop(running)
 
 
 @app.command("search")
@@ -375,9 +385,22 @@ def ingest_command(
     ] = "local",
     ray_encoders: Annotated[int, typer.Option(help="Ray engine: encoder actors.")] = 1,
     num_gpus_per_encoder: Annotated[float, typer.Option(help="Ray engine: GPUs per encoder actor.")] = 0.0,
+    server: Annotated[
+        str | None, typer.Option(help="Run the job on this mmembed server (its models, its store) instead.")
+    ] = None,
 ) -> None:
-    """Embed a catalogue into the collection: plan, estimate, then an incremental, resumable run."""
+    """Embed a catalogue into the collection: plan, estimate, then an incremental, resumable run.
+    When a local server holds the collection, the job goes to that server."""
     from mmembed.jobs.ingest import DEFAULT_MODELS, Ingest, IngestOptions
+    from mmembed.serve import local
+    from mmembed.store.vectors import StoreBusy
+
+    target = server or (None if dry_run else local.serving(get_settings().data_dir.expanduser()))
+    if target is not None:
+        if server is None:
+            console.print(f"a server on this data directory holds the collection: the job runs on {target}")
+        _ingest_on_server(target, source, model, sync)
+        return
 
     options = IngestOptions(
         source,
@@ -399,10 +422,27 @@ def ingest_command(
         if dry_run:
             return
         summary = job.run(plan)
+    except StoreBusy as exc:
+        _fail(f"{exc}; if a server holds it, send it the job: mmembed ingest {source} --server URL")
     except Exception as exc:  # a bad source, an unreachable store: say which and stop
         _fail(exc)
     for line in summary.lines():
         console.print(line)
+
+
+def _ingest_on_server(url: str, source: str, models: list[str] | None, sync: bool) -> None:
+    """The server reads the source itself: a local path goes as an absolute one."""
+    if "://" not in source:
+        source = str(Path(source).expanduser().resolve())
+    try:
+        counts = _server_job(url, source, f"ingesting {source} on {url}", models, sync)
+    except Exception as exc:
+        _fail(exc)
+    plan = counts["plan"]
+    console.print(
+        f"{plan['total']} items: {counts['written']} embedded, {plan['unchanged']} unchanged, "
+        f"{counts['failed']} failed, {counts['deleted']} deleted"
+    )
 
 
 def _jobs():  # type: ignore[no-untyped-def]
@@ -452,6 +492,8 @@ def quickstart(
 ) -> None:
     """The main job on embedded defaults: provision the offline models, start the server,
     ingest the demo catalogue (scenes, photos, spoken clips), and serve the search page."""
+    import httpx
+
     from mmembed.demo.catalogue import build_demo_catalogue
     from mmembed.serve import launch
 
@@ -461,43 +503,44 @@ def quickstart(
     console.print(f"demo catalogue: {manifest}")
     running = _start_server(config, address, host, port, quiet=True)
     try:
-        _ingest_over_http(running.url, str(manifest))
+        counts = _server_job(running.url, str(manifest), "ingesting the demo catalogue")
+        hits = httpx.post(f"{running.url}/search", json={"text": "red circle", "top_k": 3}, timeout=60).json()
     except Exception as exc:
-        launch.stop(running)
+        _stop_server(running)
         _fail(exc)
+    console.print(
+        f"demo catalogue ready: {counts['plan']['total']} items ({counts['written']} embedded now, "
+        f"{counts['plan']['unchanged']} unchanged, {counts['failed']} failed)"
+    )
+    names = ", ".join(f"{h['payload'].get('filename')} ({h['score']:.2f})" for h in hits["hits"])
+    console.print(f"try it: 'red circle' finds {names}")
     console.print(f"search page: {running.url}/  (Ctrl-C to stop)")
     launch.wait_for_signal()
     console.print("shutting down")
-    launch.stop(running)
+    _stop_server(running)
 
 
-def _ingest_over_http(url: str, source: str) -> None:
-    """POST /ingest, then follow the job to its end with a progress bar."""
+def _server_job(url: str, source: str, what: str, models: list[str] | None = None, sync: bool = False) -> dict:
+    """POST /ingest, then follow the job to its end with a progress bar; its counts."""
     import time
 
     import httpx
     from rich.progress import Progress
 
+    body = {"source": source, "models": models, "sync": sync}
     with httpx.Client(base_url=url, timeout=60) as client:
-        started = client.post("/ingest", json={"source": source})
+        started = client.post("/ingest", json=body)
         if started.status_code != 202:
-            raise RuntimeError(f"POST /ingest answered {started.status_code}: {started.text}")
+            raise RuntimeError(f"the server at {url} refused the job ({started.status_code}): {started.text}")
         job_url = started.json()["status_url"]
         with Progress(console=console, transient=True) as progress:
-            task = progress.add_task("ingesting the demo catalogue", total=1.0)
+            task = progress.add_task(what, total=1.0)
             while (job := client.get(job_url).json())["status"] not in ("done", "failed"):
                 progress.update(task, completed=job["progress"])
                 time.sleep(0.5)  # polling a job's status: nothing to wait on
     if job["status"] == "failed":
-        raise RuntimeError(f"the demo ingest failed: {job['error']}")
-    counts = job["counts"]
-    console.print(
-        f"demo catalogue ready: {counts['plan']['total']} items ({counts['written']} embedded now, "
-        f"{counts['plan']['unchanged']} unchanged, {counts['failed']} failed)"
-    )
-    hits = httpx.post(f"{url}/search", json={"text": "red circle", "top_k": 3}, timeout=60).json()["hits"]
-    names = ", ".join(f"{h['payload'].get('filename')} ({h['score']:.2f})" for h in hits)
-    console.print(f"try it: 'red circle' finds {names}")
+        raise RuntimeError(f"the job on {url} failed: {job['error']}")
+    return job["counts"]
 
 
 if __name__ == "__main__":

@@ -113,7 +113,7 @@ class Settings(BaseSettings):
     )
     max_concurrent_jobs: int = Field(default=2, ge=1, description="Bulk jobs a server runs at once; more get 429.")
 
-    # Access control (serve/auth.py). No keys: the API is open, as a local tool on 127.0.0.1 is.
+    # Access control (serve/http/auth.py). No keys: the API is open, as a local tool on 127.0.0.1 is.
     api_keys_write: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list, description="Bearer keys that may add, delete and ingest (and read); comma-separated."
     )

@@ -77,6 +77,7 @@ class ModelInfo:
     encoders: dict[str, EncoderInfo]  # by modality
     transcribes: bool = False  # answers a transcript with each audio vector
     cacheable: bool = True  # same content, same vector: the embedding cache may answer for it
+    version: str = ""  # the weights' version, part of every cache key (store.cache.cache_key)
 
     def native(self, modality: str) -> bool:
         """Its vectors of this modality are its own (not borrowed from another model's tower)."""

@@ -189,8 +189,10 @@ def _is_id(item_id: str) -> bool:
         return False
 
 
-def build_catalog(settings: Settings, env: dict[str, str], encoders: dict[str, serve.Application]) -> serve.Application:
+def build_catalog(
+    settings: Settings, env: dict[str, str], encoders: dict[str, serve.Application], num_cpus: float = 1.0
+) -> serve.Application:
     """``encoders``: the encoder deployments by model name, which this replica's jobs send their items to."""
-    options = {"runtime_env": {"env_vars": env}} if env else {}
+    options: dict[str, Any] = {"num_cpus": num_cpus} | ({"runtime_env": {"env_vars": env}} if env else {})
     deployment = serve.deployment(CatalogDeployment, name="catalog", num_replicas=1, max_ongoing_requests=64)
     return deployment.options(ray_actor_options=options).bind(settings, encoders)

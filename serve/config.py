@@ -86,7 +86,17 @@ class ServeConfig(BaseModel):
 
     models: list[ModelConfig] = Field(default_factory=lambda: [ModelConfig(name=n) for n in DEFAULT_MODELS])
     max_body_bytes: int = Field(default=64_000_000, ge=1, description="Larger requests get 413.")
-    max_items_per_request: int = Field(default=256, ge=1, description="Larger requests get 413.")
+    max_items_per_request: int = Field(
+        default=2048, ge=1, description="Larger requests get 413 (400 on /v1/embeddings); OpenAI's own limit."
+    )
+    items_per_call: int = Field(
+        default=256, ge=1, description="A request's items go to the model in calls of at most this many, concurrently."
+    )
+    token_ids_encoding: str | None = Field(
+        default="cl100k_base",
+        description="The tiktoken encoding of token ids sent to /v1/embeddings (what OpenAI clients and LangChain "
+        "send); they are decoded to text for the model's own tokenizer. None: ids are refused.",
+    )
     max_text_chars: int = Field(
         default=100_000,
         ge=1,

@@ -14,13 +14,14 @@ import signal
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import ray
 import yaml
 from ray import serve
 
 from mmembed.serve.app import build_app, logical_cpus
+
+IMPORT_PATH = "mmembed.serve.app:build_app"
 
 # Never put into a runtime env: Ray's runtime-env agent logs its environment variables. The
 # MMEMBED_ ones reach the replicas in the Settings build_app reads here; AWS secrets come from
@@ -38,10 +39,13 @@ SECRETS = frozenset(
 
 @dataclass(frozen=True)
 class Running:
-    url: str
+    urls: dict[str, str]  # each application's, by name, in the file's order
     dashboard_url: str
-    app_name: str
-    joined: bool  # a cluster someone else started: stopping removes only this app
+    joined: bool  # a cluster someone else started: stopping removes only these apps
+
+    @property
+    def url(self) -> str:
+        return next(iter(self.urls.values()))
 
 
 def start(
@@ -52,27 +56,36 @@ def start(
     quiet: bool = False,
     dashboard_host: str = "127.0.0.1",
 ) -> Running:
-    """``quiet``: replicas' logs stay in Ray's log folder instead of this terminal."""
+    """Every application in ``config`` (one default app without it), as ``serve run`` would.
+    ``quiet``: replicas' logs stay in Ray's log folder instead of this terminal."""
     spec = yaml.safe_load(config.read_text()) if config else {}
     http = spec.get("http_options", {}) | {k: v for k, v in (("host", host), ("port", port)) if v is not None}
     http = {"host": "127.0.0.1", "port": 8000} | http
-    application = (spec.get("applications") or [{}])[0]
-    args: dict[str, Any] = dict(application.get("args") or {})
+    applications = spec.get("applications") or [{"name": "mmembed", "route_prefix": "/"}]
+    for application in applications:
+        if application.get("import_path", IMPORT_PATH) != IMPORT_PATH:
+            message = f"application {application.get('name')!r}: import_path must be {IMPORT_PATH} (use `serve run`)"
+            raise ValueError(message)
     local = address is None
+    apps = [dict(application.get("args") or {}) for application in applications]
     if not local:
         forwarded = {k: v for k, v in os.environ.items() if k.startswith(("MMEMBED_", "AWS_")) and k not in SECRETS}
-        args["env"] = forwarded | (args.get("env") or {})
-    cpus = logical_cpus(args, os.cpu_count() or 1) if local else None
+        for args in apps:
+            args["env"] = forwarded | (args.get("env") or {})
+    cpus = logical_cpus(apps, os.cpu_count() or 1) if local else None
     context = ray.init(
         address=address, num_cpus=cpus, dashboard_host=dashboard_host, include_dashboard=local, log_to_driver=not quiet
     )
     # A dashboard bound to every interface is still opened on this machine's loopback.
     dashboard = "http://" + (context.dashboard_url or "127.0.0.1:8265").replace("0.0.0.0", "127.0.0.1")
-    args.setdefault("dashboard_url", dashboard)
     serve.start(http_options=http)
-    name = application.get("name", "mmembed")
-    serve.run(build_app(args), name=name, route_prefix="/")
-    return Running(f"http://{http['host']}:{http['port']}", args["dashboard_url"], name, joined=not local)
+    urls = {}
+    for n, (application, args) in enumerate(zip(applications, apps, strict=True)):
+        args.setdefault("dashboard_url", dashboard)
+        name, prefix = application.get("name", f"app{n + 1}"), application.get("route_prefix", "/")
+        serve.run(build_app(args), name=name, route_prefix=prefix)
+        urls[name] = f"http://{http['host']}:{http['port']}{prefix.rstrip('/')}"
+    return Running(urls, apps[0]["dashboard_url"], joined=not local)
 
 
 def wait_for_signal() -> None:
@@ -85,7 +98,8 @@ def wait_for_signal() -> None:
 
 def stop(running: Running) -> None:
     if running.joined:
-        serve.delete(running.app_name)
+        for name in running.urls:
+            serve.delete(name)
     else:
         serve.shutdown()
     ray.shutdown()

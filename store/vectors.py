@@ -40,6 +40,10 @@ class StoreError(Exception):
     """Anything the vector store refuses; the message says what to do about it."""
 
 
+class StoreBusy(StoreError):
+    """The embedded store is held by another process (a running server, another job)."""
+
+
 class DimensionError(StoreError):
     """A vector's length differs from the collection's size for that name."""
 
@@ -487,7 +491,7 @@ class EdgeStore(VectorStore):
             # The engine locks the shard's write-ahead log; a second opener gets only "WouldBlock".
             if "WouldBlock" not in str(e):
                 raise
-            raise StoreError(
+            raise StoreBusy(
                 f"the vector shard {self.path} is already open in another store or process; only one may hold it: "
                 "run a single catalogue replica, or set MMEMBED_QDRANT_URL to share a Qdrant server"
             ) from e

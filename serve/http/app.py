@@ -7,10 +7,11 @@ from fastapi import FastAPI
 
 from mmembed.config import Settings
 from mmembed.loaders.fetch import FetchLimits
-from mmembed.serve.auth import ApiKeys, Cors, RequireKey
 from mmembed.serve.config import ServeConfig
+from mmembed.serve.http.auth import ApiKeys, Cors, RequireKey
 from mmembed.serve.http.backend import Backend
 from mmembed.serve.http.errors import BodyLimit, install_error_handlers
+from mmembed.serve.http.metrics import CountRequests
 from mmembed.serve.http.routes import catalog, embeddings, items, jobs, operations, pages, search
 from mmembed.serve.http.service import Api
 from mmembed.store.objects import ObjectStore, object_store
@@ -49,7 +50,9 @@ def bare_app() -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(BodyLimit)
     app.add_middleware(RequireKey)  # added later is outside: a caller without a key learns nothing of limits
-    app.add_middleware(Cors)  # outermost, so preflight requests are answered before the key check
+    app.add_middleware(Cors)  # so preflight requests are answered before the key check
+    app.add_middleware(CountRequests)  # outermost: every answer is counted, refusals included
     for module in ROUTERS:
         app.include_router(module.router)
+    app.state.routes = [route for module in ROUTERS for route in module.router.routes]
     return app

@@ -1,5 +1,6 @@
-"""The API's one error shape, ``{"error": {"code", "message"}}`` with stable codes, for our own
-refusals, FastAPI's validation errors and Starlette's; and the body limit, which answers 413
+"""The API's one error shape, OpenAI's: ``{"error": {"message", "type", "param", "code"}}`` with
+stable codes, for our own refusals, FastAPI's validation errors and Starlette's, so OpenAI
+clients raise their own error classes with our message; and the body limit, which answers 413
 before a request body is read."""
 
 from __future__ import annotations
@@ -14,36 +15,53 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 HTTP_CODES = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed"}
 
 
+# OpenAI's error types by status; its clients pick their exception class by the status alone.
+ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
+
+
 class ApiError(Exception):
     """A refusal the caller sees as is. Backends raise it too: a model not served, a full queue
-    and a replica gone are theirs to know."""
+    and a replica gone are theirs to know. ``param``: the request field at fault, if one is."""
 
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, headers: dict[str, str] | None = None, param: str | None = None
+    ) -> None:
         super().__init__(message)
-        self.status, self.code, self.message, self.headers = status, code, message, headers or {}
+        self.status, self.code, self.message, self.headers, self.param = status, code, message, headers or {}, param
 
 
-def error_body(code: str, message: str) -> dict[str, Any]:
-    return {"error": {"code": code, "message": message}}
+def error_type(status: int) -> str:
+    return ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+
+
+def error_response(
+    status: int, code: str, message: str, param: str | None = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    body = {"error": {"message": message, "type": error_type(status), "param": param, "code": code}}
+    return JSONResponse(body, status, headers=headers)
 
 
 async def _api_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ApiError)
-    return JSONResponse(error_body(exc.code, exc.message), exc.status, headers=exc.headers)
+    return error_response(exc.status, exc.code, exc.message, exc.param, exc.headers)
 
 
 async def _http_error(_: Request, exc: Exception) -> JSONResponse:
     """Starlette's own refusals (an unknown path, a body that is not UTF-8) in the API's error shape."""
     assert isinstance(exc, StarletteHTTPException)
     code = HTTP_CODES.get(exc.status_code, "http_error")
-    return JSONResponse(error_body(code, str(exc.detail)), exc.status_code, headers=exc.headers)
+    return error_response(exc.status_code, code, str(exc.detail), headers=exc.headers)
 
 
-async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    """422, or 400 under ``/v1/``, where clients expect OpenAI's status for a bad request."""
     assert isinstance(exc, RequestValidationError)
     first = exc.errors()[0] if exc.errors() else {}
-    where = ".".join(str(p) for p in first.get("loc", ()))
-    return JSONResponse(error_body("invalid_request", f"{where}: {first.get('msg', exc)}"), 422)
+    loc = [str(p) for p in first.get("loc", ())]
+    where = ".".join(loc)
+    param = ".".join(loc[1:]) if loc[:1] == ["body"] and len(loc) > 1 else None
+    status = 400 if "/v1/" in request.url.path else 422
+    return error_response(status, "invalid_request", f"{where}: {first.get('msg', exc)}", param)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -90,4 +108,4 @@ class BodyLimit:
 
 
 def _too_large(message: str) -> JSONResponse:
-    return JSONResponse(error_body("body_too_large", message), 413)
+    return error_response(413, "body_too_large", message)

@@ -12,9 +12,34 @@ from typing import Any
 from mmembed.contracts import ItemError
 from mmembed.loaders.audio import sniff_format
 from mmembed.loaders.fetch import FetchError, FetchLimits, fetch
+from mmembed.loaders.images import is_image
 from mmembed.serve.http.errors import ApiError
 
-DATA_URI = re.compile(r"^data:(?P<kind>image|audio)/[\w.+-]+;base64,(?P<data>.*)$", re.DOTALL)
+# RFC 2397: data:[<media type>][;param=value]*[;base64],<data>
+DATA_URI = re.compile(
+    r"^data:(?P<type>[\w.+-]+/[\w.+-]+)?(?:;[\w.+-]+=[^;,]*)*(?P<base64>;base64)?,(?P<data>.*)$", re.DOTALL
+)
+
+
+def data_uri_kind(text: str, where: str) -> str | None:
+    """``image`` or ``audio`` for a data URI of one, by its media type or else by its bytes;
+    None for anything that is not a data URI. A data URI of neither is refused: embedding
+    the URI as a string would answer a vector for text nobody wrote."""
+    m = DATA_URI.match(text)
+    if m is None:
+        return None
+    kind = (m["type"] or "").split("/")[0].lower()
+    if kind in ("image", "audio"):
+        return kind
+    if m["base64"]:
+        data = b64(m["data"], where)
+        if is_image(data):
+            return "image"
+        if sniff_format(data):
+            return "audio"
+    media_type = m["type"] or "text/plain"
+    message = f"{where}: a data URI of {media_type} holds neither an image nor audio; send text as plain text"
+    raise ApiError(422, "unsupported_media_type", message)
 
 
 async def resolve(item: str, kind: str, where: str, limits: FetchLimits) -> bytes | ItemError:
@@ -23,6 +48,8 @@ async def resolve(item: str, kind: str, where: str, limits: FetchLimits) -> byte
         if item.startswith(("http://", "https://")):
             return await fetch(item, kind, limits)
         m = DATA_URI.match(item)
+        if m is not None and not m["base64"]:
+            raise ApiError(422, "invalid_base64", f"{where}: a data URI of {kind} must be base64 (;base64,)")
         return b64(m["data"] if m else item, where)
     except FetchError as exc:
         return ItemError(exc.code, f"{where}: {exc}")

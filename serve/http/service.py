@@ -5,6 +5,7 @@ encode. One per app, reached by routes through ``Depends(get_api)``."""
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +43,7 @@ class Api:
     fetch_limits: FetchLimits
     objects: ObjectStore | None = None  # the local object store the app serves files from, if any
     metrics: Metrics = field(default_factory=Metrics)
+    started: int = field(default_factory=lambda: int(time.time()))  # the models' "created", for /v1/models
     _described: dict[str, ModelInfo] = field(default_factory=dict)
     _vectors: dict[str, int] | None = None
 
@@ -68,6 +70,10 @@ class Api:
     async def encode(self, model: str, modality: str, items: list[Any]) -> list[EncodedItem]:
         if len(items) > self.config.max_items_per_request:
             raise ApiError(413, "too_many_items", f"{len(items)} items; at most {self.config.max_items_per_request}")
+        step = self.config.items_per_call
+        if len(items) > step:  # concurrent calls, which Serve spreads over the model's replicas
+            parts = [self.encode(model, modality, items[i : i + step]) for i in range(0, len(items), step)]
+            return [r for part in await asyncio.gather(*parts) for r in part]
         limit = self.config.max_text_chars
         if modality == "text" and any(len(t) > limit for t in items if isinstance(t, str)):
             # Refused here, item by item: tokenising megabytes costs the model replica seconds.

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmembed.loaders.images import DecodeLimits, ImageDecodeError, decode_image
+from mmembed.loaders.images import DecodeLimits, ImageDecodeError, decode_image, is_image
 
 
 def _encode(image: Image.Image, fmt: str, **kwargs: object) -> bytes:
@@ -103,3 +103,14 @@ def test_byte_cap() -> None:
 def test_format_comes_from_the_bytes_not_the_name() -> None:
     png = _encode(Image.new("RGB", (5, 5), (9, 9, 9)), "PNG")
     assert decode_image(png).size == (5, 5)  # a PNG saved as photo.jpg decodes all the same
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"])
+def test_an_image_is_known_by_its_header(fmt: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (10, 200, 10)).save(buf, fmt)
+    assert is_image(buf.getvalue())
+    assert not is_image(b"RIFF\x00\x00\x00\x00WAVEfmt ") and not is_image(b"")
+    assert not is_image(buf.getvalue()[:8])  # a header cut short
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)  # 64 pixels: a "bomb", for decode_image to refuse
+    assert is_image(buf.getvalue())

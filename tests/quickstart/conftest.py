@@ -9,7 +9,6 @@ import queue
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,13 +24,10 @@ ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 
 @pytest.fixture(scope="package")
 def quickstart(ray_cluster: int, settings: Settings) -> Iterator[Quickstart]:
-    # The page and notebook tests ingest folders they write under the system's temp folder.
-    roots = f"{settings.data_dir},{tempfile.gettempdir()}"
-    env = os.environ | {
-        "MMEMBED_DATA_DIR": str(settings.data_dir),
-        "MMEMBED_COLLECTION": "quickstart",
-        "MMEMBED_INGEST_ROOTS": roots,
-    }
+    # A plain quick start: its server reads bulk sources only under its data directory, where
+    # the page and notebook tests write theirs.
+    env = os.environ | {"MMEMBED_DATA_DIR": str(settings.data_dir), "MMEMBED_COLLECTION": "quickstart"}
+    env.pop("MMEMBED_INGEST_ROOTS", None)
     command = [sys.executable, "-m", "mmembed.cli", "quickstart", "--scenes", str(SCENES)]
     command += ["--address", ray.get_runtime_context().gcs_address, "--port", str(ray_cluster)]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
+import subprocess
+import sys
 
 import httpx
 import pytest
+from PIL import Image
 
+from mmembed.config import Settings
 from mmembed.demo.catalogue import CLIPS, PHOTOS
 from quickstart.quickstart_run import SCENES, Quickstart
 
@@ -90,3 +95,23 @@ def test_ingesting_the_demo_catalogue_again_embeds_nothing(quickstart: Quickstar
         job = api.get(started.json()["status_url"]).json()
     assert job["status"] == "done", job
     assert job["counts"]["plan"] == {"total": ITEMS, "unchanged": ITEMS, "to_embed": 0, "gone": 0}
+
+
+def test_ingest_on_the_command_line_runs_on_the_server_that_holds_the_collection(
+    quickstart: Quickstart, api: httpx.Client, settings: Settings
+) -> None:
+    """The quick start's server holds the embedded store; `mmembed ingest` sees it and sends the job there."""
+    folder = settings.data_dir / "cli-ingest"
+    folder.mkdir()
+    for n, colour in enumerate(((250, 20, 20), (20, 250, 20), (20, 20, 250))):
+        Image.new("RGB", (64, 64), colour).save(folder / f"plain-{n}.png")
+    env = os.environ | {"MMEMBED_DATA_DIR": str(settings.data_dir), "COLUMNS": "200"}
+    command = [sys.executable, "-m", "mmembed.cli", "ingest", str(folder), "--model", "demo-clip"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"holds the collection: the job runs on {quickstart.url}" in result.stdout, result.stdout
+    assert "3 items: 3 embedded, 0 unchanged, 0 failed, 0 deleted" in result.stdout, result.stdout
+    found = api.post("/search", json={"text": "x", "top_k": 5, "filter": {"source": str(folder)}}).json()["hits"]
+    assert sorted(h["payload"]["filename"] for h in found) == ["plain-0.png", "plain-1.png", "plain-2.png"]
+    for hit in found:  # the later tests count the demo catalogue
+        assert api.delete(f"/items/{hit['id']}").status_code == 200

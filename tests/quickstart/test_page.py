@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
+from mmembed.config import Settings
 from mmembed.demo.files import write_scenes
 from quickstart.quickstart_run import Quickstart
 
@@ -234,10 +236,11 @@ def test_filters_and_vector_choice(page: Page, artifacts: Path) -> None:
 
 
 @pytest.fixture
-def more_scenes(quickstart: Quickstart, tmp_path: Path) -> Iterator[Path]:
-    """Six new scenes in a folder; afterwards their items go again, so the other tests on this
-    server keep the demo catalogue they count on."""
-    folder = tmp_path / "more"
+def more_scenes(quickstart: Quickstart, settings: Settings) -> Iterator[Path]:
+    """Six new scenes in a folder under the server's data directory (where a plain quick start
+    may read); afterwards their items go again, so the other tests on this server keep the demo
+    catalogue they count on."""
+    folder = Path(tempfile.mkdtemp(prefix="more-", dir=settings.data_dir))
     write_scenes(folder, 6, seed=99)
     yield folder
     with httpx.Client(base_url=quickstart.url, timeout=60) as api:

@@ -13,9 +13,9 @@ from openai import AuthenticationError, OpenAI
 from PIL import Image
 from ray import serve
 
-from mmembed.serve import auth
 from mmembed.serve.app import build_app
-from mmembed.serve.auth import ApiKeys, required_scope
+from mmembed.serve.http import auth
+from mmembed.serve.http.auth import ApiKeys, required_scope
 
 WRITE_KEY = "w-4f1c9a7e-write-key"
 READ_KEY = "r-93b2d6c0-read-key"

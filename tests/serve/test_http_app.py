@@ -4,12 +4,19 @@ model), so validation, error shapes, auth, limits and encoding run in seconds.""
 from __future__ import annotations
 
 import base64
+import io
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import soundfile as sf
 from fake_backend import TRANSCRIPT, FakeBackend, unit_vector
 from fastapi.testclient import TestClient
-from http_app import MODELS, PNG, WAV, api_error, b64, client_for
+from http_app import MODELS, PNG, WAV, api_error, b64, client_for, config
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from mmembed.serve.config import ServeConfig
 
 # --- operations ---------------------------------------------------------------------------
 
@@ -31,16 +38,48 @@ def test_a_model_not_answering_is_not_ready(tmp_path: Path) -> None:
     assert answer.json() == {"status": "not_ready", "reason": "TimeoutError: no replica yet"}
 
 
-def test_metrics_count_requests_items_and_jobs(client: TestClient) -> None:
+def metric(text: str, name: str, **labels: str) -> float | None:
+    """A sample's value in a Prometheus exposition, or None when the series is absent."""
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return sample.value
+    return None
+
+
+def test_metrics_count_requests_items_and_jobs(tmp_path: Path) -> None:
+    backend = FakeBackend()
+    client = client_for(tmp_path, backend, api_keys_write=["w-key"])
     client.post("/encode/text", json={"model": "all-MiniLM-L6-v2", "texts": ["a", "", "b"]})
-    client.post("/ingest", json={"source": "/data/photos"})
+    client.post("/v1/embeddings", json={"model": "nope", "input": "x"})
+    client.get("/items/no-such-item")
+    client.post("/items", files={"file": ("a.png", PNG, "image/png")})  # refused before routing: no key
+    client.get("/nope")
+    write = {"authorization": "Bearer w-key"}
+    done = client.post("/ingest", json={"source": "/data/photos"}, headers=write).json()["id"]
+    backend.jobs[done] = replace(backend.jobs[done], status="done", progress=1.0)
+    running = client.post("/ingest", json={"source": "/data/more"}, headers=write).json()["id"]
     answer = client.get("/metrics")
     assert answer.status_code == 200 and answer.headers["content-type"].startswith("text/plain")
     text = answer.text
-    assert 'mmembed_requests_total{endpoint="/encode/text",status="200"} 1.0' in text
-    assert 'mmembed_items_total{modality="text",model="all-MiniLM-L6-v2"} 2.0' in text
-    assert 'mmembed_item_errors_total{code="empty_input",modality="text",model="all-MiniLM-L6-v2"} 1.0' in text
-    assert "mmembed_batch_size_bucket" in text and "mmembed_job_progress{" in text
+    requests = "mmembed_requests_total"
+    assert metric(text, requests, method="POST", endpoint="/encode/text", status="200") == 1.0
+    assert metric(text, requests, method="POST", endpoint="/v1/embeddings", status="404") == 1.0
+    assert metric(text, requests, method="GET", endpoint="/items/{item_id}", status="404") == 1.0
+    assert metric(text, requests, method="POST", endpoint="/items", status="401") == 1.0
+    assert metric(text, requests, method="GET", endpoint="unmatched", status="404") == 1.0
+    assert metric(text, requests, method="POST", endpoint="/ingest", status="202") == 2.0
+    assert metric(text, "mmembed_items_total", model="all-MiniLM-L6-v2", modality="text") == 2.0
+    errors = metric(text, "mmembed_item_errors_total", model="all-MiniLM-L6-v2", modality="text", code="empty_input")
+    assert errors == 1.0
+    # Per-job series only while a job runs; finished jobs are counted by status.
+    assert metric(text, "mmembed_job_progress", job_id=running) == 0.5
+    assert metric(text, "mmembed_job_progress", job_id=done) is None
+    assert metric(text, "mmembed_jobs", status="done") == 1.0 and metric(text, "mmembed_jobs", status="running") == 1.0
+    # No label Prometheus reserves, and nothing Ray Serve already exports per deployment.
+    labels = {name for family in text_string_to_metric_families(text) for s in family.samples for name in s.labels}
+    assert not labels & {"job", "instance"}
+    assert "batch_size" not in text and "queue_wait" not in text and "encode_seconds" not in text
 
 
 # --- errors, limits, auth, CORS ---------------------------------------------------------------
@@ -52,12 +91,11 @@ def test_unknown_paths_and_methods_answer_in_the_error_shape(client: TestClient)
 
 
 def test_invalid_bodies_say_where(client: TestClient) -> None:
-    assert api_error(client.post("/v1/embeddings", json={"model": "x"}), 422, "invalid_request").startswith(
-        "body.input"
-    )
-    api_error(client.post("/encode/text", json={"model": "x", "texts": []}), 422, "invalid_request")
+    missing = client.post("/v1/embeddings", json={"model": "x"})  # OpenAI's status under /v1/
+    assert api_error(missing, 400, "invalid_request", param="input").startswith("body.input")
+    api_error(client.post("/encode/text", json={"model": "x", "texts": []}), 422, "invalid_request", "texts")
     api_error(client.post("/search", json={"text": "a", "image": "b"}), 422, "invalid_request")
-    api_error(client.post("/search", json={"text": "a", "top_k": 0}), 422, "invalid_request")
+    api_error(client.post("/search", json={"text": "a", "top_k": 0}), 422, "invalid_request", "top_k")
 
 
 def test_bodies_over_the_limit_get_413_declared_or_chunked(client: TestClient) -> None:
@@ -77,7 +115,7 @@ def test_too_many_items_and_too_long_texts(client: TestClient) -> None:
 
 
 def test_unknown_models_and_modalities(client: TestClient) -> None:
-    api_error(client.post("/v1/embeddings", json={"model": "nope", "input": "x"}), 404, "model_not_found")
+    api_error(client.post("/v1/embeddings", json={"model": "nope", "input": "x"}), 404, "model_not_found", "model")
     audio = {"model": "all-MiniLM-L6-v2", "items": [b64(WAV)]}
     api_error(client.post("/encode/audio", json=audio), 422, "unsupported_modality")
 
@@ -121,11 +159,10 @@ def test_openai_embeddings_float_and_base64(client: TestClient) -> None:
 
 def test_openai_embeddings_refusals(client: TestClient) -> None:
     post = lambda body: client.post("/v1/embeddings", json=body)  # noqa: E731
-    api_error(post({"model": "all-MiniLM-L6-v2", "input": []}), 422, "empty_input")
-    api_error(post({"model": "all-MiniLM-L6-v2", "input": [[1, 2, 3]]}), 422, "token_arrays_unsupported")
-    api_error(post({"model": "demo-clip", "input": "x", "dimensions": 8}), 422, "dimensions_unsupported")
+    api_error(post({"model": "all-MiniLM-L6-v2", "input": []}), 400, "empty_input", "input")
+    api_error(post({"model": "demo-clip", "input": "x", "dimensions": 8}), 400, "dimensions_unsupported", "dimensions")
     assert post({"model": "demo-clip", "input": "x", "dimensions": 16}).status_code == 200
-    message = api_error(post({"model": "all-MiniLM-L6-v2", "input": ["ok", ""]}), 422, "empty_input")
+    message = api_error(post({"model": "all-MiniLM-L6-v2", "input": ["ok", ""]}), 400, "empty_input", "input")
     assert message.startswith("input[1] (text)")
 
 
@@ -136,7 +173,7 @@ def test_openai_embeddings_take_data_uris_beside_text(client: TestClient) -> Non
     assert np.allclose(data[1]["embedding"], unit_vector(16, "demo-clip", PNG))
     assert np.allclose(data[0]["embedding"], unit_vector(16, "demo-clip", "a red circle"))
     bad = {"model": "demo-clip", "input": ["data:image/png;base64,%%%"]}
-    api_error(client.post("/v1/embeddings", json=bad), 422, "invalid_base64")
+    api_error(client.post("/v1/embeddings", json=bad), 400, "invalid_base64", "input")
 
 
 def test_native_endpoints_return_good_items_beside_bad_ones(client: TestClient) -> None:
@@ -158,3 +195,83 @@ def test_native_endpoints_return_good_items_beside_bad_ones(client: TestClient) 
 def test_urls_are_fetched_under_the_address_policy(client: TestClient) -> None:
     body = {"model": "demo-clip", "items": ["http://127.0.0.1:9/a.png"]}
     assert client.post("/encode/image", json=body).status_code == 422  # loopback refused by default
+
+
+# --- OpenAI compatibility -----------------------------------------------------------------------
+
+
+def test_openai_models_list_and_get(client: TestClient) -> None:
+    listed = client.get("/v1/models").json()
+    assert listed["object"] == "list" and [m["id"] for m in listed["data"]] == MODELS
+    for model in listed["data"]:
+        assert model["object"] == "model" and model["owned_by"] == "mmembed" and isinstance(model["created"], int)
+    assert client.get("/v1/models/demo-clip").json() == listed["data"][0]
+    api_error(client.get("/v1/models/nope"), 404, "model_not_found", "model")
+
+
+def test_large_openai_requests_go_to_the_model_in_concurrent_calls(tmp_path: Path) -> None:
+    assert ServeConfig().max_items_per_request == 2048  # OpenAI's own limit, above LangChain's 1,000
+    backend = FakeBackend()
+    client = client_for(tmp_path, backend, serve_config=config(max_items_per_request=10, items_per_call=3))
+    texts = [f"text number {i}" for i in range(10)]
+    data = client.post("/v1/embeddings", json={"model": "all-MiniLM-L6-v2", "input": texts}).json()["data"]
+    assert [d["index"] for d in data] == list(range(10))
+    for d, text in zip(data, texts, strict=True):
+        assert np.allclose(d["embedding"], unit_vector(12, "all-MiniLM-L6-v2", text))
+    assert sorted(n for _, _, n in backend.encode_calls) == [1, 3, 3, 3]
+    eleven = {"model": "all-MiniLM-L6-v2", "input": [*texts, "one more"]}
+    assert "at most 10" in api_error(client.post("/v1/embeddings", json=eleven), 400, "too_many_items", "input")
+
+
+def test_token_ids_are_read_as_cl100k_text(client: TestClient) -> None:
+    """What OpenAI clients and LangChain send by default: the server decodes them to the text."""
+    import tiktoken
+
+    cl100k = tiktoken.get_encoding("cl100k_base")
+    texts = ["a red circle", "une tasse de café, 日本"]
+    body = {"model": "all-MiniLM-L6-v2", "input": [cl100k.encode(t) for t in texts]}
+    data = client.post("/v1/embeddings", json=body).json()["data"]
+    for d, text in zip(data, texts, strict=True):
+        assert np.allclose(d["embedding"], unit_vector(12, "all-MiniLM-L6-v2", text))
+    one = client.post("/v1/embeddings", json={"model": "all-MiniLM-L6-v2", "input": cl100k.encode(texts[0])})
+    assert np.allclose(one.json()["data"][0]["embedding"], unit_vector(12, "all-MiniLM-L6-v2", texts[0]))
+    for ids in ([10**6], [-1], [9468]):  # not in the vocabulary; half a UTF-8 character
+        bad = client.post("/v1/embeddings", json={"model": "all-MiniLM-L6-v2", "input": [ids]})
+        assert "input[0]" in api_error(bad, 400, "invalid_token_ids", "input")
+
+
+def test_token_ids_refused_when_no_encoding_is_set(tmp_path: Path) -> None:
+    client = client_for(tmp_path, serve_config=config(token_ids_encoding=None))
+    refused = client.post("/v1/embeddings", json={"model": "all-MiniLM-L6-v2", "input": [[1, 2, 3]]})
+    assert "check_embedding_ctx_length=False" in api_error(refused, 400, "token_arrays_unsupported", "input")
+
+
+def _real_png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _real_wav() -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, np.zeros(1600, dtype=np.float32), 16_000, format="WAV")
+    return buf.getvalue()
+
+
+def test_data_uris_of_other_media_types_are_sniffed_or_refused(client: TestClient) -> None:
+    png, wav = _real_png(), _real_wav()
+    post = lambda model, uri: client.post("/v1/embeddings", json={"model": model, "input": [uri]})  # noqa: E731
+    image = post("demo-clip", "data:application/octet-stream;base64," + b64(png)).json()["data"][0]
+    assert np.allclose(image["embedding"], unit_vector(16, "demo-clip", png))
+    audio = post("whisper-base", "data:application/octet-stream;base64," + b64(wav)).json()["data"][0]
+    assert np.allclose(audio["embedding"], unit_vector(12, "all-MiniLM-L6-v2", wav))
+    never_text = [
+        "data:application/octet-stream;base64," + b64(b"\x00 neither an image nor audio"),
+        "data:text/plain;base64," + b64(b"a red circle"),
+        "data:,a red circle",
+        "data:application/json;charset=utf-8,{}",
+    ]
+    for uri in never_text:
+        message = api_error(post("demo-clip", uri), 400, "unsupported_media_type", "input")
+        assert message.startswith("input[0]: a data URI of ")
+    assert post("demo-clip", "data: the new oil").status_code == 200  # text that only starts like one

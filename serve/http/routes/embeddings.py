@@ -10,8 +10,9 @@ from fastapi import APIRouter, Depends, File, UploadFile
 from fastapi.responses import JSONResponse
 
 from mmembed.contracts import EncodedItem
+from mmembed.serve.http import token_ids
 from mmembed.serve.http.errors import ApiError
-from mmembed.serve.http.media import DATA_URI
+from mmembed.serve.http.media import data_uri_kind
 from mmembed.serve.http.schemas import EmbeddingsRequest, EncodeMediaRequest, EncodeTextRequest
 from mmembed.serve.http.service import Api, get_api, item_status
 
@@ -19,19 +20,38 @@ router = APIRouter()
 ApiDep = Annotated[Api, Depends(get_api)]
 
 
+# The request field behind each refusal, as OpenAI's errors name it.
+PARAMS = {"model_not_found": "model", "dimensions_unsupported": "dimensions", "too_many_items": "input"}
+
+
 @router.post("/v1/embeddings")
-async def embeddings(body: EmbeddingsRequest, api: ApiDep) -> dict[str, Any]:
+async def embeddings(body: EmbeddingsRequest, api: ApiDep) -> JSONResponse:
+    """OpenAI's contract, its status codes included: an input the server refuses is a 400,
+    which OpenAI clients raise as ``BadRequestError``, as they do for OpenAI's own refusals."""
+    try:
+        return await _embeddings(body, api)
+    except ApiError as exc:
+        if exc.status in (413, 422):
+            exc.status = 400
+        if exc.param is None and (exc.status == 400 or exc.code in PARAMS):
+            exc.param = PARAMS.get(exc.code, "input")
+        raise
+
+
+async def _embeddings(body: EmbeddingsRequest, api: Api) -> JSONResponse:
     inputs = [body.input] if isinstance(body.input, str) else body.input
     if not inputs:
         raise ApiError(422, "empty_input", "input is an empty list")
-    if any(not isinstance(i, str) for i in inputs):
-        hint = "LangChain: OpenAIEmbeddings(check_embedding_ctx_length=False)"
-        message = f"send text, not token ids: this server tokenises with the model's own tokenizer ({hint})"
-        raise ApiError(422, "token_arrays_unsupported", message)
-    groups: dict[str, list[tuple[int, Any]]] = {}
+    if all(isinstance(i, int) for i in inputs):  # one input as token ids
+        inputs = await token_ids.decode([inputs], api.config.token_ids_encoding)  # type: ignore[list-item]
+    elif not all(isinstance(i, str) for i in inputs):
+        inputs = await token_ids.decode(inputs, api.config.token_ids_encoding)  # type: ignore[arg-type]
+    limit = api.config.max_items_per_request
+    if len(inputs) > limit:
+        raise ApiError(413, "too_many_items", f"{len(inputs)} inputs; at most {limit} a request")
+    groups: dict[str, list[tuple[int, str]]] = {}
     for index, text in enumerate(inputs):
-        m = DATA_URI.match(text)
-        groups.setdefault(m["kind"] if m else body.modality, []).append((index, text))
+        groups.setdefault(data_uri_kind(text, f"input[{index}]") or body.modality, []).append((index, text))
     encoders = (await api.describe(body.model)).encoders
     for modality in groups:
         dim = encoders[modality].dim if modality in encoders else None
@@ -55,9 +75,27 @@ async def embeddings(body: EmbeddingsRequest, api: ApiDep) -> dict[str, Any]:
                 raise ApiError(item_status(r.error.code), r.error.code, message)
             tokens += int(r.info.get("tokens", 0))
             data[index] = {"object": "embedding", "index": index, "embedding": _format(r.vector, body)}
-    api.metrics.requests.labels("/v1/embeddings", "200").inc()
+            if r.info.get("truncated_tokens"):  # MMEMBED_TOKEN_POLICY=truncate: said, not hidden
+                data[index]["truncated_tokens"] = r.info["truncated_tokens"]
     usage = {"prompt_tokens": tokens, "total_tokens": tokens}
     return JSONResponse({"object": "list", "data": data, "model": body.model, "usage": usage})
+
+
+@router.get("/v1/models")
+async def list_models(api: ApiDep) -> JSONResponse:
+    return JSONResponse({"object": "list", "data": [_model(api, name) for name in api.served]})
+
+
+@router.get("/v1/models/{model}")
+async def get_model(model: str, api: ApiDep) -> JSONResponse:
+    if model not in api.served:
+        message = f"model {model!r} is not served here; served: {sorted(api.served)}"
+        raise ApiError(404, "model_not_found", message, param="model")
+    return JSONResponse(_model(api, model))
+
+
+def _model(api: Api, name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": api.started, "owned_by": "mmembed"}
 
 
 @router.post("/encode/text")
@@ -114,5 +152,4 @@ def _native(api: Api, model: str, modality: str, results: list[EncodedItem]) -> 
         error = results[0].error
         assert error is not None
         raise ApiError(item_status(error.code), error.code, f"every item failed; items[0]: {error.message}")
-    api.metrics.requests.labels(f"/encode/{modality}", "200").inc()
     return JSONResponse({"model": model, "modality": modality, "data": out})

@@ -66,7 +66,6 @@ async def add_item(
         item_id = await api.backend.add_item(item)
     except (StoreError, ObjectStoreError) as exc:
         raise ApiError(503, "store_unavailable", str(exc)) from exc
-    api.metrics.requests.labels("/items", "201").inc()
     stored = await api.backend.get_item(item_id)
     assert stored is not None
     body = {"id": item_id, "vectors": sorted(vectors), "payload": stored.payload}

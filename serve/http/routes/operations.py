@@ -28,6 +28,7 @@ async def models(api: ApiDep) -> dict[str, Any]:
                     "dim": enc.dim,
                     "limits": {k: v for k, v in enc.limits.items() if v is not None},
                     "device": info.device,
+                    "version": info.version,
                     "replicas": {"min": spec.min_replicas, "max": spec.max_replicas},
                 }
             )

@@ -37,7 +37,6 @@ async def search(body: SearchRequest, request: Request, api: Annotated[Api, Depe
     except StoreError as exc:
         raise ApiError(422, "invalid_search", str(exc)) from exc
     shown = [asdict(h) | {"url": mounted(request, h.url)} for h in hits if h.id != body.item_id][: body.top_k]
-    api.metrics.requests.labels("/search", "200").inc()
     took_ms = round((time.perf_counter() - started) * 1000, 1)
     return JSONResponse(
         {"vector": vector, "model": model, "route": body.route, "query": became, "hits": shown, "took_ms": took_ms}

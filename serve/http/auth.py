@@ -1,4 +1,4 @@
-"""API keys and CORS for the HTTP API, as plain ASGI middleware (no Ray, no FastAPI).
+"""API keys and CORS for the HTTP API, as plain ASGI middleware.
 
 Keys are bearer tokens (``Authorization: Bearer KEY``, what the ``openai`` client sends) with
 a read or a write scope. Writes (adding and deleting items, bulk jobs) need a write key; reads
@@ -20,6 +20,8 @@ from typing import Any, Literal
 
 from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse
+
+from mmembed.serve.http.errors import error_response
 
 Scope = Literal["open", "read", "write"]
 
@@ -69,14 +71,10 @@ class ApiKeys:
         have = self.scope_of(token.strip()) if scheme.lower() == b"bearer" and token.strip() else None
         if have is None:
             message = "this endpoint needs an API key: send `Authorization: Bearer KEY`"
-            return _error(401, "unauthorized", message, {"WWW-Authenticate": 'Bearer realm="mmembed"'})
+            return error_response(401, "unauthorized", message, headers={"WWW-Authenticate": 'Bearer realm="mmembed"'})
         if need == "write" and have != "write":
-            return _error(403, "forbidden", "this endpoint changes the catalogue and needs a write key")
+            return error_response(403, "forbidden", "this endpoint changes the catalogue and needs a write key")
         return None
-
-
-def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status, headers=headers)
 
 
 class RequireKey:
