@@ -28,10 +28,12 @@ class BatchConfig(BaseModel):
 class ModelConfig(BaseModel):
     name: str = Field(description="A registry name (see `mmembed models list`).")
     batch: BatchConfig = BatchConfig()
-    num_cpus: float = Field(default=1.0, ge=0)
+    num_cpus: float = Field(
+        default=1.0, ge=0, description="CPUs each replica reserves (a one-node cluster short of CPUs scales them down)."
+    )
     num_gpus: float = Field(default=0.0, ge=0, description="GPU share per replica; fractions pack models on one GPU.")
-    min_replicas: int = Field(default=1, ge=0)
-    max_replicas: int = Field(default=1, ge=1)
+    min_replicas: int = Field(default=1, ge=0, description="Autoscaling floor (equal to max_replicas: a fixed count).")
+    max_replicas: int = Field(default=1, ge=1, description="Autoscaling ceiling.")
     target_ongoing_requests: float = Field(default=32, gt=0, description="Autoscaling target per replica.")
     max_queued_requests: int = Field(default=512, ge=1, description="Beyond this the caller gets 429 + Retry-After.")
 
@@ -84,7 +86,10 @@ DEFAULT_MODELS = ("demo-clip", "all-MiniLM-L6-v2", "whisper-base", "bind")
 class ServeConfig(BaseModel):
     """The application's arguments in the Serve config YAML (``applications[].args``)."""
 
-    models: list[ModelConfig] = Field(default_factory=lambda: [ModelConfig(name=n) for n in DEFAULT_MODELS])
+    models: list[ModelConfig] = Field(
+        default_factory=lambda: [ModelConfig(name=n) for n in DEFAULT_MODELS],
+        description="The models to serve, one encoder deployment each.",
+    )
     max_body_bytes: int = Field(default=64_000_000, ge=1, description="Larger requests get 413.")
     max_items_per_request: int = Field(
         default=2048, ge=1, description="Larger requests get 413 (400 on /v1/embeddings); OpenAI's own limit."

@@ -11,7 +11,7 @@ from typing import Literal
 @dataclass(frozen=True)
 class IndexConfig:
     """The approximate index a collection searches with, as measured on a million demo-clip points by
-    ``bench/bulk_scale.py`` (README, "Scale: a million items": ef=128 gave recall@10 1.0 at 0.64 ms p50
+    ``bench/bulk_scale.py`` (docs/benchmarks.md, "Scale: a million items": ef=128 gave recall@10 1.0 at 0.64 ms p50
     over 990k points, int8 quantization 0.91). Graph and segment settings apply to collections created with them;
     ``ef`` and rescoring apply to every search."""
 

@@ -499,7 +499,7 @@ class EdgeStore(VectorStore):
     def _create(self, vectors: dict[str, int]) -> None:
         """Sealed segments live on disk (memory-mapped, read through the page cache) and stop growing at
         ``segment_points``, so this process's memory holds the segment being written or built, not the
-        collection: measured flat from 100k to 1M points (README, "Scale: a million items")."""
+        collection: measured flat from 100k to 1M points (docs/benchmarks.md, "Scale: a million items")."""
         self.path.mkdir(parents=True, exist_ok=True)
         quantization = None
         if self.index.quantization == "int8":

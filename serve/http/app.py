@@ -38,7 +38,7 @@ def create_app(
 
 def bare_app() -> FastAPI:
     """Every route, middleware and error handler, with nothing behind them: what the API looks
-    like, for checks of its description (the README's endpoints, the OpenAPI schema)."""
+    like, for checks of its description (the endpoints the docs name, the OpenAPI schema)."""
     # FastAPI's own /docs loads its scripts from a CDN; ours serves them from /ui/. No ReDoc page:
     # its bundle fetches a logo from cdn.redoc.ly, so it cannot be served offline as shipped.
     app = FastAPI(
