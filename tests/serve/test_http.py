@@ -141,6 +141,14 @@ def test_text_over_the_character_limit_fails_alone(api: str):
     assert refused.status_code == 400 and refused.json()["error"]["code"] == "text_too_long"
 
 
+def test_over_long_texts_say_they_were_truncated(api: str):
+    """MMEMBED_TOKEN_POLICY=truncate (the default): the embedding object says so, as OpenAI would refuse."""
+    long = " ".join(["a red circle"] * 200)  # 600 words, over MiniLM's 256 tokens
+    body = {"model": "all-MiniLM-L6-v2", "input": [long, "short"]}
+    data = httpx.post(f"{api}/v1/embeddings", json=body, timeout=60).json()["data"]
+    assert data[0]["truncated_tokens"] > 300 and "truncated_tokens" not in data[1]
+
+
 def test_metrics_count_items_and_ray_exports_the_batches(ray_cluster, api: str):
     """Our series count items and requests; batch sizes and times are Ray Serve's own, per deployment."""
     import ray
