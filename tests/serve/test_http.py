@@ -158,7 +158,7 @@ def test_metrics_count_items_and_ray_exports_the_batches(ray_cluster, api: str):
     assert 'mmembed_items_total{modality="text",model="all-MiniLM-L6-v2"}' in text
     assert 'mmembed_requests_total{endpoint="/encode/text",method="POST",status="200"}' in text
     port = ray.nodes()[0]["MetricsExportPort"]
-    wanted = ("ray_serve_actual_batch_size_count{", 'deployment="all-MiniLM-L6-v2"', 'function_name="_batch_text"')
+    wanted = ("ray_serve_actual_batch_size", 'deployment="encoder-all-MiniLM-L6-v2"', 'function_name="_batch_text"')
     deadline = time.monotonic() + 90  # Ray's agent exports on its own interval
     while time.monotonic() < deadline:
         lines = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text.splitlines()

@@ -78,7 +78,8 @@ def test_a_job_runs_in_the_background_and_its_state_outlives_the_server(setup: d
         assert found[0]["url"].startswith("/jobs-app/objects/")
         assert httpx.get(f"http://127.0.0.1:{setup['port']}{found[0]['url']}").status_code == 200
         metrics = httpx.get(f"{api}/metrics").text
-        assert f'mmembed_job_progress{{job="{job}"}} 1.0' in metrics
+        assert f'mmembed_job_progress{{job_id="{job}"}}' not in metrics  # a finished job leaves the gauges
+        assert 'mmembed_jobs{status="done"}' in metrics
         assert httpx.post(f"{api}/ingest", json={"source": str(folder), "models": ["nope"]}).status_code == 422
         assert httpx.get(f"{api}/jobs/unknown").json()["error"]["code"] == "job_not_found"
     finally:
