@@ -3,11 +3,13 @@ million points, and bulk ingest against the raw forward ceiling.
 
     python bench/bulk_scale.py [--texts 1000000] [--images 100000] [--work /tmp/mmembed-scale]
                                [--parts ceiling,texts,search,images] [--kill-up-to N] [--no-int8]
+                               [--redo rerun,sync]
                                [--out bench/results/bulk_scale.json]
 
 A run cut off is taken up where it stopped: steps already in ``--out`` whose data is still under
-``--work`` are kept. ``--kill-up-to`` limits the SIGKILL-and-resume step (the longest) to sizes up
-to N.
+``--work`` are kept, unless named in ``--redo`` (after a change to the code they measure; an unchanged
+rerun first brings a collection that ``--sync`` shrank back to the whole source). ``--kill-up-to``
+limits the SIGKILL-and-resume step (the longest) to sizes up to N.
 
 Parts, each written to ``--out`` as soon as it ends (a long run that is cut off keeps what it measured):
 
@@ -177,6 +179,9 @@ def scenario(
         out["first"] = sized(child([str(source), str(data), *base]), data)
         save()
     if "rerun" not in out:
+        if _points(data) < total:  # measured again (--redo) after --sync shrank the source: catch up first
+            print(f"[{name}] bringing the collection back to the whole source", flush=True)
+            child([str(source), str(data), *base])
         print(f"[{name}] unchanged rerun", flush=True)
         out["rerun"] = sized(child([str(source), str(data), *base]), data)
         out["rerun"]["time_vs_first"] = out["rerun"]["total_s"] / out["first"]["total_s"]
@@ -225,9 +230,13 @@ def _points(data: Path) -> int:
 
 
 def ratios(small: dict[str, Any], large: dict[str, Any]) -> dict[str, float]:
-    per_item = [r["first"]["run_s"] / r["items"] for r in (small, large)]
+    def per_item(step: str, key: str) -> float:
+        return (large[step][key] / large["items"]) / (small[step][key] / small["items"])
+
     return {
-        "per_item_time_large_vs_small": per_item[1] / per_item[0],
+        "per_item_time_large_vs_small": per_item("first", "run_s"),
+        "rerun_per_item_time_large_vs_small": per_item("rerun", "total_s"),
+        "sync_per_item_time_large_vs_small": per_item("sync", "total_s"),
         "peak_rss_large_vs_small": large["first"]["peak_rss_mb"] / small["first"]["peak_rss_mb"],
         "peak_anon_large_vs_small": large["first"]["peak_anon_mb"] / small["first"]["peak_anon_mb"],
     }
@@ -448,6 +457,7 @@ def main() -> None:
     parser.add_argument("--parts", default="ceiling,texts,search,images")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--kill-up-to", type=int, default=10**9, help="run the SIGKILL-and-resume step up to this size")
+    parser.add_argument("--redo", default="", help="steps to measure again on the data kept from a run: rerun,sync")
     parser.add_argument("--no-int8", action="store_true", help="search: measure the shipped index only")
     args = parser.parse_args()
     _OUT = args.out
@@ -462,6 +472,8 @@ def main() -> None:
         sizes = earlier.get(part, {})
         for count in (large // 10, large):
             measured = sizes.setdefault(str(count), {})
+            for step in args.redo.split(",") if args.redo else ():
+                measured.pop(step, None)
             save = lambda: save_part(part, sizes)  # noqa: E731
             kill = count <= args.kill_up_to
             scenario(

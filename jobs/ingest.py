@@ -244,10 +244,13 @@ class Ingest:
         self.jobs.begin_plan(self.job, resume=resumed)
         plan = Plan(self.job, 0, 0, 0, 0, 0, resumed, price_per_hour=self.options.price_per_hour)
         listing = iter_source(self.options.source, self._s3_client())
+        listed_in_store = 0  # listed items whose point this source wrote: the rest of its points are gone
         for start, chunk in _chunks(listing, PLAN_CHUNK):
             ids = [point_id(i.uri) for i in chunk]
             self.jobs.record_listing(self.job, list(zip(ids, (i.uri for i in chunk), strict=True)))
-            stored = {k: p.get("source_version") for k, p in self.catalog.payloads(ids, ["source_version"]).items()}
+            payloads = self.catalog.payloads(ids, ["source_version", "source"])
+            stored = {k: p.get("source_version") for k, p in payloads.items()}
+            listed_in_store += sum(1 for p in payloads.values() if p.get("source") == self.options.source)
             uris = [i.uri for i in chunk]
             # A resumed run finishes what is pending and leaves the dead letters; a new run retries them:
             # items this job did not finish, even where a write that failed half-way left their point.
@@ -267,8 +270,11 @@ class Ingest:
             self._estimate_remote(plan, captions, sum(1 for _, i in todo if i.kind == "audio"))
         self.jobs.end_listing(self.job, self.options.source)
         plan.unchanged = plan.total - plan.to_check
-        plan.gone = self._gone()
-        plan.deleted = len(plan.gone)
+        if self.options.sync:
+            plan.gone = self._gone()
+            plan.deleted = len(plan.gone)
+        else:  # only counted: one indexed count instead of a scan of the source's points
+            plan.deleted = self.catalog.vectors.count({"source": self.options.source}) - listed_in_store
         if calibrate and plan.sample:
             plan.seconds_per_item = self._calibrate(plan.sample)
         return plan
@@ -300,8 +306,8 @@ class Ingest:
         started = time.perf_counter()
         self.jobs.update(self.job, status="running")
         if self.options.sync and plan.gone:
-            for item_id in plan.gone:
-                retrying(self.options.attempts)(self.catalog.delete)(item_id)
+            for _, ids in _chunks(plan.gone, PLAN_CHUNK):
+                retrying(self.options.attempts)(self.catalog.delete_many)(ids)
             summary.deleted = len(plan.gone)
         done: list[str] = []
         remote = self.models.remote()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,20 +110,28 @@ class Catalog:
         self.vectors.upsert([Point(item_id, {}, payload)])
 
     def delete(self, item_id: str) -> bool:
-        """Removes the point, and its object unless another item holds the same bytes.
+        return bool(self.delete_many([item_id]))
 
-        The object goes first: if deleting the point then fails, a retry finds the point again and
-        finishes (both deletes are idempotent). Point first would leave the object orphaned, with
-        nothing left to find it by."""
-        found = self.vectors.retrieve([item_id])
+    def delete_many(self, ids: Sequence[str]) -> list[str]:
+        """Removes the points, and each object no point outside ``ids`` still holds; returns the ids found.
+
+        A constant number of store queries per call, whatever its size (a ``--sync`` of 10,000 items
+        does not make 10,000 counts over every segment). Objects go first: if deleting the points
+        then fails, a retry finds them again and finishes (both deletes are idempotent). Points
+        first would leave objects orphaned, with nothing left to find them by."""
+        found = self.vectors.retrieve(list(ids), fields=["object_uri", "content_hash"])
         if not found:
-            return False
-        payload = found[0].payload
-        holds = "object_uri" in payload and self.vectors.count({"content_hash": payload["content_hash"]}) == 1
-        if holds:  # this point is the only holder of the object
-            self.objects.delete(payload["object_uri"])
-        self.vectors.delete([item_id])
-        return True
+            return []
+        going = {p.id for p in found}
+        objects = {p.payload["content_hash"]: p.payload["object_uri"] for p in found if "object_uri" in p.payload}
+        if objects:
+            holders = [i for i in self.vectors.iter_ids({"content_hash": list(objects)}) if i not in going]
+            for kept in self.vectors.retrieve(holders, fields=["content_hash"]):
+                objects.pop(kept.payload["content_hash"], None)
+        for uri in objects.values():
+            self.objects.delete(uri)
+        self.vectors.delete(sorted(going))
+        return sorted(going)
 
     def get(self, item_id: str, with_vectors: bool = False) -> Point | None:
         found = self.vectors.retrieve([item_id], with_vectors=with_vectors)

@@ -353,3 +353,21 @@ def test_an_object_two_items_share_goes_with_the_last_of_them(tmp_path: Path) ->
     assert catalog.delete(first) and objects.exists(uri)  # the other item still shows it
     assert catalog.delete(second) and not objects.exists(uri)
     assert not catalog.delete(second)
+
+
+def test_a_batched_delete_frees_only_the_objects_no_surviving_item_holds(tmp_path: Path) -> None:
+    objects = LocalObjects(tmp_path / "objects")
+    catalog = Catalog(EdgeStore(tmp_path / "vectors"), objects)
+    catalog.open({"v": 4})
+    vector = {"v": np.array([1.0, 0.0, 0.0, 0.0], np.float32)}
+    ids = {
+        name: catalog.add(NewItem(data, "image", "image/png", vector, source_uri=f"file:///{name}.png"))
+        for name, data in [("a1", b"shared"), ("a2", b"shared"), ("b1", b"both"), ("b2", b"both"), ("c", b"alone")]
+    }
+    uri = {name: catalog.get(i).payload["object_uri"] for name, i in ids.items()}
+    deleted = catalog.delete_many([ids["a1"], ids["b1"], ids["b2"], ids["c"], point_id("file:///never.png")])
+    assert sorted(deleted) == sorted([ids["a1"], ids["b1"], ids["b2"], ids["c"]])
+    assert objects.exists(uri["a2"])  # a2 still shows the shared bytes
+    assert not objects.exists(uri["b1"]) and not objects.exists(uri["c"])
+    assert [p.id for p in catalog.vectors.retrieve(list(ids.values()))] == [ids["a2"]]
+    assert catalog.delete_many([ids["a1"]]) == []

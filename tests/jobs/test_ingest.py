@@ -75,6 +75,8 @@ def test_a_rerun_embeds_only_what_changed_and_sync_deletes_what_is_gone(env):
     rows = [json.loads(line) for line in env["manifest"].read_text().splitlines()]
     env["manifest"].write_text("".join(json.dumps(r) + "\n" for r in rows if r["uri"] != "scene-2.png"))
     before = env["catalog"].get(point_id("file://" + str(folder / "scene-0.png")), with_vectors=True)
+    counted, listed = _ingest(env).plan(calibrate=False), _ingest(env, sync=True).plan(calibrate=False)
+    assert counted.deleted == listed.deleted == len(listed.gone) == 1 and counted.gone == []  # counted, not listed
     summary = _ingest(env, sync=True).run(progress=False)
     assert (summary.written, summary.refreshed, summary.deleted) == (1, 1, 1), summary
     assert env["catalog"].vectors.count() == SCENES - 1

@@ -7,6 +7,7 @@ import json
 import math
 import subprocess
 import sys
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -121,6 +122,8 @@ def test_adding_a_vector_keeps_the_other_vector_and_the_payload(store: VectorSto
 def test_point_ids_are_deterministic_and_a_rerun_does_not_duplicate(store: VectorStore) -> None:
     assert point_id("s3://bucket/images/cat.jpg") == "c1efb60a-2724-5ad2-9501-09b3202f995e"
     assert point_id("s3://bucket/images/cat.jpg") != point_id("s3://bucket/images/dog.jpg")
+    for uri in ("", "caption-0000042", "file:///tmp/é t€st/☃.png", "s3://b/" + "x" * 5000):  # ids already stored
+        assert point_id(uri) == str(uuid.uuid5(uuid.NAMESPACE_URL, uri))
     vectors = _random_vectors(20, 8)
     points = [Point(point_id(f"file:///{i}.jpg"), {IMAGE: v}, {"n": i}) for i, v in enumerate(vectors)]
     store.upsert(points, batch_size=7)
