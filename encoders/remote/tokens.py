@@ -93,14 +93,19 @@ def read_tiktoken_file(path: Path) -> dict[bytes, int]:
     return ranks
 
 
-def tiktoken_counter(path: Path, name: str) -> TokenCounter:
+def load_encoding(path: Path, name: str) -> Any:
+    """A ``tiktoken.Encoding`` from its ranks file, with no network: tiktoken's own loader would
+    download the file wherever its cache misses."""
     try:
         import tiktoken
     except ImportError as exc:  # a dependency of this project; only a trimmed install lacks it
         raise ModelNotAvailable(f"tiktoken is not installed, so {path} cannot be read: pip install tiktoken") from exc
 
-    ranks = read_tiktoken_file(path)
-    encoding = tiktoken.Encoding(name, pat_str=CL100K_PATTERN, mergeable_ranks=ranks, special_tokens={})
+    return tiktoken.Encoding(name, pat_str=CL100K_PATTERN, mergeable_ranks=read_tiktoken_file(path), special_tokens={})
+
+
+def tiktoken_counter(path: Path, name: str) -> TokenCounter:
+    encoding = load_encoding(path, name)
     return TokenCounter(f"tiktoken:{name}", lambda t: encoding.encode(t, disallowed_special=()), encoding.decode)
 
 

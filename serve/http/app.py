@@ -31,7 +31,11 @@ def create_app(
     app.state.max_body_bytes = config.max_body_bytes
     limits = FetchLimits(max_bytes=config.max_body_bytes, policy=settings.url_policy())
     app.state.api = Api(
-        backend, config, limits, objects if objects is not None else object_store(settings.objects_config())
+        backend,
+        config,
+        limits,
+        settings.models_config(),
+        objects if objects is not None else object_store(settings.objects_config()),
     )
     return app
 

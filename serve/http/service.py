@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import Request
 
 from mmembed.contracts import EncodedItem, ItemError, ModelInfo
+from mmembed.encoders.config import ModelsConfig
 from mmembed.loaders.fetch import FetchLimits
 from mmembed.serve.config import ServeConfig
 from mmembed.serve.http.backend import Backend
@@ -41,6 +42,7 @@ class Api:
     backend: Backend
     config: ServeConfig
     fetch_limits: FetchLimits
+    models: ModelsConfig  # where token-id clients' tokenizer files are found
     objects: ObjectStore | None = None  # the local object store the app serves files from, if any
     metrics: Metrics = field(default_factory=Metrics)
     started: int = field(default_factory=lambda: int(time.time()))  # the models' "created", for /v1/models

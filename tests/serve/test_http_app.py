@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pytest
 import soundfile as sf
 from fake_backend import TRANSCRIPT, FakeBackend, unit_vector
 from fastapi.testclient import TestClient
@@ -16,6 +17,7 @@ from http_app import MODELS, PNG, WAV, api_error, b64, client_for, config
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from mmembed.config import Settings
 from mmembed.serve.config import ServeConfig
 
 # --- operations ---------------------------------------------------------------------------
@@ -275,3 +277,24 @@ def test_data_uris_of_other_media_types_are_sniffed_or_refused(client: TestClien
         message = api_error(post("demo-clip", uri), 400, "unsupported_media_type", "input")
         assert message.startswith("input[0]: a data URI of ")
     assert post("demo-clip", "data: the new oil").status_code == 200  # text that only starts like one
+
+
+def test_token_ids_are_read_with_the_file_in_the_tokenizer_dir_and_refused_without_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server never downloads an encoding: it reads ``MMEMBED_REMOTE_TOKENIZER_DIR`` or tiktoken's cache."""
+    import tiktoken
+
+    cached = Settings.tiktoken_cache_dir()
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty-cache"))
+    without = client_for(tmp_path / "a")
+    refused = without.post("/v1/embeddings", json={"model": "all-MiniLM-L6-v2", "input": [[64, 2579]]})
+    assert "MMEMBED_REMOTE_TOKENIZER_DIR" in api_error(refused, 400, "token_arrays_unsupported", "input")
+    folder = tmp_path / "tokenizers"
+    folder.mkdir()
+    [ranks] = [p for p in cached.iterdir() if p.stat().st_size > 1_000_000]  # the one file the setup puts there
+    (folder / "cl100k_base.tiktoken").write_bytes(ranks.read_bytes())
+    monkeypatch.setenv("MMEMBED_REMOTE_TOKENIZER_DIR", str(folder))
+    ids = tiktoken.get_encoding("cl100k_base").encode("a red circle")
+    data = client_for(tmp_path / "b").post("/v1/embeddings", json={"model": "all-MiniLM-L6-v2", "input": [ids]}).json()
+    assert np.allclose(data["data"][0]["embedding"], unit_vector(12, "all-MiniLM-L6-v2", "a red circle"))

@@ -43,9 +43,9 @@ async def _embeddings(body: EmbeddingsRequest, api: Api) -> JSONResponse:
     if not inputs:
         raise ApiError(422, "empty_input", "input is an empty list")
     if all(isinstance(i, int) for i in inputs):  # one input as token ids
-        inputs = await token_ids.decode([inputs], api.config.token_ids_encoding)  # type: ignore[list-item]
+        inputs = await token_ids.decode([inputs], api.config.token_ids_encoding, api.models)  # type: ignore[list-item]
     elif not all(isinstance(i, str) for i in inputs):
-        inputs = await token_ids.decode(inputs, api.config.token_ids_encoding)  # type: ignore[arg-type]
+        inputs = await token_ids.decode(inputs, api.config.token_ids_encoding, api.models)  # type: ignore[arg-type]
     limit = api.config.max_items_per_request
     if len(inputs) > limit:
         raise ApiError(413, "too_many_items", f"{len(inputs)} inputs; at most {limit} a request")
