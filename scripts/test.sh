@@ -3,10 +3,12 @@
 #   scripts/test.sh [PYTEST ARGS]          everything: the README's test command, and CI's
 #   scripts/test.sh --fast [PYTEST ARGS]   the fast lane while working: no Ray, browser, subprocess
 #                                          or slow tests (see the markers in pyproject.toml)
+# VENV and PYTHON choose the environment (scripts/setup.sh); CI also runs the fast lane on 3.12.
 # Needs espeak-ng, ffmpeg, redis-server and chromium on PATH (Debian: apt-get install -y espeak-ng
 # ffmpeg redis-server chromium); .ci/run installs them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export VENV=${VENV:-.venv}
 lane=()
 if [ "${1:-}" = "--fast" ]; then
   shift
@@ -16,7 +18,7 @@ for tool in espeak-ng ffmpeg redis-server chromium; do
   command -v "$tool" >/dev/null || { echo "missing $tool: apt-get install -y espeak-ng ffmpeg redis-server chromium" >&2; exit 1; }
 done
 bash scripts/setup.sh
-.venv/bin/ruff check .
-.venv/bin/ruff format --check .
+"$VENV"/bin/ruff check .
+"$VENV"/bin/ruff format --check .
 bash scripts/lint-imports.sh
-.venv/bin/python -m pytest "${lane[@]}" "$@"
+"$VENV"/bin/python -m pytest "${lane[@]}" "$@"
