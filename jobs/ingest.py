@@ -235,22 +235,34 @@ class Ingest:
     # --- plan ------------------------------------------------------------------------------
 
     def plan(self, calibrate: bool = True) -> Plan:
-        """Streams the listing through the job store chunk by chunk: each chunk's stored versions
-        (one store read), prior states and dead letters (one indexed query each), and its planned
-        items (one write). Memory holds a chunk, the calibration sample and the points to delete."""
+        """Streams the listing through the job store chunk by chunk: each chunk's written versions
+        (one ledger query, or one store read when the ledger cannot be trusted), prior states and
+        dead letters (one indexed query each), and its planned items (one write). Memory holds a
+        chunk, the calibration sample and the points to delete."""
         row = self.jobs.create(self.job, self.options.source, self.options.job_config(self.settings))
         self.models  # noqa: B018  (opens the collection with the models' layout)
         resumed = row.status in ("running", "interrupted") and self.jobs.has_pending(self.job)
         self.jobs.begin_plan(self.job, resume=resumed)
         plan = Plan(self.job, 0, 0, 0, 0, 0, resumed, price_per_hour=self.options.price_per_hour)
+        ledger = self.jobs.ledger(self.job)
+        source_points = self.catalog.vectors.count({"source": self.options.source})
+        trusted = source_points == self.jobs.written_count(ledger)
+        if not trusted:  # rebuilt from the store's answers, chunk by chunk
+            self.jobs.forget_written(ledger)
+        listed_written = 0  # listed items whose point this source wrote: the rest of its points are gone
         listing = iter_source(self.options.source, self._s3_client())
-        listed_in_store = 0  # listed items whose point this source wrote: the rest of its points are gone
         for start, chunk in _chunks(listing, PLAN_CHUNK):
             ids = [point_id(i.uri) for i in chunk]
             self.jobs.record_listing(self.job, list(zip(ids, (i.uri for i in chunk), strict=True)))
-            payloads = self.catalog.payloads(ids, ["source_version", "source"])
-            stored = {k: p.get("source_version") for k, p in payloads.items()}
-            listed_in_store += sum(1 for p in payloads.values() if p.get("source") == self.options.source)
+            if trusted:
+                stored = self.jobs.written_versions(ledger, ids)
+                listed_written += len(stored)
+            else:
+                payloads = self.catalog.payloads(ids, ["source_version", "source"])
+                stored = {k: p.get("source_version") for k, p in payloads.items()}
+                mine = {k: stored[k] for k, p in payloads.items() if p.get("source") == self.options.source}
+                self.jobs.record_written(ledger, mine)
+                listed_written += len(mine)
             uris = [i.uri for i in chunk]
             # A resumed run finishes what is pending and leaves the dead letters; a new run retries them:
             # items this job did not finish, even where a write that failed half-way left their point.
@@ -260,21 +272,21 @@ class Ingest:
             for n, (item_id, item) in enumerate(zip(ids, chunk, strict=True)):
                 finished = item_id in stored and item.version is not None and stored[item_id] == item.version
                 if item.uri in pending or item.uri in failed or not finished:
-                    todo.append((start + n, item))
+                    todo.append((start + n, item_id, item))
                     plan.new += item_id not in stored
             self.jobs.plan(self.job, todo)
             plan.total += len(chunk)
             plan.to_check += len(todo)
-            plan.sample.extend(item for _, item in todo[: self.options.calibrate - len(plan.sample)])
-            captions = [i.caption for _, i in todo if i.kind == "image" and i.caption and i.caption.strip()]
-            self._estimate_remote(plan, captions, sum(1 for _, i in todo if i.kind == "audio"))
+            plan.sample.extend(item for _, _, item in todo[: self.options.calibrate - len(plan.sample)])
+            captions = [i.caption for _, _, i in todo if i.kind == "image" and i.caption and i.caption.strip()]
+            self._estimate_remote(plan, captions, sum(1 for _, _, i in todo if i.kind == "audio"))
         self.jobs.end_listing(self.job, self.options.source)
         plan.unchanged = plan.total - plan.to_check
         if self.options.sync:
-            plan.gone = self._gone()
+            plan.gone = self.jobs.unlisted_written(self.job, ledger) if trusted else self._gone()
             plan.deleted = len(plan.gone)
-        else:  # only counted: one indexed count instead of a scan of the source's points
-            plan.deleted = self.catalog.vectors.count({"source": self.options.source}) - listed_in_store
+        else:  # only counted: the source's points less those listed
+            plan.deleted = source_points - listed_written
         if calibrate and plan.sample:
             plan.seconds_per_item = self._calibrate(plan.sample)
         return plan
@@ -306,8 +318,10 @@ class Ingest:
         started = time.perf_counter()
         self.jobs.update(self.job, status="running")
         if self.options.sync and plan.gone:
+            ledger = self.jobs.ledger(self.job)
             for _, ids in _chunks(plan.gone, PLAN_CHUNK):
                 retrying(self.options.attempts)(self.catalog.delete_many)(ids)
+                self.jobs.forget_written(ledger, ids)
             summary.deleted = len(plan.gone)
         done: list[str] = []
         remote = self.models.remote()

@@ -9,6 +9,14 @@ order and indexed once it is whole (a sort: a million inserts into a B-tree cost
 which finds the points gone from the source and the items listed twice. Every one of those is
 an indexed query per chunk or window, never one per item.
 
+The ledger (``written``) records, per source and collection, the point each item has and the
+listing version it was written at. A plan trusts it instead of looking every listed item up in
+the vector store while the store's count of the source's points equals the ledger's: the
+embedded engine's lookup by id visits every segment, so at a million points those lookups
+cost more per item than the rest of a rerun. Anything that changes the count behind the
+ledger's back (a point deleted over HTTP, a job cut off between writing and recording) sends
+the next plan to the store, which then rebuilds the ledger.
+
 SQLite because it survives SIGKILL mid-write (the WAL journal), needs no server, and is
 shared safely by the CLI and the server's job runner on one machine.
 """
@@ -40,6 +48,9 @@ CREATE TABLE IF NOT EXISTS items (
     PRIMARY KEY (job_id, uri)
 );
 CREATE INDEX IF NOT EXISTS items_pending ON items (job_id, status, position);
+CREATE TABLE IF NOT EXISTS written (
+    ledger TEXT NOT NULL, point TEXT NOT NULL, version TEXT, PRIMARY KEY (ledger, point)
+) WITHOUT ROWID;
 DROP TABLE IF EXISTS listed;
 CREATE TABLE IF NOT EXISTS dead_letters (
     job_id TEXT NOT NULL, uri TEXT NOT NULL, code TEXT NOT NULL, reason TEXT NOT NULL,
@@ -74,6 +85,11 @@ def _listing(job: str) -> str:
     return f"listing_{job}"
 
 
+def ledger_id(source: str, collection: str) -> str:
+    """Every job over one source writes the same points of a collection, whatever its models."""
+    return hashlib.sha256(json.dumps([source, collection]).encode()).hexdigest()[:16]
+
+
 def job_id(source: str, config: dict[str, Any]) -> str:
     """The same source with the same models and collection is the same job: running it again
     resumes it instead of starting over."""
@@ -88,8 +104,9 @@ class JobStore:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
         columns = {r[1] for r in self._db.execute("PRAGMA table_info(items)")}
-        if "item" not in columns:  # a job store written before plans were kept here
-            self._db.execute("ALTER TABLE items ADD COLUMN item TEXT")
+        for column in ("item", "point", "version"):  # a job store written before these were kept
+            if column not in columns:
+                self._db.execute(f"ALTER TABLE items ADD COLUMN {column} TEXT")
         self._db.execute("PRAGMA temp.cache_size = -16384")  # KiB: a plan's listing spills to disk past it
         self._lock = threading.Lock()
 
@@ -196,15 +213,16 @@ class JobStore:
         )
         return {r[0] for r in rows}
 
-    def plan(self, job: str, items: Sequence[tuple[int, SourceItem]]) -> None:
-        """Record items a run must write, at their listing positions; items already planned (a resumed
-        run's) keep their state."""
+    def plan(self, job: str, items: Sequence[tuple[int, str, SourceItem]]) -> None:
+        """Record items a run must write, at their listing positions, with their point ids; items
+        already planned (a resumed run's) keep their state."""
         self._many(
-            "INSERT INTO items (job_id, uri, position, status, item) VALUES (?, ?, ?, ?, ?) "
-            "ON CONFLICT (job_id, uri) DO UPDATE SET position = excluded.position, item = excluded.item",
+            "INSERT INTO items (job_id, uri, position, status, item, point, version) VALUES (?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (job_id, uri) DO UPDATE SET position = excluded.position, item = excluded.item, "
+            "point = excluded.point, version = excluded.version",
             [
-                (job, i.uri, n, PENDING, json.dumps([getattr(i, f) for f in _ITEM_FIELDS], default=str))
-                for n, i in items
+                (job, i.uri, n, PENDING, json.dumps([getattr(i, f) for f in _ITEM_FIELDS], default=str), pid, i.version)
+                for n, pid, i in items
             ],
         )
 
@@ -221,6 +239,55 @@ class JobStore:
         self._many("UPDATE items SET status = ? WHERE job_id = ? AND uri = ?", [(status, job, u) for u in uris])
         if status == DONE:  # written after all (a rerun, a retry): a dead letter of theirs no longer stands
             self._many("DELETE FROM dead_letters WHERE job_id = ? AND uri = ?", [(job, u) for u in uris])
+            ledger = self.ledger(job)
+            self._many(
+                "INSERT INTO written (ledger, point, version) SELECT ?, point, version FROM items "
+                "WHERE job_id = ? AND uri = ? AND point IS NOT NULL "
+                "ON CONFLICT (ledger, point) DO UPDATE SET version = excluded.version",
+                [(ledger, job, u) for u in uris],
+            )
+
+    # --- the ledger: what each source's jobs wrote ------------------------------------------
+
+    def ledger(self, job: str) -> str:
+        row = self.get(job)
+        if row is None:
+            raise KeyError(job)
+        return ledger_id(row.source, row.config.get("collection", ""))
+
+    def written_count(self, ledger: str) -> int:
+        return int(self._run("SELECT COUNT(*) FROM written WHERE ledger = ?", (ledger,))[0][0])
+
+    def written_versions(self, ledger: str, points: Sequence[str]) -> dict[str, str | None]:
+        """The version each of these points was written at, for those the ledger has."""
+        rows = self._run(
+            f"SELECT point, version FROM written WHERE ledger = ? AND point IN ({','.join('?' * len(points))})",
+            (ledger, *points),
+        )
+        return dict(rows)  # type: ignore[arg-type]
+
+    def record_written(self, ledger: str, versions: dict[str, str | None]) -> None:
+        """What the store says a chunk's points hold: the ledger rebuilt as a plan reads the store."""
+        self._many(
+            "INSERT OR REPLACE INTO written (ledger, point, version) VALUES (?, ?, ?)",
+            [(ledger, p, v) for p, v in versions.items()],
+        )
+
+    def forget_written(self, ledger: str, points: Sequence[str] | None = None) -> None:
+        """``points`` deleted from the store; None: the whole ledger, before it is rebuilt."""
+        if points is None:
+            self._run("DELETE FROM written WHERE ledger = ?", (ledger,))
+        else:
+            self._many("DELETE FROM written WHERE ledger = ? AND point = ?", [(ledger, p) for p in points])
+
+    def unlisted_written(self, job: str, ledger: str) -> list[str]:
+        """Points the ledger has that the plan's listing did not name: one anti-join on its index."""
+        rows = self._run(
+            f"SELECT w.point FROM written w WHERE w.ledger = ? AND NOT EXISTS "
+            f'(SELECT 1 FROM temp."{_listing(job)}" l WHERE l.point = w.point)',
+            (ledger,),
+        )
+        return [r[0] for r in rows]
 
     def item_counts(self, job: str) -> dict[str, int]:
         return dict(self._run("SELECT status, COUNT(*) FROM items WHERE job_id = ? GROUP BY status", (job,)))  # type: ignore[arg-type]

@@ -222,6 +222,39 @@ def test_a_plan_queries_the_job_store_once_per_chunk_of_the_listing(env, tmp_pat
     assert env["jobs"].dead_letter_calls == math.ceil((SCENES + 1) / 4)
 
 
+class CountingEdgeStore(EdgeStore):
+    """A real store that counts lookups by id, the reads whose cost grows with its segments."""
+
+    retrieve_calls = 0
+
+    def retrieve(self, ids, with_vectors=False, fields=None):  # type: ignore[no-untyped-def]
+        self.retrieve_calls += 1
+        return super().retrieve(ids, with_vectors, fields)
+
+
+def test_a_rerun_trusts_the_ledger_while_the_store_agrees_and_reads_the_store_when_it_does_not(env, tmp_path: Path):
+    """A rerun looks no item up in the vector store while the store's count of the source's points
+    matches what the job store recorded writing; a point deleted behind its back (over HTTP, say)
+    sends the next plan to the store, which finds the missing item and rebuilds the ledger."""
+    store = CountingEdgeStore(tmp_path / "counted-vectors")
+    env["catalog"] = Catalog(store, LocalObjects(tmp_path / "counted-objects"))
+    first = _ingest(env).run(progress=False)
+    assert first.written == SCENES
+    store.retrieve_calls = 0
+    again = _ingest(env).plan(calibrate=False)
+    assert (again.unchanged, again.to_check, again.deleted) == (SCENES, 1, 0)  # the broken file only
+    assert store.retrieve_calls == 0
+    gone = point_id("file://" + str(env["manifest"].parent / "scene-4.png"))
+    assert env["catalog"].delete(gone)
+    store.retrieve_calls = 0
+    behind = _ingest(env).plan(calibrate=False)
+    assert (behind.unchanged, behind.to_check, behind.new) == (SCENES - 1, 2, 2)
+    assert store.retrieve_calls > 0
+    assert _ingest(env).run(progress=False).written == 1 and env["catalog"].get(gone) is not None
+    store.retrieve_calls = 0
+    assert _ingest(env).plan(calibrate=False).to_check == 1 and store.retrieve_calls == 0  # trusted again
+
+
 def test_a_run_reads_its_pending_items_a_window_at_a_time(env, tmp_path: Path):
     """A per-item query would make a job of a million items a million scans of the job table; one
     query for them all would hold a million items in memory. A run reads windows, plus the empty one."""
