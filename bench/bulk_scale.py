@@ -267,7 +267,9 @@ def drop_text_lines(path: Path) -> int:
 
 
 def write_images(folder: Path, count: int, size: int = 96) -> None:
-    """Small JPEGs of demo-world scenes (a few distinct renders, each made unique by one pixel)."""
+    """Small JPEGs of demo-world scenes (a few distinct renders, each made unique by one pixel). Files
+    already there are kept: the same ``n`` always draws the same image, so a folder that ``--sync``
+    shrank is made whole again by writing what is missing."""
     import numpy as np
     from PIL import Image
 
@@ -281,7 +283,9 @@ def write_images(folder: Path, count: int, size: int = 96) -> None:
         pixels[n % size, (n // size) % size] = [n % 251, n % 241, n % 239]
         sub = folder / f"{n // 1000:04d}"
         sub.mkdir(exist_ok=True)
-        Image.fromarray(pixels).save(sub / f"img-{n:07d}.jpg", quality=90)
+        path = sub / f"img-{n:07d}.jpg"
+        if not path.exists():
+            Image.fromarray(pixels).save(path, quality=90)
 
 
 def drop_images(folder: Path) -> int:
@@ -491,8 +495,7 @@ def main() -> None:
 
     def folder(count: int, measured: dict) -> Path:
         path = args.work / f"jpegs-{count}"
-        if "first" not in measured or not path.exists():
-            shutil.rmtree(path, ignore_errors=True)
+        if "sync" not in measured:  # --sync shrank it; a finished size keeps its measured source
             write_images(path, count)
         return path
 
