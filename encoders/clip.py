@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from mmembed.encoders.base import Encoder, InputError, Limits, Modality, Prepared
+from mmembed.encoders.base import Encoder, InputError, Limits, Modality, Prepared, TooManyTokens
 from mmembed.encoders.device import ImageToDevice, tokens_to_device
-from mmembed.encoders.tokens import check_text, fit_tokens
+from mmembed.encoders.tokens import check_text
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -64,11 +64,12 @@ class ClipImageEncoder(Encoder[Image.Image]):
 
 @dataclass(frozen=True)
 class TextTokens:
-    """How a family tokenises: content ids for a string, and its special/pad ids."""
+    """A family's own tokenizer, as its library feeds the model: ``ids`` gives a text's ids with
+    the library's cleaning, special tokens and truncation, padded to ``context_length`` with
+    ``pad``; ``count`` its length before truncation, for the token policy."""
 
-    encode: Callable[[str], list[int]]
-    sot: int
-    eot: int
+    ids: Callable[[str], list[int]]
+    count: Callable[[str], int]
     pad: int
     context_length: int
 
@@ -96,14 +97,11 @@ class ClipTextEncoder(Encoder[str]):
 
     def preprocess(self, item: str) -> Prepared:
         text = check_text(item)
-        ids, info = fit_tokens(
-            self._tokens.encode(text),
-            limit=self._tokens.context_length,
-            specials=2,
-            policy=self.policy,
-            model=self.model,
-        )
-        return Prepared([self._tokens.sot, *ids, self._tokens.eot], info)
+        total, limit = self._tokens.count(text), self._tokens.context_length
+        if total > limit and self.policy == "error":
+            raise TooManyTokens(total, limit, self.model)
+        kept = min(total, limit)  # the library's ids, less their padding (a batch pads again)
+        return Prepared(self._tokens.ids(text)[:kept], {"tokens": kept, "truncated_tokens": total - kept})
 
     @torch.inference_mode()
     def encode(self, batch: Sequence[Prepared]) -> np.ndarray:

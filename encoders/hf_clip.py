@@ -34,12 +34,13 @@ def load(
         mean, std, size = processor.image_mean, processor.image_std, processor.crop_size["height"]
     except OSError:  # a folder without preprocessor_config.json: CLIP's defaults
         mean, std, size = OPENAI_MEAN, OPENAI_STD, model.config.vision_config.image_size
-    tokens = TextTokens(
-        lambda text: tok(text, add_special_tokens=False)["input_ids"],
-        tok.bos_token_id,
-        tok.eos_token_id,
-        tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
-        model.config.text_config.max_position_embeddings,
+    context = model.config.text_config.max_position_embeddings
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    tokens = TextTokens(  # the model's own tokenizer, as CLIPProcessor calls it
+        lambda text: tok(text, max_length=context, truncation=True, padding="max_length")["input_ids"],
+        lambda text: len(tok(text, verbose=False)["input_ids"]),
+        pad,
+        context,
     )
     dim = model.config.projection_dim
     return {

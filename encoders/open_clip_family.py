@@ -36,15 +36,20 @@ def create(spec: ModelSpec, weights: Path | None) -> torch.nn.Module:
 
 
 def tokenizer_for(spec: ModelSpec, weights: Path | None) -> TextTokens:
+    """open_clip's own tokenizer for the model: its SimpleTokenizer (CLIP's BPE, start and end
+    tokens) or the HFTokenizer its config names (SigLIP's: no start token, its own pad id)."""
     name = spec.ref if spec.source in ("hub", "random") else f"local-dir:{weights}"
     tok = open_clip.get_tokenizer(name)
+
+    def ids(text: str) -> list[int]:
+        return tok([text])[0].tolist()
+
     if isinstance(tok, open_clip.SimpleTokenizer):
-        return TextTokens(tok.encode, tok.sot_token_id, tok.eot_token_id, 0, tok.context_length)
-    hf = tok.tokenizer  # open_clip.HFTokenizer wraps a transformers tokenizer
+        return TextTokens(ids, lambda text: len(tok.encode(text)) + 2, 0, tok.context_length)
+    hf = tok.tokenizer
     return TextTokens(
-        lambda text: hf(text, add_special_tokens=False)["input_ids"],
-        hf.bos_token_id if hf.bos_token_id is not None else hf.cls_token_id,
-        hf.eos_token_id if hf.eos_token_id is not None else hf.sep_token_id,
+        ids,
+        lambda text: len(hf(tok.clean_fn(text), verbose=False)["input_ids"]),
         hf.pad_token_id or 0,
         tok.context_length,
     )

@@ -7,15 +7,15 @@ import shutil
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from sentence_transformers import SentenceTransformer
 
-from mmembed.encoders.base import Encoder, Limits, Modality, Prepared
-from mmembed.encoders.tokens import check_text, fit_tokens
+from mmembed.encoders.base import Encoder, Limits, Modality, Prepared, TooManyTokens
+from mmembed.encoders.tokens import check_text
 
 if TYPE_CHECKING:
     from mmembed.encoders.config import ModelsConfig
@@ -23,6 +23,11 @@ if TYPE_CHECKING:
 
 
 class SentenceEncoder(Encoder[str]):
+    """Tokens from the model's own tokenizer, with its own special tokens (BERT's [CLS]/[SEP],
+    XLM-R's <s>/</s>), and the prompt its configuration names as the default (e5's "passage: ",
+    say), exactly as ``SentenceTransformer.encode`` would send them. Only the count is taken here,
+    so the token policy can truncate visibly or refuse."""
+
     modality = Modality.TEXT
 
     def __init__(self, name: str, model: SentenceTransformer, device: torch.device, policy: str) -> None:
@@ -30,26 +35,50 @@ class SentenceEncoder(Encoder[str]):
         self._tok = model.tokenizer
         self.dim = int(model.get_embedding_dimension())
         self.limits = Limits(max_tokens=int(model.max_seq_length))
+        self.prompt: str | None = model.prompts.get(model.default_prompt_name) if model.default_prompt_name else None
+        self._prompt_length = _prompt_length(model, self.prompt)
+        self._types = "token_type_ids" in self._tok.model_input_names
 
     def preprocess(self, item: str) -> Prepared:
         text = check_text(item)
-        ids = self._tok(text, add_special_tokens=False, verbose=False)["input_ids"]
-        ids, info = fit_tokens(
-            ids, limit=self.limits.max_tokens or 512, specials=2, policy=self.policy, model=self.model
-        )
-        return Prepared([self._tok.cls_token_id, *ids, self._tok.sep_token_id], info)
+        full = (self.prompt or "") + text
+        ids = self._tok(full, add_special_tokens=True, verbose=False)["input_ids"]
+        limit = self.limits.max_tokens or 512
+        if len(ids) <= limit:
+            return Prepared(ids, {"tokens": len(ids), "truncated_tokens": 0})
+        if self.policy == "error":
+            raise TooManyTokens(len(ids), limit, self.model)
+        kept = self._tok(full, add_special_tokens=True, truncation=True, max_length=limit, verbose=False)["input_ids"]
+        return Prepared(kept, {"tokens": len(kept), "truncated_tokens": len(ids) - len(kept)})
 
     @torch.inference_mode()
     def encode(self, batch: Sequence[Prepared]) -> np.ndarray:
         width = max(len(p.data) for p in batch)
         ids = torch.full((len(batch), width), self._tok.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
+        right = self._tok.padding_side == "right"
         for row, p in enumerate(batch):
-            ids[row, : len(p.data)] = torch.tensor(p.data)
-            mask[row, : len(p.data)] = 1
-        features = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
-        out = self._st({k: v.to(self._device, non_blocking=True) for k, v in features.items()})["sentence_embedding"]
+            span = slice(0, len(p.data)) if right else slice(width - len(p.data), width)
+            ids[row, span] = torch.tensor(p.data)
+            mask[row, span] = 1
+        features: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
+        if self._types:
+            features["token_type_ids"] = torch.zeros_like(ids)
+        features = {k: v.to(self._device, non_blocking=True) for k, v in features.items()}
+        if self._prompt_length is not None:
+            features["prompt_length"] = self._prompt_length
+        out = self._st(features)["sentence_embedding"]
         return F.normalize(out.float(), dim=-1).cpu().numpy()
+
+
+def _prompt_length(model: SentenceTransformer, prompt: str | None) -> int | None:
+    """Pooling that leaves the prompt out (``include_prompt: false``) needs its length in tokens, as
+    the library measures it: the prompt's tokens less a trailing special token."""
+    pooling = next((m for m in model if hasattr(m, "include_prompt")), None)
+    if not prompt or pooling is None or pooling.include_prompt:
+        return None
+    ids = model.tokenizer(prompt, add_special_tokens=True, verbose=False)["input_ids"]
+    return len(ids) - (ids[-1] in model.tokenizer.all_special_ids)
 
 
 def load(

@@ -1,13 +1,11 @@
-"""Token pre-validation shared by every text tower.
-
-open_clip and sentence-transformers truncate over-long text silently; here the count is
-taken first and the caller's policy decides: ``truncate`` (the result reports how many
-tokens were dropped) or ``error`` (a TooManyTokens naming the count and the limit).
-"""
+"""Text checks shared by every text tower: an empty text, a non-string or a lone surrogate is
+refused before any tokenizer sees it (a Rust tokenizer raises for the whole batch on one). The
+token count and the policy (truncate visibly or refuse) live with each family, which counts with
+the model's own tokenizer."""
 
 from __future__ import annotations
 
-from mmembed.encoders.base import EmptyInput, InputError, TooManyTokens
+from mmembed.encoders.base import EmptyInput, InputError
 
 
 def check_text(text: object) -> str:
@@ -20,16 +18,3 @@ def check_text(text: object) -> str:
     except UnicodeEncodeError as exc:
         raise InputError(f"text is not valid Unicode: a lone surrogate at position {exc.start}") from exc
     return text
-
-
-def fit_tokens(
-    ids: list[int], *, limit: int, specials: int, policy: str, model: str
-) -> tuple[list[int], dict[str, int]]:
-    """``ids`` are the content tokens; ``limit`` counts the ``specials`` (start/end) too."""
-    total = len(ids) + specials
-    if total <= limit:
-        return ids, {"tokens": total, "truncated_tokens": 0}
-    if policy == "error":
-        raise TooManyTokens(total, limit, model)
-    keep = limit - specials
-    return ids[:keep], {"tokens": limit, "truncated_tokens": total - limit}
