@@ -23,7 +23,7 @@ def create(spec: ModelSpec, weights: Path | None) -> torch.nn.Module:
     """``weights``: the provisioned checkpoint file (hub) or folder (shipped/local)."""
     if spec.source == "random":
         return open_clip.create_model(spec.ref, pretrained=None)
-    if spec.source == "hub":
+    if spec.source == "hub" and spec.tag is not None:
         # Loading from the provisioned file loses what the tag implies; restore it from the tag's config.
         tag = open_clip.get_pretrained_cfg(spec.ref, spec.tag or "")
         return open_clip.create_model(
@@ -38,7 +38,8 @@ def create(spec: ModelSpec, weights: Path | None) -> torch.nn.Module:
 def tokenizer_for(spec: ModelSpec, weights: Path | None) -> TextTokens:
     """open_clip's own tokenizer for the model: its SimpleTokenizer (CLIP's BPE, start and end
     tokens) or the HFTokenizer its config names (SigLIP's: no start token, its own pad id)."""
-    name = spec.ref if spec.source in ("hub", "random") else f"local-dir:{weights}"
+    named = spec.source == "random" or (spec.source == "hub" and spec.tag is not None)  # ARCH@TAG
+    name = spec.ref if named else f"local-dir:{weights}"
     tok = open_clip.get_tokenizer(name)
 
     def ids(text: str) -> list[int]:
@@ -96,6 +97,13 @@ def text_encoder(
 
 
 def fetch(spec: ModelSpec, target: Path) -> str:
+    """``hf-hub:ORG/NAME``: the repo's snapshot, loaded as a local open_clip folder afterwards (so
+    its tokenizer files come with it); ``ARCH@TAG``: the tag's checkpoint file."""
+    if spec.tag is None:
+        from huggingface_hub import snapshot_download
+
+        snapshot_download(spec.ref.removeprefix("hf-hub:"), local_dir=str(target / "open_clip"))
+        return "open_clip"
     cfg = open_clip.get_pretrained_cfg(spec.ref, spec.tag or "")
     return str(Path(open_clip.download_pretrained(cfg, cache_dir=str(target))).relative_to(target))
 

@@ -184,6 +184,7 @@ def resolve(name: str, config: ModelsConfig) -> ModelSpec:
     - ``ARCH@TAG``: any open_clip architecture and pretrained tag (``ViT-B-32@openai``);
       ``ARCH@random`` gives untrained weights for speed tests;
     - ``local-dir:/path``: an open_clip folder (open_clip_config.json + weights);
+    - ``hf-hub:ORG/NAME``: an open_clip repo on the Hugging Face hub (its config, tokenizer, weights);
     - ``bind-dir:/path``: a bind head folder (bind_config.json + head.safetensors), e.g.
       one just trained by ``mmembed demo train-bind``;
     - ``sentence-transformers/NAME`` or ``st:ORG/NAME``: a sentence-transformers model;
@@ -208,6 +209,8 @@ def resolve(name: str, config: ModelsConfig) -> ModelSpec:
         return ModelSpec(name, "open_clip", source, arch, tag=tag, dim=OPEN_CLIP_DIMS.get(arch))
     if name.startswith("local-dir:"):
         return ModelSpec(name, "open_clip", "local", name.removeprefix("local-dir:"))
+    if re.fullmatch(r"hf-hub:[\w.\-]+/[\w.\-]+", name):
+        return ModelSpec(name, "open_clip", "hub", name)
     if name.startswith("bind-dir:"):
         return replace(CATALOGUE["bind"], name=name, source="local", ref=name.removeprefix("bind-dir:"))
     if name.startswith("hf-clip:"):
@@ -235,7 +238,7 @@ def resolve(name: str, config: ModelsConfig) -> ModelSpec:
             return spec
     raise UnknownModel(
         f"unknown model {name!r}: use one of {', '.join(CATALOGUE)}, an open_clip 'ARCH@TAG', "
-        "'local-dir:/path', 'bind-dir:/path', 'hf-clip:/path', 'sentence-transformers/NAME', 'whisper-SIZE', "
+        "'local-dir:/path', 'hf-hub:ORG/NAME', 'bind-dir:/path', 'hf-clip:/path', 'sentence-transformers/NAME', 'whisper-SIZE', "
         "'openai:MODEL', 'cohere:MODEL' or a configured remote model (see `mmembed models list`)"
     )
 

@@ -25,9 +25,8 @@ def _openai_tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer(vocab=vocab, merges=[tuple(m.split()) for m in merges])
 
 
-@pytest.fixture(scope="module")
-def hf_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("hf-clip")
+def write_hf_clip(folder: Path) -> Path:
+    """A small randomly initialised transformers CLIP with OpenAI's tokenizer, saved as a hub repo is."""
     torch.manual_seed(0)
     small = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2}
     config = CLIPConfig(
@@ -39,6 +38,11 @@ def hf_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _openai_tokenizer().save_pretrained(folder)
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_hf_clip(tmp_path_factory.mktemp("hf-clip"))
 
 
 @pytest.fixture(scope="module")

@@ -32,27 +32,32 @@ def _padded(model: LoadedModel, texts: list[str]) -> torch.Tensor:
     return out
 
 
-@pytest.fixture(scope="module")
-def siglip_style(demo_clip: LoadedModel, settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
-    """demo-clip's weights with a config naming a local SigLIP-style tokenizer: WordPiece over
-    MiniLM's vocabulary, no start token, "[SEP]" appended as the end token, "[PAD]" (id 0) padding."""
-    root = tmp_path_factory.mktemp("siglip-style")
-    minilm = load("all-MiniLM-L6-v2", settings.models_config()).weights
-    wordpiece = Tokenizer.from_file(str(Path(minilm) / "tokenizer.json"))
+def write_siglip_style(demo_clip: Path, minilm: Path, model_dir: Path) -> Path:
+    """demo-clip's weights with a config naming a SigLIP-style Hugging Face tokenizer, whose files
+    the folder carries as a hub repo does: WordPiece over MiniLM's vocabulary, no start token,
+    "[SEP]" appended as the end token, "[PAD]" (id 0) padding, canonicalised text."""
+    wordpiece = Tokenizer.from_file(str(minilm / "tokenizer.json"))
     wordpiece.post_processor = TemplateProcessing(single="$A [SEP]", special_tokens=[("[SEP]", 102)])
     wordpiece.no_truncation()
     wordpiece.no_padding()
     hf = PreTrainedTokenizerFast(tokenizer_object=wordpiece, eos_token="[SEP]", pad_token="[PAD]", unk_token="[UNK]")
-    model_dir = root / "model"
-    shutil.copytree(demo_clip.weights, model_dir)
-    hf.save_pretrained(model_dir)  # a local-dir (or hub) open_clip model carries its tokenizer's files
+    shutil.copytree(demo_clip, model_dir)
+    hf.save_pretrained(model_dir)
     config = json.loads((model_dir / "open_clip_config.json").read_text())
     config["model_cfg"]["text_cfg"] |= {
-        "hf_tokenizer_name": "timm/ViT-B-16-SigLIP",  # as SigLIP's config says; local-dir reads its own files
+        "hf_tokenizer_name": "timm/ViT-B-16-SigLIP",  # as SigLIP's config says; a folder reads its own files
         "tokenizer_kwargs": {"clean": "canonicalize"},
     }
     (model_dir / "open_clip_config.json").write_text(json.dumps(config))
-    return load(f"local-dir:{model_dir}", settings.models_config())
+    return model_dir
+
+
+@pytest.fixture(scope="module")
+def siglip_style(
+    demo_clip: LoadedModel, minilm: LoadedModel, settings: Settings, tmp_path_factory: pytest.TempPathFactory
+) -> LoadedModel:
+    folder = write_siglip_style(Path(demo_clip.weights), Path(minilm.weights), tmp_path_factory.mktemp("s") / "m")
+    return load(f"local-dir:{folder}", settings.models_config())
 
 
 @pytest.mark.parametrize("fixture", ["demo_clip", "vit_b32", "siglip_style"])
@@ -77,19 +82,9 @@ def test_a_siglip_style_tokenizer_has_no_start_token_and_matches_open_clips_text
 
 
 def test_transformers_clip_sends_the_ids_its_tokenizer_makes(settings: Settings, tmp_path: Path) -> None:
-    from test_hf_clip import _openai_tokenizer  # the real OpenAI vocabulary, rebuilt offline
+    from test_hf_clip import write_hf_clip
 
-    folder = tmp_path / "hf-clip"
-    from transformers import CLIPConfig, CLIPModel
-
-    small = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
-    config = CLIPConfig(
-        text_config=small | {"max_position_embeddings": 77, "vocab_size": 49408},
-        vision_config=small | {"image_size": 32, "patch_size": 8},
-        projection_dim=16,
-    )
-    CLIPModel(config).save_pretrained(folder)
-    _openai_tokenizer().save_pretrained(folder)
+    folder = write_hf_clip(tmp_path / "hf-clip")
     model = load(f"hf-clip:{folder}", settings.models_config())
     reference = CLIPTokenizer.from_pretrained(folder)(
         TEXTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
