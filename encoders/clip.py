@@ -64,12 +64,13 @@ class ClipImageEncoder(Encoder[Image.Image]):
 
 @dataclass(frozen=True)
 class TextTokens:
-    """A family's own tokenizer, as its library feeds the model: ``ids`` gives a text's ids with
-    the library's cleaning, special tokens and truncation, padded to ``context_length`` with
-    ``pad``; ``count`` its length before truncation, for the token policy."""
+    """A family's own tokenizer, as its library feeds the model: ``full`` gives a text's ids with
+    the library's cleaning and special tokens, untruncated (its length is what the token policy
+    counts); ``truncated`` the library's own ids for a text longer than ``context_length``, which
+    a batch pads with ``pad``."""
 
-    ids: Callable[[str], list[int]]
-    count: Callable[[str], int]
+    full: Callable[[str], list[int]]
+    truncated: Callable[[str], list[int]]
     pad: int
     context_length: int
 
@@ -97,11 +98,13 @@ class ClipTextEncoder(Encoder[str]):
 
     def preprocess(self, item: str) -> Prepared:
         text = check_text(item)
-        total, limit = self._tokens.count(text), self._tokens.context_length
-        if total > limit and self.policy == "error":
-            raise TooManyTokens(total, limit, self.model)
-        kept = min(total, limit)  # the library's ids, less their padding (a batch pads again)
-        return Prepared(self._tokens.ids(text)[:kept], {"tokens": kept, "truncated_tokens": total - kept})
+        ids, limit = self._tokens.full(text), self._tokens.context_length
+        if len(ids) <= limit:
+            return Prepared(ids, {"tokens": len(ids), "truncated_tokens": 0})
+        if self.policy == "error":
+            raise TooManyTokens(len(ids), limit, self.model)
+        kept = self._tokens.truncated(text)[:limit]
+        return Prepared(kept, {"tokens": len(kept), "truncated_tokens": len(ids) - len(kept)})
 
     @torch.inference_mode()
     def encode(self, batch: Sequence[Prepared]) -> np.ndarray:

@@ -37,8 +37,8 @@ def load(
     context = model.config.text_config.max_position_embeddings
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     tokens = TextTokens(  # the model's own tokenizer, as CLIPProcessor calls it
-        lambda text: tok(text, max_length=context, truncation=True, padding="max_length")["input_ids"],
-        lambda text: len(tok(text, verbose=False)["input_ids"]),
+        lambda text: tok(text, verbose=False)["input_ids"],
+        lambda text: tok(text, max_length=context, truncation=True)["input_ids"],
         pad,
         context,
     )

@@ -42,15 +42,28 @@ def tokenizer_for(spec: ModelSpec, weights: Path | None) -> TextTokens:
     name = spec.ref if named else f"local-dir:{weights}"
     tok = open_clip.get_tokenizer(name)
 
-    def ids(text: str) -> list[int]:
+    def library(text: str) -> list[int]:
         return tok([text])[0].tolist()
 
-    if isinstance(tok, open_clip.SimpleTokenizer):
-        return TextTokens(ids, lambda text: len(tok.encode(text)) + 2, 0, tok.context_length)
-    hf = tok.tokenizer
+    if isinstance(tok, open_clip.SimpleTokenizer) and tok.reduction_fn is None:
+        # What SimpleTokenizer.__call__ builds before it pads or truncates: one BPE pass, no tensor.
+        return TextTokens(
+            lambda text: [tok.sot_token_id, *tok.encode(text), tok.eot_token_id], library, 0, tok.context_length
+        )
+    hf = getattr(tok, "tokenizer", None)
+    if hf is None or getattr(tok, "strip_sep_token", False) or getattr(tok, "tokenizer_mode", None) == "clips":
+        # Tokenizers that reshape their ids (reduction, stripped separators, CLIPS mode): every text
+        # through the library's call; the count is then what fits, never more than the context.
+        def unpadded(text: str) -> list[int]:
+            ids = library(text)
+            while ids and ids[-1] == 0:
+                ids.pop()
+            return ids
+
+        return TextTokens(unpadded, library, 0, tok.context_length)
     return TextTokens(
-        ids,
-        lambda text: len(hf(tok.clean_fn(text), verbose=False)["input_ids"]),
+        lambda text: hf(tok.clean_fn(text), verbose=False)["input_ids"],
+        library,
         hf.pad_token_id or 0,
         tok.context_length,
     )

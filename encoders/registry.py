@@ -238,7 +238,8 @@ def resolve(name: str, config: ModelsConfig) -> ModelSpec:
             return spec
     raise UnknownModel(
         f"unknown model {name!r}: use one of {', '.join(CATALOGUE)}, an open_clip 'ARCH@TAG', "
-        "'local-dir:/path', 'hf-hub:ORG/NAME', 'bind-dir:/path', 'hf-clip:/path', 'sentence-transformers/NAME', 'whisper-SIZE', "
+        "'local-dir:/path', 'hf-hub:ORG/NAME', 'bind-dir:/path', 'hf-clip:/path', 'sentence-transformers/NAME', "
+        "'whisper-SIZE', "
         "'openai:MODEL', 'cohere:MODEL' or a configured remote model (see `mmembed models list`)"
     )
 
