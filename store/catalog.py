@@ -122,16 +122,17 @@ class Catalog:
         found = self.vectors.retrieve(list(ids), fields=["object_uri", "content_hash"])
         if not found:
             return []
-        going = {p.id for p in found}
+        going = sorted({p.id for p in found})
         objects = {p.payload["content_hash"]: p.payload["object_uri"] for p in found if "object_uri" in p.payload}
         if objects:
-            holders = [i for i in self.vectors.iter_ids({"content_hash": list(objects)}) if i not in going]
+            leaving = set(going)
+            holders = [i for i in self.vectors.iter_ids({"content_hash": list(objects)}) if i not in leaving]
             for kept in self.vectors.retrieve(holders, fields=["content_hash"]):
                 objects.pop(kept.payload["content_hash"], None)
         for uri in objects.values():
             self.objects.delete(uri)
-        self.vectors.delete(sorted(going))
-        return sorted(going)
+        self.vectors.delete(going)
+        return going
 
     def get(self, item_id: str, with_vectors: bool = False) -> Point | None:
         found = self.vectors.retrieve([item_id], with_vectors=with_vectors)
