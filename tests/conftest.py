@@ -5,6 +5,7 @@ air-gapped machine."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import sys
@@ -95,13 +96,24 @@ from s3 import S3Process, S3Server, s3_process, s3_server  # noqa: E402, F401
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatus: int) -> None:
-    """A failed run shows the S3 servers' own errors: CI keeps the printed output, not the temp folder."""
+    """A failed run shows the S3 servers' own errors: CI keeps the printed output, not the temp folder.
+
+    Each distinct complaint once (numbers masked), first seen first: the first one says why a server
+    did not start, and the retries that follow it repeat themselves for pages. Disk space comes last,
+    where a truncated log still shows it: weed stops allocating volumes on an almost full disk.
+    """
     if exitstatus == 0:
         return
-    disk = shutil.disk_usage(tempfile.gettempdir())
-    terminalreporter.write_line(f"temp disk: {disk.free / 2**30:.1f} GiB free of {disk.total / 2**30:.1f} GiB")
     for log in S3_LOGS:
         lines = log.read_text(errors="replace").splitlines() if log.is_file() else []
-        complaints = [line for line in lines if line[:1] in ("E", "W", "F") and line[1:5].isdigit()]
-        terminalreporter.write_sep("-", f"{log}: last errors and warnings of {len(complaints)}")
-        terminalreporter.write_line("\n".join(complaints[-20:]) or "(none)")
+        complaints: dict[str, tuple[str, int]] = {}
+        for line in lines:
+            if line[:1] in ("E", "W", "F") and line[1:5].isdigit():
+                key = re.sub(r"\d+", "#", line.split(" ", 3)[-1])
+                first, seen = complaints.get(key, (line, 0))
+                complaints[key] = (first, seen + 1)
+        terminalreporter.write_sep("-", f"{log}: {len(complaints)} distinct errors and warnings")
+        shown = [f"{first}  (x{seen})" for first, seen in list(complaints.values())[:15]]
+        terminalreporter.write_line("\n".join(shown) or "(none)")
+    disk = shutil.disk_usage(tempfile.gettempdir())
+    terminalreporter.write_line(f"temp disk: {disk.free / 2**30:.1f} GiB free of {disk.total / 2**30:.1f} GiB")

@@ -233,8 +233,9 @@ def weed_mini(directory: Path, attempts: int = 3) -> Iterator[S3Server]:
             _stop(process)
             _remove_grpc_sockets(ports)
             if attempt == attempts:
-                log_text = (run_dir / "weed.log").read_text(errors="replace")
-                pytest.fail(f"{e}\n$ {' '.join(command)}\n--- {run_dir / 'weed.log'} ---\n{log_text}")
+                log_tail = (run_dir / "weed.log").read_text(errors="replace").splitlines()[-40:]
+                log_tail_text = "\n".join(log_tail)
+                pytest.fail(f"$ {' '.join(command)}\n--- {run_dir / 'weed.log'}, last lines ---\n{log_tail_text}\n{e}")
     try:
         yield server
     finally:
