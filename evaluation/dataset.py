@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mmembed.contracts import Query as SearchText
 from mmembed.loaders.fetch import FetchLimits, fetch_sync
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
@@ -45,7 +46,8 @@ class Query:
     relevant: set[str] = field(default_factory=set)
 
     def content(self, limits: FetchLimits = FetchLimits()) -> bytes | str:
-        return self.value if self.kind == "text" else _read(self.value, limits)
+        """A text query as a search ``Query``: a model with a query prompt embeds it as it would in search."""
+        return SearchText(self.value) if self.kind == "text" else _read(self.value, limits)
 
 
 @dataclass

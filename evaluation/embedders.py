@@ -14,6 +14,7 @@ import httpx
 import numpy as np
 
 from mmembed.config import Settings
+from mmembed.contracts import Query
 from mmembed.encoders import Modality, load
 from mmembed.loaders.images import ImageDecodeError, decode_image
 
@@ -71,7 +72,8 @@ class HttpEmbedder:
 
     def embed(self, modality: str, contents: list[bytes | str]) -> tuple[np.ndarray, int]:
         if modality == "text":
-            body = {"model": self.name, "texts": contents}
+            queries = all(isinstance(c, Query) for c in contents)  # the server's search prompts, if any
+            body = {"model": self.name, "texts": contents, "input_type": "query" if queries else "document"}
         else:
             body = {"model": self.name, "items": [base64.b64encode(c).decode() for c in contents]}  # type: ignore[arg-type]
         response = self.client.post(f"{self.url}/encode/{modality}", json=body)

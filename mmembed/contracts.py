@@ -13,6 +13,17 @@ from typing import Any
 import numpy as np
 
 
+class Query(str):
+    """A search query's text, as opposed to a text being stored (a document). Text models that
+    name a query prompt in their configuration (e5's "query: ", bge's instruction, nomic's
+    "search_query: ") put it before a ``Query`` and their document prompt before any other text;
+    every other encoder reads it as the plain text it is. A ``str`` so it crosses the HTTP layer,
+    Ray and the batch queue unchanged; the embedding cache keys it apart from the same text
+    stored (``store.cache.cache_key``)."""
+
+    __slots__ = ()
+
+
 @dataclass(frozen=True)
 class ItemError:
     """Why one item was refused; ``code`` is stable for APIs and the dead-letter store."""

@@ -27,6 +27,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from mmembed.contracts import Query
 from mmembed.store.config import CacheConfig
 
 logger = logging.getLogger(__name__)
@@ -69,9 +70,10 @@ def cache_key(content: bytes | str, model: str, version: str) -> str:
     """The key of one item's vector. Media is keyed by its SHA-256, the content hash a bulk job
     computes as it reads a file and stores in the item's payload, so the bytes of one file share
     one entry whether a job or the API embedded them (``media_key``). Text is tagged apart: a
-    caller embeds text and the raw bytes of a file differently even when their bytes agree."""
+    caller embeds text and the raw bytes of a file differently even when their bytes agree; a
+    search ``Query`` apart from stored text, since a model with prompts embeds the two differently."""
     if isinstance(content, str):
-        return _key(b"text", content.encode("utf-8"), model, version)
+        return _key(b"query" if isinstance(content, Query) else b"text", content.encode("utf-8"), model, version)
     return media_key(hashlib.sha256(content).hexdigest(), model, version)
 
 

@@ -1,9 +1,18 @@
 """The request bodies. No ``from __future__ import annotations``: FastAPI reads these
 classes' annotations, and the routes' that use them, as real types."""
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
+
+InputType = Annotated[
+    Literal["document", "query"],
+    Field(
+        description="query: the texts are search queries, which a text model with a query prompt (e5's "
+        "'query: ') prefixes with it; document: texts to store, which get its document prompt. "
+        "Models without prompts embed both alike."
+    ),
+]
 
 
 class EmbeddingsRequest(BaseModel):
@@ -17,11 +26,13 @@ class EmbeddingsRequest(BaseModel):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None
     user: str | None = None
+    input_type: InputType = "document"
 
 
 class EncodeTextRequest(BaseModel):
     model: str
     texts: list[str] = Field(min_length=1)
+    input_type: InputType = "document"
 
 
 class EncodeMediaRequest(BaseModel):

@@ -2,9 +2,10 @@
 Hugging Face-compatible endpoint (``HF_ENDPOINT``, tests/hub_server.py) serving repos the test
 builds: the repo open_clip's ``ViT-B-32@laion2b_s34b_b79k`` tag names (ViT-B-32 weights, random
 here), an open_clip repo (config, weights), one whose config names a SigLIP-style tokenizer
-(its files in the repo), a transformers CLIP and a sentence-transformers model with prompts. The
-pulled models, loaded offline by name, give the reference libraries' own vectors for the files
-served."""
+(its files in the repo), a transformers CLIP, and sentence-transformers models with prompts by both
+of their names (``sentence-transformers/NAME``, ``st:ORG/NAME``). The pulled models, loaded offline
+by name, give the reference libraries' own vectors for the files served, an over-long text
+(truncated) included, and a search ``Query`` gets the query prompt."""
 
 from __future__ import annotations
 
@@ -26,18 +27,18 @@ from test_tokenizers import write_siglip_style
 from transformers import CLIPModel, CLIPTokenizer
 
 from mmembed.config import Settings
+from mmembed.contracts import Query
 from mmembed.encoders import LoadedModel, load
 
 pytestmark = pytest.mark.subprocess  # `mmembed models pull` runs as a user runs it
 
-TEXTS = ["a red circle", "two small blue squares in the top left"]
+TEXTS = ["a red circle", "two small blue squares in the top left", "word " * 300]
 
 
-def _prompted(minilm: LoadedModel, folder: Path) -> Path:
+def _prompted(minilm: LoadedModel, folder: Path, prompts: dict[str, str], default: str | None) -> Path:
     shutil.copytree(minilm.weights, folder)
     config = folder / "config_sentence_transformers.json"
-    prompts = {"prompts": {"query": "query: ", "document": "passage: "}, "default_prompt_name": "document"}
-    config.write_text(json.dumps(json.loads(config.read_text()) | prompts))
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"prompts": prompts, "default_prompt_name": default}))
     return folder
 
 
@@ -57,8 +58,8 @@ def _reference(model: torch.nn.Module, tokenizer: object) -> np.ndarray:
         return torch.nn.functional.normalize(model.encode_text(tokenizer(TEXTS)), dim=-1).numpy()  # type: ignore[operator]
 
 
-def _vectors(model: LoadedModel) -> np.ndarray:
-    return np.stack([r.vector for r in model.encoder("text").encode_items(TEXTS)])
+def _vectors(model: LoadedModel, texts: list[str] = TEXTS) -> np.ndarray:
+    return np.stack([r.vector for r in model.encoder("text").encode_items(texts)])
 
 
 def test_models_pull_downloads_through_the_hub_code_and_loads_what_the_references_load(
@@ -71,7 +72,12 @@ def test_models_pull_downloads_through_the_hub_code_and_loads_what_the_reference
         "test-org/tiny-openclip": Path(demo_clip.weights),
         "test-org/tiny-siglip": write_siglip_style(Path(demo_clip.weights), Path(minilm.weights), tmp_path / "sig"),
         "test-org/tiny-clip": write_hf_clip(tmp_path / "served-clip"),
-        "sentence-transformers/tiny-prompted": _prompted(minilm, tmp_path / "served-st"),
+        "sentence-transformers/tiny-prompted": _prompted(
+            minilm, tmp_path / "served-st", {"query": "query: ", "document": "passage: "}, "document"
+        ),
+        "test-org/tiny-e5": _prompted(
+            minilm, tmp_path / "served-e5", {"query": "query: ", "passage": "passage: "}, None
+        ),
     }
     names = [
         "ViT-B-32@laion2b_s34b_b79k",
@@ -79,6 +85,7 @@ def test_models_pull_downloads_through_the_hub_code_and_loads_what_the_reference
         "hf-hub:test-org/tiny-siglip",
         "test-org/tiny-clip",
         "sentence-transformers/tiny-prompted",
+        "st:test-org/tiny-e5",
     ]
     models_dir = tmp_path / "models"
     with hub(repos) as (endpoint, requests):
@@ -116,11 +123,22 @@ def test_models_pull_downloads_through_the_hub_code_and_loads_what_the_reference
         np.testing.assert_allclose(_vectors(pulled[name]), expected, atol=1e-5)
 
     clip = CLIPModel.from_pretrained(repos["test-org/tiny-clip"]).eval()
-    ids = CLIPTokenizer.from_pretrained(repos["test-org/tiny-clip"])(TEXTS, padding=True, return_tensors="pt")
+    tokenizer = CLIPTokenizer.from_pretrained(repos["test-org/tiny-clip"])
+    ids = tokenizer(TEXTS, padding=True, truncation=True, max_length=77, return_tensors="pt")
     with torch.inference_mode():
         features = clip.get_text_features(**ids)
         features = features.pooler_output if hasattr(features, "pooler_output") else features
     np.testing.assert_allclose(_vectors(pulled[names[3]]), torch.nn.functional.normalize(features, dim=-1), atol=1e-5)
 
-    st = SentenceTransformer(str(repos["sentence-transformers/tiny-prompted"]), device="cpu")
-    np.testing.assert_allclose(_vectors(pulled[names[4]]), st.encode(TEXTS, normalize_embeddings=True), atol=1e-5)
+    for name, repo, query, document in [
+        (names[4], "sentence-transformers/tiny-prompted", "query", "document"),
+        (names[5], "test-org/tiny-e5", "query", "passage"),
+    ]:
+        st = SentenceTransformer(str(repos[repo]), device="cpu")
+        documents = st.encode(TEXTS, prompt_name=document, normalize_embeddings=True)
+        queries = st.encode(TEXTS, prompt_name=query, normalize_embeddings=True)
+        np.testing.assert_allclose(_vectors(pulled[name]), documents, atol=1e-5)
+        np.testing.assert_allclose(_vectors(pulled[name], [Query(t) for t in TEXTS]), queries, atol=1e-5)
+
+    long = [model.encoder("text").encode_items(TEXTS[2:])[0].info for model in pulled.values()]
+    assert all(info["truncated_tokens"] > 0 for info in long), long

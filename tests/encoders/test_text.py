@@ -10,6 +10,7 @@ import torch
 from sentence_transformers import SentenceTransformer
 
 from mmembed.config import Settings
+from mmembed.contracts import Query
 from mmembed.encoders import LoadedModel, Modality, TooManyTokens, load
 from mmembed.encoders import text as text_family
 
@@ -41,28 +42,65 @@ def test_limit_is_the_models_max_sequence_length(minilm: LoadedModel, settings: 
     assert isinstance(refused.error, TooManyTokens) and refused.error.tokens == 302
 
 
-@pytest.mark.parametrize("include_prompt", [True, False])
-def test_the_models_default_prompt_is_sent_as_sentence_transformers_sends_it(
-    minilm: LoadedModel, tmp_path: Path, include_prompt: bool
-) -> None:
-    """e5, bge and nomic name prompts in their configuration; ``encode`` prepends the default one
-    (and pooling may leave its tokens out). The same MiniLM weights, configured so, must agree."""
-    folder = tmp_path / "prompted"
+PROMPTS = {  # (prompts, default_prompt_name) -> the prompt names a query and a document get
+    "default document": (
+        {"query": "Represent this sentence for searching relevant passages: ", "document": "passage: "},
+        "document",
+        "query",
+        "document",
+    ),
+    "e5, no default": ({"query": "query: ", "passage": "passage: "}, None, "query", "passage"),
+    "nomic": (
+        {"search_query": "search_query: ", "search_document": "search_document: "},
+        None,
+        "search_query",
+        "search_document",
+    ),
+    "one default for all": ({"clustering": "Cluster: "}, "clustering", "clustering", "clustering"),
+}
+
+
+def prompted(minilm: LoadedModel, folder: Path, prompts: dict[str, str], default: str | None, include: bool) -> Path:
+    """MiniLM's weights configured with prompts, as e5, bge and nomic configure theirs."""
     shutil.copytree(minilm.weights, folder)
     config = folder / "config_sentence_transformers.json"
-    settings = json.loads(config.read_text())
-    config.write_text(
-        json.dumps(
-            settings | {"prompts": {"query": "query: ", "document": "passage: "}, "default_prompt_name": "document"}
-        )
-    )
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"prompts": prompts, "default_prompt_name": default}))
     pooling = folder / "1_Pooling" / "config.json"
-    pooling.write_text(json.dumps(json.loads(pooling.read_text()) | {"include_prompt": include_prompt}))
+    pooling.write_text(json.dumps(json.loads(pooling.read_text()) | {"include_prompt": include}))
+    return folder
+
+
+@pytest.mark.parametrize("include_prompt", [True, False])
+@pytest.mark.parametrize("config", PROMPTS)
+def test_queries_and_documents_get_the_prompts_sentence_transformers_sends_by_name(
+    minilm: LoadedModel, tmp_path: Path, config: str, include_prompt: bool
+) -> None:
+    """A search ``Query`` gets the model's query prompt, any other text its document prompt, and
+    the vectors are ``SentenceTransformer.encode(text, prompt_name=...)``'s, over-long texts
+    (truncated) and batches mixing the two (pooling that leaves the prompt out) included."""
+    prompts, default, query_name, document_name = PROMPTS[config]
+    folder = prompted(minilm, tmp_path / "prompted", prompts, default, include_prompt)
     texts = ["a cat sits on the mat", "the stock market fell sharply today", "word " * 300]
-    reference = SentenceTransformer(str(folder), device="cpu").encode(texts, normalize_embeddings=True)
+    st = SentenceTransformer(str(folder), device="cpu")
+    queries = st.encode(texts, prompt_name=query_name, normalize_embeddings=True)
+    documents = st.encode(texts, prompt_name=document_name, normalize_embeddings=True)
+    if default is not None:  # what encode sends unasked is what a stored text gets
+        np.testing.assert_allclose(st.encode(texts, normalize_embeddings=True), documents, atol=1e-6)
     encoder = text_family.load("prompted", folder, torch.device("cpu"), torch.float32, "truncate")[Modality.TEXT]
-    results = encoder.encode_items(texts)
-    np.testing.assert_allclose(np.stack([r.vector for r in results]), reference, atol=1e-5)
+    assert (encoder.query_prompt, encoder.document_prompt) == (query_name, document_name)
+
+    mixed = encoder.encode_items([Query(texts[0]), texts[0], Query(texts[2]), texts[1], Query(texts[1]), texts[2]])
+    ours = np.stack([r.vector for r in mixed])
+    np.testing.assert_allclose(ours[[0, 4, 2]], queries, atol=1e-5)
+    np.testing.assert_allclose(ours[[1, 3, 5]], documents, atol=1e-5)
+    assert [r.info["prompt"] for r in mixed[:2]] == [query_name, document_name]
+    assert mixed[2].info["truncated_tokens"] > 0 and mixed[2].info["tokens"] == 256
     unprompted = minilm.encoder("text").encode_items(texts[:1])[0].vector
-    assert not np.allclose(results[0].vector, unprompted, atol=1e-3)  # the prompt was sent
-    assert results[2].info["truncated_tokens"] > 0 and results[2].info["tokens"] == 256
+    assert not np.allclose(ours[1], unprompted, atol=1e-3)  # the prompt was sent
+
+
+def test_a_model_without_prompts_embeds_queries_as_it_embeds_documents(minilm: LoadedModel) -> None:
+    text = minilm.encoder("text")
+    query, document = text.encode_items([Query("a cat sits on the mat"), "a cat sits on the mat"])
+    np.testing.assert_array_equal(query.vector, document.vector)
+    assert "prompt" not in query.info and "prompt" not in document.info

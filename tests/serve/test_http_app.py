@@ -18,6 +18,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from mmembed.config import Settings
+from mmembed.contracts import Query
 from mmembed.serve.config import ServeConfig
 
 # --- operations ---------------------------------------------------------------------------
@@ -176,6 +177,34 @@ def test_openai_embeddings_take_data_uris_beside_text(client: TestClient) -> Non
     assert np.allclose(data[0]["embedding"], unit_vector(16, "demo-clip", "a red circle"))
     bad = {"model": "demo-clip", "input": ["data:image/png;base64,%%%"]}
     api_error(client.post("/v1/embeddings", json=bad), 400, "invalid_base64", "input")
+
+
+def test_input_type_query_sends_texts_as_search_queries(tmp_path: Path, backend: FakeBackend) -> None:
+    """``input_type: query`` (default ``document``) reaches the model as ``Query``, which a text
+    model with a query prompt (e5's "query: ") puts before the text."""
+    seen: list[type] = []
+    encode = backend.encode
+
+    async def recording(model: str, modality: str, items: list) -> list:
+        seen.extend(type(i) for i in items)
+        return await encode(model, modality, items)
+
+    backend.encode = recording  # type: ignore[method-assign]
+    client = client_for(tmp_path, backend)
+    for input_type, expected in (("query", Query), ("document", str), (None, str)):
+        seen.clear()
+        extra = {"input_type": input_type} if input_type else {}
+        assert (
+            client.post("/v1/embeddings", json={"model": "demo-clip", "input": ["a", "b"]} | extra).status_code == 200
+        )
+        assert client.post("/encode/text", json={"model": "demo-clip", "texts": ["c"]} | extra).status_code == 200
+        assert seen == [expected] * 3
+    api_error(
+        client.post("/encode/text", json={"model": "demo-clip", "texts": ["c"], "input_type": "x"}),
+        422,
+        "invalid_request",
+        "input_type",
+    )
 
 
 def test_native_endpoints_return_good_items_beside_bad_ones(client: TestClient) -> None:

@@ -8,7 +8,7 @@ from fake_backend import TRANSCRIPT, FakeBackend
 from fastapi.testclient import TestClient
 from http_app import MODELS, PNG, WAV, api_error, b64, client_for
 
-from mmembed.contracts import PathForbidden, TooManyJobs
+from mmembed.contracts import PathForbidden, Query, TooManyJobs
 from mmembed.store.objects import LocalObjects
 
 # --- the catalogue ----------------------------------------------------------------------------
@@ -54,6 +54,28 @@ def test_search_routes_queries_into_the_vector_searched(tmp_path: Path, backend:
     assert heard["query"] == {"modality": "audio", "transcript": TRANSCRIPT} and heard["model"] == "demo-clip"
     like = client.post("/search", json={"item_id": red["id"]}).json()
     assert [h["id"] for h in like["hits"]] != [] and red["id"] not in [h["id"] for h in like["hits"]]
+
+
+def test_search_sends_its_text_as_a_query_and_items_their_captions_as_documents(
+    tmp_path: Path, backend: FakeBackend
+) -> None:
+    """A text model with a query prompt (e5's "query: ") must see which texts are searches:
+    the query and a spoken query's transcript arrive as ``Query``, a stored caption as plain text."""
+    seen: list[tuple[str, str, type]] = []
+    encode = backend.encode
+
+    async def recording(model: str, modality: str, items: list) -> list:
+        seen.extend((model, modality, type(i)) for i in items if isinstance(i, str))
+        return await encode(model, modality, items)
+
+    backend.encode = recording  # type: ignore[method-assign]
+    client = client_for(tmp_path, backend)
+    client.post("/items", files={"file": ("a.png", PNG, "image/png")}, data={"caption": "red"})
+    assert {t for _, m, t in seen if m == "text"} == {str}
+    seen.clear()
+    client.post("/search", json={"text": "a red circle", "vector": "all-MiniLM-L6-v2.text"})
+    client.post("/search", json={"audio": b64(WAV), "route": "transcript"})
+    assert seen == [("all-MiniLM-L6-v2", "text", Query), ("demo-clip", "text", Query)]
 
 
 def test_search_refusals(client: TestClient) -> None:

@@ -22,6 +22,7 @@ import redis
 from redis_server import RedisProcess
 
 from mmembed.config import Settings
+from mmembed.contracts import Query
 from mmembed.store.cache import (
     CacheStats,
     EmbeddingCache,
@@ -104,6 +105,8 @@ def test_key_differs_by_content_model_version_and_type() -> None:
     assert cache_key(b"x", "n", "1") != base
     assert cache_key(b"x", "m", "2") != base
     assert cache_key("x", "m", "1") != base, "text and bytes with the same bytes must not share an entry"
+    assert cache_key(Query("x"), "m", "1") not in (base, cache_key("x", "m", "1")), "a prompted query is not a document"
+    assert cache_key(Query("x"), "m", "1") == cache_key(Query("x"), "m", "1")
     assert cache_key(bytearray(b"x"), "m", "1") == base
     # Length prefixes: moving a boundary between parts changes the key.
     assert cache_key(b"x", "ab", "c") != cache_key(b"x", "a", "bc")

@@ -9,11 +9,11 @@ import numpy as np
 from fastapi import APIRouter, Depends, File, UploadFile
 from fastapi.responses import JSONResponse
 
-from mmembed.contracts import EncodedItem
+from mmembed.contracts import EncodedItem, Query
 from mmembed.serve.http import token_ids
 from mmembed.serve.http.errors import ApiError
 from mmembed.serve.http.media import data_uri_kind
-from mmembed.serve.http.schemas import EmbeddingsRequest, EncodeMediaRequest, EncodeTextRequest
+from mmembed.serve.http.schemas import EmbeddingsRequest, EncodeMediaRequest, EncodeTextRequest, InputType
 from mmembed.serve.http.service import Api, get_api, item_status
 
 router = APIRouter()
@@ -60,7 +60,7 @@ async def _embeddings(body: EmbeddingsRequest, api: Api) -> JSONResponse:
             raise ApiError(422, "dimensions_unsupported", message)
     outcomes = await asyncio.gather(
         *(
-            api.encode(body.model, m, [i for _, i in g])
+            api.encode(body.model, m, as_input_type([i for _, i in g], body.input_type))
             if m == "text"
             else api.encode_media(body.model, m, [i for _, i in g])
             for m, g in groups.items()
@@ -100,7 +100,14 @@ def _model(api: Api, name: str) -> dict[str, Any]:
 
 @router.post("/encode/text")
 async def encode_text(body: EncodeTextRequest, api: ApiDep) -> dict[str, Any]:
-    return _native(api, body.model, "text", await api.encode(body.model, "text", body.texts))
+    return _native(
+        api, body.model, "text", await api.encode(body.model, "text", as_input_type(body.texts, body.input_type))
+    )
+
+
+def as_input_type(texts: list[str], input_type: InputType) -> list[str]:
+    """Queries travel to the model as ``Query``, so one with a query prompt puts it before them."""
+    return [Query(t) for t in texts] if input_type == "query" else texts
 
 
 @router.post("/encode/image")

@@ -10,6 +10,7 @@ import numpy as np
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
+from mmembed.contracts import Query
 from mmembed.serve.http.errors import ApiError
 from mmembed.serve.http.media import resolve_or_raise
 from mmembed.serve.http.schemas import SearchRequest
@@ -67,5 +68,7 @@ async def _query_vector(api: Api, body: SearchRequest) -> tuple[str, str, Any, d
     if plan.transcribe_with:
         heard = first(await api.encode(plan.transcribe_with, "audio", [value]), "audio")
         value = became["transcript"] = heard.transcript or ""
+    if isinstance(value, str):  # a text model with a query prompt (e5's "query: ") puts it before a query
+        value = Query(value)
     encoded = first(await api.encode(plan.model, plan.modality, [value]), modality)
     return plan.vector, plan.model, encoded.vector, became
