@@ -19,11 +19,12 @@ vectors, planning, writing, checkpoints, dead letters and counts do not depend o
 
 from __future__ import annotations
 
+import gc
 import itertools
 import mimetypes
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -249,8 +250,25 @@ class Ingest:
         trusted = source_points == self.jobs.written_count(ledger)
         if not trusted:  # rebuilt from the store's answers, chunk by chunk
             self.jobs.forget_written(ledger)
-        listed_written = 0  # listed items whose point this source wrote: the rest of its points are gone
         listing = iter_source(self.options.source, self._s3_client())
+        with _no_cycle_collection(), self.jobs.mapped():
+            listed_written = self._plan_listing(plan, listing, ledger, trusted)
+            self.jobs.end_listing(self.job, self.options.source)
+            if self.options.sync:
+                plan.gone = self.jobs.unlisted_written(self.job, ledger) if trusted else self._gone()
+        plan.unchanged = plan.total - plan.to_check
+        if self.options.sync:
+            plan.deleted = len(plan.gone)
+        else:  # only counted: the source's points less those listed
+            plan.deleted = source_points - listed_written
+        if calibrate and plan.sample:
+            plan.seconds_per_item = self._calibrate(plan.sample)
+        return plan
+
+    def _plan_listing(self, plan: Plan, listing: Iterator[SourceItem], ledger: str, trusted: bool) -> int:
+        """Plans the listing chunk by chunk into ``plan``; returns how many listed items have a point
+        this source wrote (the rest of its points are gone)."""
+        listed_written = 0
         for start, chunk in _chunks(listing, PLAN_CHUNK):
             ids = [point_id(i.uri) for i in chunk]
             self.jobs.record_listing(self.job, list(zip(ids, (i.uri for i in chunk), strict=True)))
@@ -266,8 +284,10 @@ class Ingest:
             uris = [i.uri for i in chunk]
             # A resumed run finishes what is pending and leaves the dead letters; a new run retries them:
             # items this job did not finish, even where a write that failed half-way left their point.
-            pending = {u for u, s in self.jobs.states(self.job, uris).items() if s == PENDING} if resumed else set()
-            failed = set() if resumed else self.jobs.dead_lettered(self.job, uris)
+            if plan.resumed:
+                pending, failed = {u for u, s in self.jobs.states(self.job, uris).items() if s == PENDING}, set()
+            else:
+                pending, failed = set(), self.jobs.dead_lettered(self.job, uris)
             todo = []
             for n, (item_id, item) in enumerate(zip(ids, chunk, strict=True)):
                 finished = item_id in stored and item.version is not None and stored[item_id] == item.version
@@ -280,16 +300,7 @@ class Ingest:
             plan.sample.extend(item for _, _, item in todo[: self.options.calibrate - len(plan.sample)])
             captions = [i.caption for _, _, i in todo if i.kind == "image" and i.caption and i.caption.strip()]
             self._estimate_remote(plan, captions, sum(1 for _, _, i in todo if i.kind == "audio"))
-        self.jobs.end_listing(self.job, self.options.source)
-        plan.unchanged = plan.total - plan.to_check
-        if self.options.sync:
-            plan.gone = self.jobs.unlisted_written(self.job, ledger) if trusted else self._gone()
-            plan.deleted = len(plan.gone)
-        else:  # only counted: the source's points less those listed
-            plan.deleted = source_points - listed_written
-        if calibrate and plan.sample:
-            plan.seconds_per_item = self._calibrate(plan.sample)
-        return plan
+        return listed_written
 
     def _gone(self) -> list[str]:
         """Points of this source its listing no longer names, a page of the store at a time."""
@@ -497,6 +508,21 @@ class Ingest:
             summary.stages_s["write"] += time.perf_counter() - started
         summary.written += len(written)
         done.extend(written)
+
+
+@contextmanager
+def _no_cycle_collection() -> Iterator[None]:
+    """Automatic garbage collection off while a listing is planned. A full collection walks every
+    live object in the process (the models and their libraries), and a listing's churn of
+    short-lived items sets off more of them the longer it is: 4 at a million items (1.2 s of a
+    20 s plan), none at 100,000. Planning makes no reference cycles; refcounting frees it all."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _chunks(items: Iterable[T], size: int) -> Iterator[tuple[int, list[T]]]:
