@@ -85,6 +85,7 @@ class ItemEmbedder:
                     continue
                 assert r.vector is not None
                 outcome.vectors[vector_name(model, kind)] = r.vector
+                outcome.versions[model] = self.described[model].version
                 if outcome.transcript is None and r.transcript is not None:
                     outcome.transcript = r.transcript
 
@@ -107,6 +108,7 @@ class ItemEmbedder:
                 if r.error is None:
                     assert r.vector is not None
                     outcome.vectors[vector_name(model, "text")] = r.vector
+                    outcome.versions[model] = self.described[model].version
                 elif self.strict_text or r.error.code in RETRYABLE_TEXT:
                     out[n] = ItemError(r.error.code, f"{model}: {what}: {r.error.message}")
 

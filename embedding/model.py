@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -29,8 +29,6 @@ if TYPE_CHECKING:  # the HTTP layer runs items through this module without impor
 
 # A model's prepared misses in, one EncodedItem each out, in order.
 Forward = Callable[[Modality, list[Prepared]], Awaitable[list[EncodedItem]]]
-
-EVERY_MODALITY = frozenset(Modality)
 
 
 @dataclass(frozen=True)
@@ -48,8 +46,7 @@ Input = str | bytes | Media
 
 
 class ModelStep:
-    """One loaded model behind the cache. ``cached``: the modalities it looks up (bulk jobs look up
-    media only, so a job's cache counts are its items' forward passes, one per item and model)."""
+    """One loaded model behind the cache."""
 
     def __init__(
         self,
@@ -57,12 +54,10 @@ class ModelStep:
         version: str,
         cache: EmbeddingCache | None,
         image_limits: DecodeLimits = DecodeLimits(),
-        cached: Collection[Modality] = EVERY_MODALITY,  # for plain inputs; an item's own content always is
     ) -> None:
         self.model, self.version, self.image_limits = model, version, image_limits
         self.info = replace(model.describe(), version=version)
         self.cache = cache if self.info.cacheable else None
-        self.cached = frozenset(cached)
 
     def key(self, item: Input) -> str:
         if isinstance(item, Media):
@@ -78,11 +73,7 @@ class ModelStep:
         prepared = await asyncio.to_thread(prepare, encoder, items, self.image_limits)
         cache = self.cache
         keys = [
-            self.key(i)
-            if cache is not None
-            and isinstance(p, Prepared)
-            and (isinstance(i, Media) or encoder.modality in self.cached)
-            else None
+            self.key(i) if cache is not None and isinstance(p, Prepared) else None
             for i, p in zip(items, prepared, strict=True)
         ]
         wanted = [k for k in keys if k]

@@ -12,14 +12,14 @@ import asyncio
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 from mmembed.config import Settings
 from mmembed.contracts import EncodedItem, ItemError, ItemOutcome, ModelInfo
 from mmembed.embedding import Encoders, Item, ItemEmbedder, LocalEncoders, Media, ModelStep
-from mmembed.encoders import LoadedModel, Modality, Prepared, load, model_version
+from mmembed.encoders import LoadedModel, Prepared, load, model_version
 from mmembed.encoders.remote.costs import Usage
 from mmembed.jobs.dataset import Loaded, Preprocessor, SourceDataset
 from mmembed.loaders.audio import AudioLimits
@@ -27,10 +27,6 @@ from mmembed.loaders.images import DecodeLimits
 from mmembed.loaders.sources import SourceItem
 from mmembed.store.cache import CacheStats, EmbeddingCache
 from mmembed.store.spaces import item_encoders, layout
-
-# What a job looks up in the cache and counts in its summary: its items' forward passes, one per item and
-# media model. Captions are short and mostly unique, and their vectors cost little.
-JOB_CACHED = frozenset({Modality.IMAGE, Modality.AUDIO})
 
 
 class Models(ABC):
@@ -65,7 +61,7 @@ class LoadedModels(Models):
         config = settings.models_config()
         self.loaded: dict[str, LoadedModel] = {n: load(n, config) for n in names}
         self.versions = {n: model_version(m.spec, config) for n, m in self.loaded.items()}
-        super().__init__({n: m.describe() for n, m in self.loaded.items()})
+        super().__init__({n: replace(m.describe(), version=self.versions[n]) for n, m in self.loaded.items()})
 
     def remote(self) -> dict[str, Any]:
         return {n: m.encoder("text") for n, m in self.loaded.items() if m.spec.is_remote}
@@ -82,7 +78,7 @@ class LoadedModels(Models):
 
     def embedder(self, cache: EmbeddingCache | None, remote: bool = True) -> ItemEmbedder:
         names = [n for n, m in self.loaded.items() if remote or not m.spec.is_remote]
-        steps = {n: ModelStep(self.loaded[n], self.versions[n], cache, cached=JOB_CACHED) for n in names}
+        steps = {n: ModelStep(self.loaded[n], self.versions[n], cache) for n in names}
         return ItemEmbedder({n: self.described[n] for n in names}, LocalEncoders(steps))
 
 
@@ -114,14 +110,14 @@ class ServedModels(Models):
 
 class _Counted:
     """The deployments' cache answers counted into the job's cache figures (``EncodedItem.cached``), as a
-    job in this process would count its own lookups: media of cacheable models, per item that encoded."""
+    job in this process would count its own lookups: every input of a cacheable model that encoded."""
 
     def __init__(self, encoders: Encoders, described: Mapping[str, ModelInfo], stats: CacheStats | None) -> None:
         self.encoders, self.described, self.stats = encoders, described, stats
 
     async def encode(self, model: str, modality: str, inputs: list[Any]) -> list[EncodedItem]:
         results = await self.encoders.encode(model, modality, inputs)
-        if self.stats is not None and modality in JOB_CACHED and self.described[model].cacheable:
+        if self.stats is not None and self.described[model].cacheable:
             hits = sum(r.cached for r in results if r.ok)
             fresh = sum(not r.cached for r in results if r.ok)
             self.stats.hits += hits

@@ -493,6 +493,7 @@ class Ingest:
                     meta=source.meta,
                     source=self.options.source,
                     source_version=source.version,
+                    model_versions=result.versions,
                 )
             )
             written.append(b.uri)

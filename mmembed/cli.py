@@ -23,6 +23,8 @@ app.add_typer(models_app, name="models")
 app.add_typer(demo_app, name="demo")
 dlq_app = typer.Typer(help="Items that failed past their retries, per job.", no_args_is_help=True)
 app.add_typer(dlq_app, name="dlq")
+cache_app = typer.Typer(help="The embedding cache.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
 console = Console()
 
 # Models that provision with no network: what the quick start and CI rely on.
@@ -480,6 +482,51 @@ def dlq_retry(job: Annotated[str, typer.Argument(help="The job whose dead letter
 @dlq_app.command("purge")
 def dlq_purge(job: Annotated[str | None, typer.Option(help="Only this job.")] = None) -> None:
     console.print(f"purged {_jobs().purge_dead_letters(job)} dead letter(s)")
+
+
+@cache_app.command("warm")
+def cache_warm(
+    model: Annotated[
+        list[str] | None, typer.Option(help="Only these models (default: every model in the collection).")
+    ] = None,
+) -> None:
+    """Fill the embedding cache from the vectors the collection holds, so content it has is never encoded
+    again (by a job into a new collection, another machine sharing the cache, or the API)."""
+    from mmembed.encoders import UnknownModel, model_version, resolve
+    from mmembed.store.cache import open_cache
+    from mmembed.store.vectors import StoreBusy, StoreError, open_store
+    from mmembed.store.warm import warm_cache
+
+    settings = get_settings()
+    cache = open_cache(settings.cache_config())
+    if cache is None:
+        _fail(ValueError("the embedding cache is off (MMEMBED_CACHE_URL=off): there is nothing to warm"))
+    store = open_store(settings.vectors_config())
+    try:
+        layout = store.open_existing()
+    except (StoreBusy, StoreError) as exc:
+        _fail(exc)
+    in_collection = list(dict.fromkeys(name.rpartition(".")[0] for name in layout))
+    unknown = sorted(set(model or ()) - set(in_collection))
+    if unknown:
+        _fail(UnknownModel(f"no vectors of {', '.join(unknown)} in the collection; it has {', '.join(in_collection)}"))
+    config = settings.models_config()
+    versions = {}
+    for name in model or in_collection:
+        try:
+            spec = resolve(name, config)
+        except UnknownModel as exc:
+            console.print(f"{name}: left out, {exc}")
+            continue
+        if not spec.cacheable:
+            console.print(f"{name}: left out, its answers carry a transcript and are never cached")
+            continue
+        versions[name] = model_version(spec, config)
+    report = warm_cache(store, cache, versions)
+    store.close()
+    cache.close()
+    for line in report.lines():
+        console.print(line)
 
 
 @app.command("quickstart")

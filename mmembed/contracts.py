@@ -62,6 +62,9 @@ class ItemVectors:
 
     vectors: dict[str, np.ndarray] = field(default_factory=dict)
     transcript: str | None = None
+    # The weights version of each model that gave a vector, stored with the item: what lets the cache be
+    # warmed from the collection without serving a retrained model's vectors under the old weights' keys.
+    versions: dict[str, str] = field(default_factory=dict)
 
 
 # One item after the embedding step: its vectors, or why it failed.

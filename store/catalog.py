@@ -51,6 +51,7 @@ class NewItem:
     meta: dict[str, Any] = field(default_factory=dict)
     source: str | None = None  # the bulk source it came from (folder, manifest, prefix): what --sync compares
     source_version: str | None = None  # the source's cheap change hint (mtime-size, ETag) when it was embedded
+    model_versions: dict[str, str] = field(default_factory=dict)  # weights version of each model that gave a vector
 
 
 class Catalog:
@@ -94,6 +95,7 @@ class Catalog:
                 "transcript": item.transcript,
                 "source": item.source,
                 "source_version": item.source_version,
+                "model_versions": item.model_versions or None,
             }
             payload |= {k: v for k, v in optional.items() if v is not None}
             points.append(Point(point_id(payload["source_uri"]), dict(item.vectors), payload))

@@ -210,6 +210,15 @@ class VectorStore(ABC):
         for field_name, kind in (indexes or {}).items():
             self._create_index(field_name, kind)
 
+    def open_existing(self) -> dict[str, int]:
+        """Attach to the collection as it is, for tools that read it whatever models made it; returns
+        its named vectors and sizes."""
+        existing = self._existing_vectors()
+        if existing is None:
+            raise StoreError("the collection does not exist yet: ingest something into it first")
+        self.open(existing)
+        return existing
+
     def upsert(self, points: Sequence[Point], batch_size: int = 256) -> None:
         """Validate every point before writing any, so a bad item never leaves half a batch behind.
         Existing points are merged into (their other vectors and payload keys stay), so the image and

@@ -13,8 +13,14 @@ from PIL import Image
 pytestmark = pytest.mark.subprocess  # each test runs the mmembed console script
 
 
-def _run(data_dir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    env = os.environ | {"MMEMBED_DATA_DIR": str(data_dir), "COLUMNS": "200", "MMEMBED_ALLOW_DOWNLOADS": "false"}
+def _run(
+    data_dir: Path, *args: str, check: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    env = (
+        os.environ
+        | {"MMEMBED_DATA_DIR": str(data_dir), "COLUMNS": "200", "MMEMBED_ALLOW_DOWNLOADS": "false"}
+        | (env or {})
+    )
     exe = Path(sys.executable).parent / "mmembed"
     result = subprocess.run([str(exe), *args], env=env, capture_output=True, text=True, timeout=600)
     if check:
@@ -35,6 +41,24 @@ def test_render_then_ingest_a_folder_with_one_model(data_dir: Path) -> None:
     assert re.search(r"job \w+: 60 written, 0 unchanged content .* 0 failed", out), out
     again = _run(data_dir, "ingest", str(images), "--model", "demo-clip", "--workers", "0").stdout
     assert re.search(r"unchanged \(already embedded\): 60", again), again
+
+
+def test_cache_warm_refills_a_wiped_cache_so_a_new_collection_costs_no_forward_pass(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    for n in range(6):
+        Image.new("RGB", (32, 32), (40 * n, 90, 255 - 40 * n)).save(tmp_path / f"{n}.png")
+    ingest = ("ingest", str(tmp_path), "--model", "demo-clip", "--workers", "0")
+    _run(data_dir, *ingest, env={"MMEMBED_COLLECTION": "warm"})
+    for file in data_dir.glob("cache.sqlite*"):
+        file.unlink()
+    warmed = _run(data_dir, "cache", "warm", env={"MMEMBED_COLLECTION": "warm"}).stdout
+    assert "6 points read; 6 cache entries written (demo-clip 6)" in warmed, warmed
+    assert "hit rate now: 100.0% of 6 stored vectors" in warmed, warmed
+    unknown = _run(data_dir, "cache", "warm", "--model", "ViT-Z-1", check=False, env={"MMEMBED_COLLECTION": "warm"})
+    assert unknown.returncode == 1 and "no vectors of ViT-Z-1 in the collection" in unknown.stdout, unknown.stdout
+    again = _run(data_dir, *ingest, env={"MMEMBED_COLLECTION": "warm-copy"}).stdout
+    assert re.search(r"6 written, .* 0 failed", again) and "cache: hits 6, misses 0" in again, again
 
 
 def test_models_list_and_verify_offline(data_dir: Path) -> None:

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from catalogue_files import SCENES, job_settings, write_catalogue
 
@@ -23,9 +24,10 @@ from mmembed.jobs.ingest import Ingest, IngestOptions
 from mmembed.jobs.state import JobStore
 from mmembed.loaders.sources import SourceError
 from mmembed.store.cache import SqliteCache
-from mmembed.store.catalog import Catalog
+from mmembed.store.catalog import Catalog, NewItem
 from mmembed.store.objects import LocalObjects, ObjectStoreError
 from mmembed.store.vectors import EdgeStore, point_id
+from mmembed.store.warm import warm_cache
 
 MODELS = ("demo-clip", "all-MiniLM-L6-v2")
 
@@ -85,14 +87,87 @@ def test_a_rerun_embeds_only_what_changed_and_sync_deletes_what_is_gone(env):
     assert env["catalog"].get(point_id("file://" + str(folder / "scene-2.png"))) is None
 
 
+def _forward_passes(job: Ingest) -> list[str]:
+    """Every forward pass the job's models make, by model: the cache's lookups are counted apart."""
+    calls: list[str] = []
+    for name, loaded in job.models.loaded.items():  # type: ignore[attr-defined]
+        for encoder in loaded.encoders.values():
+            forward = encoder.encode_prepared
+
+            def counted(batch, forward=forward, name=name):  # type: ignore[no-untyped-def]
+                calls.append(name)
+                return forward(batch)
+
+            encoder.encode_prepared = counted
+    return calls
+
+
+def _fresh_collection(env: dict, root: Path) -> None:
+    env["catalog"] = Catalog(EdgeStore(root / "vectors"), LocalObjects(root / "objects"))
+    env["jobs"] = JobStore(root / "jobs.sqlite")
+
+
+# Each scene's cache entries: its image (demo-clip) and its caption (demo-clip's and MiniLM's text towers).
+ENTRIES_PER_SCENE = 3
+
+
 def test_the_cache_saves_the_forward_passes_of_content_seen_before(env, tmp_path: Path):
     _ingest(env).run(progress=False)
-    env["catalog"] = Catalog(EdgeStore(tmp_path / "vectors-2"), LocalObjects(tmp_path / "objects-2"))
-    env["jobs"] = JobStore(tmp_path / "jobs-2.sqlite")
+    _fresh_collection(env, tmp_path / "second")
     env["cache"].stats.hits = env["cache"].stats.misses = 0
-    summary = _ingest(env).run(progress=False)
-    assert summary.written == SCENES and summary.cache["hits"] == SCENES and summary.cache["misses"] == 0
-    assert summary.cache_savings()["calls_saved"] == SCENES and "saved 10 forward passes" in summary.lines()[2]
+    job = _ingest(env)
+    calls = _forward_passes(job)
+    summary = job.run(progress=False)
+    hits = ENTRIES_PER_SCENE * SCENES
+    assert summary.written == SCENES and summary.cache["hits"] == hits and summary.cache["misses"] == 0
+    assert calls == []  # images and captions alike
+    assert summary.cache_savings()["calls_saved"] == hits and f"saved {hits} forward passes" in summary.lines()[2]
+
+
+def test_a_cache_warmed_from_the_collection_spares_every_forward_pass_of_a_reingest(env, tmp_path: Path):
+    first = _ingest(env)
+    first.run(progress=False)
+    versions = dict(first.models.versions)  # type: ignore[attr-defined]
+    stored = {p.id: p for p in (env["catalog"].get(i, with_vectors=True) for i in env["catalog"].vectors.scroll_ids())}
+    assert all(p.payload["model_versions"] == versions for p in stored.values())
+
+    env["cache"] = SqliteCache(tmp_path / "wiped.sqlite")
+    report = warm_cache(env["catalog"].vectors, env["cache"], versions)
+    assert report.points == SCENES and report.hit_rate == 1.0
+    assert report.written == {"demo-clip": 2 * SCENES, "all-MiniLM-L6-v2": SCENES}
+    assert env["cache"].count("demo-clip") == 2 * SCENES and env["cache"].count("all-MiniLM-L6-v2") == SCENES
+
+    _fresh_collection(env, tmp_path / "second")
+    env["cache"].stats.hits = 0  # the warm-up's own read-back
+    job = _ingest(env)
+    calls = _forward_passes(job)
+    summary = job.run(progress=False)
+    assert (summary.written, summary.failed) == (SCENES, 1) and calls == []
+    assert summary.cache["misses"] == 0 and summary.cache["hits"] == ENTRIES_PER_SCENE * SCENES
+    for point_id_, before in stored.items():  # the warmed vectors are the ones the models gave
+        after = env["catalog"].get(point_id_, with_vectors=True)
+        assert after is not None and set(after.vectors) == set(before.vectors)
+        for name, vector in before.vectors.items():
+            assert np.allclose(after.vectors[name], vector, atol=1e-5)
+
+
+def test_warming_leaves_out_vectors_of_other_weights_and_points_that_do_not_say(env, tmp_path: Path):
+    first = _ingest(env)
+    first.run(progress=False)
+    versions = dict(first.models.versions)  # type: ignore[attr-defined]
+    vector = {"demo-clip.image": np.ones(128, dtype=np.float32)}
+    env["catalog"].add(NewItem(b"no versions", "image", "image/png", vector, source_uri="file:///old.png"))
+
+    retrained = versions | {"demo-clip": "retrained"}
+    env["cache"] = SqliteCache(tmp_path / "wiped.sqlite")
+    report = warm_cache(env["catalog"].vectors, env["cache"], retrained)
+    assert report.points == SCENES + 1
+    assert report.written == {"all-MiniLM-L6-v2": SCENES}  # demo-clip's vectors are the old weights'
+    assert report.stale == 2 * SCENES and report.unversioned == 1
+    assert report.hit_rate == pytest.approx(SCENES / (3 * SCENES + 1))
+    assert env["cache"].count("demo-clip") == 0
+    assert any("other weights" in line for line in report.lines())
+    assert any("do not record the weights" in line for line in report.lines())
 
 
 class FlakyObjects(LocalObjects):

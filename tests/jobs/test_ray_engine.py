@@ -119,7 +119,8 @@ def test_the_ray_engine_writes_what_the_local_engine_writes(both: dict):
     assert IngestOptions("x", engine="ray").job_config(local.settings) == IngestOptions("x").job_config(local.settings)
     assert (remote_summary.written, remote_summary.failed) == (SCENES, 1)
     assert _counts(remote_summary) == _counts(local_summary)
-    assert remote_summary.cache["misses"] == SCENES and remote_summary.cache["puts"] == SCENES
+    entries = 3 * SCENES  # each scene's image (demo-clip) and caption (both text towers)
+    assert remote_summary.cache["misses"] == entries and remote_summary.cache["puts"] == entries
     assert all(v > 0 for v in remote_summary.stages_s.values()), remote_summary.stages_s
     assert len(_points(remote.catalog)) == SCENES
     _assert_same_points(local.catalog, remote.catalog)
@@ -132,12 +133,12 @@ def test_the_ray_engine_writes_what_the_local_engine_writes(both: dict):
 
 def test_cache_hits_in_the_encoder_actors_skip_the_forward_pass(both: dict):
     """A third collection, sharing the ray run's cache, through two CPU encoder actors (decoding fused
-    into them): every image vector comes from the cache."""
+    into them): every image and caption vector comes from the cache."""
     again = _collection(both["root"], "ray-cached", both["settings"], cache=both["ray"].cache)
     again.cache.stats.hits = again.cache.stats.misses = again.cache.stats.puts = 0
     _, summary = again.ingest(both["manifest"], "ray", ray_encoders=2)
     assert summary.written == SCENES
-    assert (summary.cache["hits"], summary.cache["misses"], summary.cache["puts"]) == (SCENES, 0, 0)
+    assert (summary.cache["hits"], summary.cache["misses"], summary.cache["puts"]) == (3 * SCENES, 0, 0)
     _assert_same_points(both["local"].catalog, again.catalog)
 
 
@@ -154,7 +155,8 @@ def test_an_incremental_rerun_with_sync_matches_too(both: dict):
     _, local_summary = both["local"].ingest(both["manifest"], "local", sync=True)
     _, remote_summary = both["ray"].ingest(both["manifest"], "ray", sync=True)
     assert (remote_summary.written, remote_summary.refreshed, remote_summary.deleted) == (1, 1, 1)
-    assert remote_summary.cache["misses"] == 1  # the touched file was not encoded
+    # The redrawn image was encoded, its unchanged caption was not, nor the touched file.
+    assert (remote_summary.cache["misses"], remote_summary.cache["hits"]) == (1, 2)
     assert _counts(remote_summary) == _counts(local_summary)
     _assert_same_points(both["local"].catalog, both["ray"].catalog)
     assert _letters(both["ray"]) == _letters(both["local"])

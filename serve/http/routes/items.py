@@ -61,6 +61,7 @@ async def add_item(
         caption=caption,
         transcript=transcript,
         meta=parse_meta(meta),
+        model_versions=outcome.versions,
     )
     try:
         item_id = await api.backend.add_item(item)
