@@ -526,7 +526,8 @@ class EdgeStore(VectorStore):
         if self.index.quantization == "int8":
             quantization = edge.ScalarQuantizationConfig(edge.ScalarType.Int8, quantile=0.99, always_ram=True)
         cold = edge.Memory.Cold
-        segment_kb = self.index.segment_points * sum(vectors.values()) * 4 // 1024
+        # The engine sizes a segment by its largest vector storage, not by all of them together.
+        segment_kb = self.index.segment_points * max(vectors.values()) * 4 // 1024
         config = edge.EdgeConfig(
             vectors={
                 name: edge.EdgeVectorParams(dim, edge.Distance.Cosine, memory=cold) for name, dim in vectors.items()

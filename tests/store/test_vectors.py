@@ -491,6 +491,24 @@ def test_segments_stop_growing_at_their_size_and_live_on_disk(tmp_path: Path) ->
     store.close()
 
 
+def test_a_segment_of_several_named_vectors_stops_at_segment_points_too(tmp_path: Path) -> None:
+    """The engine sizes a segment by its largest vector storage: sized by the sum of an image and a
+    caption vector, a segment took twice the points, and a job's last, short window was merged into
+    the window before it (a rebuild of both, the peak memory of a 100k-image job)."""
+    index = IndexConfig(m=8, ef_construct=32, ef=64, min_points=500, segment_points=1000)
+    store = EdgeStore(tmp_path / "two", index)
+    store.open({IMAGE: 8, TEXT: 8})
+    vectors = np.random.default_rng(6).standard_normal((1600, 8)).astype(np.float32)
+    for rows in (range(0, 1000), range(1000, 1600)):
+        store.upsert([Point(point_id(f"s{n}"), {IMAGE: vectors[n], TEXT: vectors[n]}) for n in rows])
+        assert store.build_index() is True
+    config = json.loads((tmp_path / "two" / "edge_config.json").read_text())
+    assert config["optimizers"]["max_segment_size"] == 1000 * 8 * 4 // 1024
+    assert store.shard.info().segments_count == 3  # the two windows apart, and the empty appendable one
+    assert store.search(TEXT, vectors[1500], top_k=1)[0].id == point_id("s1500")
+    store.close()
+
+
 def test_retrieve_reads_only_the_fields_asked_for(tmp_path: Path) -> None:
     store = EdgeStore(tmp_path / "fields")
     store.open({IMAGE: 4})
