@@ -100,16 +100,18 @@ applications:
 
 
 def test_serve_runs_every_application_and_stops_cleanly_on_ctrl_c(data_dir: Path, tmp_path: Path) -> None:
+    """Also: Ray's metrics on the port given, where the images' Prometheus scrapes Serve's series."""
     import signal
+    import time
 
     import httpx
 
-    port = _free_port()
+    port, metrics_port = _free_port(), _free_port()
     config = tmp_path / "serve.yaml"
     config.write_text(TWO_APPS)
     exe = Path(sys.executable).parent / "mmembed"
     proc = subprocess.Popen(
-        [str(exe), "serve", "--config", str(config), "--port", str(port)],
+        [str(exe), "serve", "--config", str(config), "--port", str(port), "--metrics-export-port", str(metrics_port)],
         env=_serve_env(data_dir),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -129,6 +131,14 @@ def test_serve_runs_every_application_and_stops_cleanly_on_ctrl_c(data_dir: Path
             body = {"model": model, "input": "a red circle", "encoding_format": "float"}
             response = httpx.post(f"http://127.0.0.1:{port}{prefix}/v1/embeddings", json=body, timeout=60)
             assert len(response.json()["data"][0]["embedding"]) == dim, response.text
+        deadline = time.monotonic() + 90  # Ray's agent exports on its own interval
+        wanted = ("ray_serve_num_http_requests_total{", 'application="texts"')
+        while True:
+            lines = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text.splitlines()
+            if any(line.startswith(wanted[0]) and wanted[1] in line for line in lines):
+                break
+            assert time.monotonic() < deadline, [x for x in lines if "ray_serve" in x][:5]
+            time.sleep(1)
     finally:
         proc.send_signal(signal.SIGINT)
         rest, _ = proc.communicate(timeout=120)
