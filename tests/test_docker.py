@@ -222,14 +222,15 @@ MONITORS = ("prometheus", "grafana")
 
 def _mount_sources(service: dict[str, Any]) -> dict[str, Path]:
     """Container path -> the folder of this repository a bind mount brings in."""
-    return {target: (DOCKER / source).resolve() for target, source in _mounts(service).items() if source.startswith(".")}
+    mounts = _mounts(service).items()
+    return {target: (DOCKER / source).resolve() for target, source in mounts if source.startswith(".")}
 
 
 def test_prometheus_and_grafana_run_pinned_on_loopback_ports() -> None:
     services = _compose()["services"]
     for name in MONITORS:
         service = services[name]
-        image, _, tag = service["image"].partition(":")
+        tag = service["image"].partition(":")[2]
         assert tag and tag != "latest" and re.search(r"\d", tag), f"{name}: pin the image ({service['image']})"
         assert service["ports"] and all(str(p).startswith("127.0.0.1:") for p in service["ports"]), name
         for target, source in _mount_sources(service).items():
