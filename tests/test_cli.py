@@ -188,3 +188,17 @@ def test_ray_serve_run_starts_every_replica_on_this_machines_cores(data_dir: Pat
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=120)
     assert f"each reserves {share:.3f} of its num_cpus" in out, out[-3000:]
+
+
+def test_a_joined_cluster_keeps_its_own_metrics_port() -> None:
+    """Ray's metrics port is fixed when the cluster starts: asking for one while joining is refused
+    before anything connects, instead of being silently ignored."""
+    from typer.testing import CliRunner
+
+    from mmembed.cli import app as cli
+
+    result = CliRunner().invoke(
+        cli, ["serve", "--address", "127.0.0.1:1", "--metrics-export-port", "8080"], env={"COLUMNS": "200"}
+    )
+    assert result.exit_code == 1
+    assert "--metrics-export-port applies to a cluster started here" in result.output
