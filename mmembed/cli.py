@@ -212,11 +212,17 @@ def serve_command(
     dashboard_host: Annotated[
         str, typer.Option(help="Interface the Ray dashboard listens on (0.0.0.0 in a container).")
     ] = "127.0.0.1",
+    metrics_export_port: Annotated[
+        int | None,
+        typer.Option(help="Fixed port for Ray's Prometheus metrics (Serve's series), for a scraper to find."),
+    ] = None,
 ) -> None:
     """Start Ray (or join --address), deploy the encoders behind the HTTP API, and serve until Ctrl-C."""
     from mmembed.serve import launch
 
-    running = _start_server(config, address, host, port, dashboard_host=dashboard_host)
+    running = _start_server(
+        config, address, host, port, dashboard_host=dashboard_host, metrics_export_port=metrics_export_port
+    )
     console.print("serving; Ctrl-C to stop")
     launch.wait_for_signal()
     console.print("shutting down")
@@ -230,11 +236,12 @@ def _start_server(
     port: int | None,
     quiet: bool = False,
     dashboard_host: str = "127.0.0.1",
+    metrics_export_port: int | None = None,
 ) -> Running:
     from mmembed.serve import launch, local
 
     try:
-        running = launch.start(config, address, host, port, quiet, dashboard_host)
+        running = launch.start(config, address, host, port, quiet, dashboard_host, metrics_export_port)
     except Exception as exc:  # a model that fails to load, a port in use: say which and stop
         _fail(exc)
     local.note(get_settings().data_dir.expanduser(), running.url.replace("0.0.0.0", "127.0.0.1"))

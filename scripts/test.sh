@@ -4,8 +4,8 @@
 #   scripts/test.sh --fast [PYTEST ARGS]   the fast lane while working: no Ray, browser, subprocess
 #                                          or slow tests (see the markers in pyproject.toml)
 # VENV and PYTHON choose the environment (scripts/setup.sh); CI also runs the fast lane on 3.12.
-# Needs espeak-ng, ffmpeg, redis-server and chromium on PATH (Debian: apt-get install -y espeak-ng
-# ffmpeg redis-server chromium); .ci/run installs them.
+# Needs espeak-ng, ffmpeg, redis-server, chromium and promtool on PATH (Debian: apt-get install -y
+# espeak-ng ffmpeg redis-server chromium prometheus); .ci/run installs them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export VENV=${VENV:-.venv}
@@ -14,8 +14,8 @@ if [ "${1:-}" = "--fast" ]; then
   shift
   lane=(-m "not (ray or browser or subprocess or slow)")
 fi
-for tool in espeak-ng ffmpeg redis-server chromium; do
-  command -v "$tool" >/dev/null || { echo "missing $tool: apt-get install -y espeak-ng ffmpeg redis-server chromium" >&2; exit 1; }
+for tool in espeak-ng ffmpeg redis-server chromium promtool; do
+  command -v "$tool" >/dev/null || { echo "missing $tool: apt-get install -y espeak-ng ffmpeg redis-server chromium prometheus" >&2; exit 1; }
 done
 bash scripts/setup.sh
 "$VENV"/bin/ruff check .

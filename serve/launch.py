@@ -55,9 +55,12 @@ def start(
     port: int | None,
     quiet: bool = False,
     dashboard_host: str = "127.0.0.1",
+    metrics_export_port: int | None = None,
 ) -> Running:
     """Every application in ``config`` (one default app without it), as ``serve run`` would.
-    ``quiet``: replicas' logs stay in Ray's log folder instead of this terminal."""
+    ``quiet``: replicas' logs stay in Ray's log folder instead of this terminal.
+    ``metrics_export_port``: a fixed port for Ray's Prometheus metrics (random otherwise), so a
+    Prometheus outside the process can scrape Serve's series; a joined cluster keeps its own."""
     spec = yaml.safe_load(config.read_text()) if config else {}
     http = spec.get("http_options", {}) | {k: v for k, v in (("host", host), ("port", port)) if v is not None}
     http = {"host": "127.0.0.1", "port": 8000} | http
@@ -73,8 +76,15 @@ def start(
         for args in apps:
             args["env"] = forwarded | (args.get("env") or {})
     cpus = logical_cpus(apps, os.cpu_count() or 1) if local else None
+    if metrics_export_port is not None and not local:
+        raise ValueError("--metrics-export-port applies to a cluster started here, not one joined with --address")
     context = ray.init(
-        address=address, num_cpus=cpus, dashboard_host=dashboard_host, include_dashboard=local, log_to_driver=not quiet
+        address=address,
+        num_cpus=cpus,
+        dashboard_host=dashboard_host,
+        include_dashboard=local,
+        log_to_driver=not quiet,
+        _metrics_export_port=metrics_export_port,
     )
     # A dashboard bound to every interface is still opened on this machine's loopback.
     dashboard = "http://" + (context.dashboard_url or "127.0.0.1:8265").replace("0.0.0.0", "127.0.0.1")

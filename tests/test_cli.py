@@ -124,16 +124,18 @@ applications:
 
 
 def test_serve_runs_every_application_and_stops_cleanly_on_ctrl_c(data_dir: Path, tmp_path: Path) -> None:
+    """Also: Ray's metrics on the port given, where the images' Prometheus scrapes Serve's series."""
     import signal
+    import time
 
     import httpx
 
-    port = _free_port()
+    port, metrics_port = _free_port(), _free_port()
     config = tmp_path / "serve.yaml"
     config.write_text(TWO_APPS)
     exe = Path(sys.executable).parent / "mmembed"
     proc = subprocess.Popen(
-        [str(exe), "serve", "--config", str(config), "--port", str(port)],
+        [str(exe), "serve", "--config", str(config), "--port", str(port), "--metrics-export-port", str(metrics_port)],
         env=_serve_env(data_dir),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -153,6 +155,14 @@ def test_serve_runs_every_application_and_stops_cleanly_on_ctrl_c(data_dir: Path
             body = {"model": model, "input": "a red circle", "encoding_format": "float"}
             response = httpx.post(f"http://127.0.0.1:{port}{prefix}/v1/embeddings", json=body, timeout=60)
             assert len(response.json()["data"][0]["embedding"]) == dim, response.text
+        deadline = time.monotonic() + 90  # Ray's agent exports on its own interval
+        wanted = ("ray_serve_num_http_requests_total{", 'application="texts"')
+        while True:
+            lines = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text.splitlines()
+            if any(line.startswith(wanted[0]) and wanted[1] in line for line in lines):
+                break
+            assert time.monotonic() < deadline, [x for x in lines if "ray_serve" in x][:5]
+            time.sleep(1)
     finally:
         proc.send_signal(signal.SIGINT)
         rest, _ = proc.communicate(timeout=120)
@@ -202,3 +212,17 @@ def test_ray_serve_run_starts_every_replica_on_this_machines_cores(data_dir: Pat
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=120)
     assert f"each reserves {share:.3f} of its num_cpus" in out, out[-3000:]
+
+
+def test_a_joined_cluster_keeps_its_own_metrics_port() -> None:
+    """Ray's metrics port is fixed when the cluster starts: asking for one while joining is refused
+    before anything connects, instead of being silently ignored."""
+    from typer.testing import CliRunner
+
+    from mmembed.cli import app as cli
+
+    result = CliRunner().invoke(
+        cli, ["serve", "--address", "127.0.0.1:1", "--metrics-export-port", "8080"], env={"COLUMNS": "200"}
+    )
+    assert result.exit_code == 1
+    assert "--metrics-export-port applies to a cluster started here" in result.output

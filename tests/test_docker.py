@@ -215,6 +215,74 @@ def test_server_environment_points_at_the_stack() -> None:
         assert 9000 in _published(services["minio"])
 
 
+# --- monitoring: Prometheus and Grafana ---------------------------------------------------------
+
+MONITORS = ("prometheus", "grafana")
+
+
+def _mount_sources(service: dict[str, Any]) -> dict[str, Path]:
+    """Container path -> the folder of this repository a bind mount brings in."""
+    mounts = _mounts(service).items()
+    return {target: (DOCKER / source).resolve() for target, source in mounts if source.startswith(".")}
+
+
+def test_prometheus_and_grafana_run_pinned_on_loopback_ports() -> None:
+    services = _compose()["services"]
+    for name in MONITORS:
+        service = services[name]
+        tag = service["image"].partition(":")[2]
+        assert tag and tag != "latest" and re.search(r"\d", tag), f"{name}: pin the image ({service['image']})"
+        assert service["ports"] and all(str(p).startswith("127.0.0.1:") for p in service["ports"]), name
+        for target, source in _mount_sources(service).items():
+            assert source.is_dir() and source.is_relative_to(DOCKER), f"{name}: {source} for {target}"
+    assert 9090 in _published(services["prometheus"]) and 3000 in _published(services["grafana"])
+
+
+def test_prometheus_scrapes_the_api_and_rays_metrics_port() -> None:
+    """The targets are the served port and the port the images give Ray's metrics export, on a
+    name both server services answer to, and the rules file loads from the mounted folder."""
+    services = _compose()["services"]
+    prometheus = services["prometheus"]
+    folder = _mount_sources(prometheus)["/etc/prometheus"]
+    assert "--config.file=/etc/prometheus/prometheus.yml" in prometheus["command"]
+    config = yaml.safe_load((folder / "prometheus.yml").read_text())
+    assert all((folder / f).is_file() for f in config["rule_files"]) and "alerts.yml" in config["rule_files"]
+    targets = {s["job_name"]: s["static_configs"][0]["targets"] for s in config["scrape_configs"]}
+    [api] = targets["mmembed"]
+    [ray_metrics] = targets["ray"]
+    served = _serve_yaml(DOCKER / "serve.yaml")["http_options"]["port"]
+    assert api.partition(":")[2] == str(served)
+    host, _, ray_port = ray_metrics.partition(":")
+    assert api.partition(":")[0] == host
+    for name, dockerfile in SERVERS.items():
+        cmd = _cmd(DOCKER / dockerfile)
+        assert cmd[cmd.index("--metrics-export-port") + 1] == ray_port, name
+        assert ray_port in {p for args in _args(DOCKER / dockerfile, "EXPOSE") for p in args.split()}, name
+        service = services[name]
+        assert ray_port in [str(p) for p in service.get("expose", [])], name
+        aliases = (service.get("networks") or {}).get("default", {}).get("aliases", [])
+        assert host == name or host in aliases, f"{name} does not answer to {host!r}"
+
+
+def test_grafana_provisions_the_prometheus_datasource_and_the_dashboard() -> None:
+    services = _compose()["services"]
+    grafana = services["grafana"]
+    mounts = _mount_sources(grafana)
+    provisioning = mounts["/etc/grafana/provisioning"]
+    [source] = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())["datasources"]
+    url = urlparse(source["url"])
+    assert url.hostname == "prometheus" and url.port in _published(services["prometheus"])
+    [provider] = yaml.safe_load((provisioning / "dashboards" / "mmembed.yml").read_text())["providers"]
+    dashboards = mounts[provider["options"]["path"]]  # the provider reads the mounted dashboards folder
+    [path] = dashboards.glob("*.json")
+    dashboard = json.loads(path.read_text())
+    home = _environment(grafana)["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert home == f"{provider['options']['path']}/{path.name}"
+    panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+    assert panels and all(t["datasource"]["uid"] == source["uid"] for p in panels for t in p["targets"])
+    assert {p["datasource"]["uid"] for p in panels} == {source["uid"]}
+
+
 # --- settings ----------------------------------------------------------------------------------
 
 

@@ -18,6 +18,7 @@ from starlette.routing import Match
 from mmembed.contracts import EncodedItem, JobView
 
 ACTIVE_JOBS = ("planned", "running")
+DEAD_LETTERED = "failed"  # the item state of a dead letter in the job store (mmembed.jobs.state.FAILED)
 
 
 class Metrics:
@@ -41,13 +42,16 @@ class Metrics:
 
     def exposition(self, jobs: list[JobView]) -> bytes:
         """This app's figures, and the bulk jobs' (they live in the catalogue: read per scrape).
-        A finished job leaves the per-job gauges and is counted in ``mmembed_jobs`` by status."""
+        A finished job leaves the per-job gauges and is counted in ``mmembed_jobs`` by status;
+        its dead letters stay in ``mmembed_dead_letters``, which an alert watches grow."""
         r = CollectorRegistry()
         by_status = Gauge("mmembed_jobs", "Bulk jobs by status", ("status",), registry=r)
+        dead = Gauge("mmembed_dead_letters", "Items bulk jobs gave up on, over every job in the store", registry=r)
         items = Gauge("mmembed_job_items", "Items of a running job by state", ("job_id", "state"), registry=r)
         progress = Gauge("mmembed_job_progress", "Share of a running job's items finished", ("job_id",), registry=r)
         for job in jobs:
             by_status.labels(job.status).inc()
+            dead.inc(job.items.get(DEAD_LETTERED, 0))
             if job.status not in ACTIVE_JOBS:
                 continue
             progress.labels(job.id).set(job.progress)

@@ -60,8 +60,9 @@ def test_metrics_count_requests_items_and_jobs(tmp_path: Path) -> None:
     client.get("/nope")
     write = {"authorization": "Bearer w-key"}
     done = client.post("/ingest", json={"source": "/data/photos"}, headers=write).json()["id"]
-    backend.jobs[done] = replace(backend.jobs[done], status="done", progress=1.0)
+    backend.jobs[done] = replace(backend.jobs[done], status="done", progress=1.0, items={"done": 5, "failed": 2})
     running = client.post("/ingest", json={"source": "/data/more"}, headers=write).json()["id"]
+    backend.jobs[running] = replace(backend.jobs[running], items={"done": 1, "failed": 1, "pending": 2})
     answer = client.get("/metrics")
     assert answer.status_code == 200 and answer.headers["content-type"].startswith("text/plain")
     text = answer.text
@@ -79,6 +80,9 @@ def test_metrics_count_requests_items_and_jobs(tmp_path: Path) -> None:
     assert metric(text, "mmembed_job_progress", job_id=running) == 0.5
     assert metric(text, "mmembed_job_progress", job_id=done) is None
     assert metric(text, "mmembed_jobs", status="done") == 1.0 and metric(text, "mmembed_jobs", status="running") == 1.0
+    assert metric(text, "mmembed_job_items", job_id=running, state="failed") == 1.0
+    # Dead letters over every job, finished ones too: the alert on their growth reads this.
+    assert metric(text, "mmembed_dead_letters") == 3.0
     # No label Prometheus reserves, and nothing Ray Serve already exports per deployment.
     labels = {name for family in text_string_to_metric_families(text) for s in family.samples for name in s.labels}
     assert not labels & {"job", "instance"}
