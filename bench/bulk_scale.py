@@ -233,13 +233,21 @@ def ratios(small: dict[str, Any], large: dict[str, Any]) -> dict[str, float]:
     def per_item(step: str, key: str) -> float:
         return (large[step][key] / large["items"]) / (small[step][key] / small["items"])
 
-    return {
+    out = {
         "per_item_time_large_vs_small": per_item("first", "run_s"),
         "rerun_per_item_time_large_vs_small": per_item("rerun", "total_s"),
         "sync_per_item_time_large_vs_small": per_item("sync", "total_s"),
         "peak_rss_large_vs_small": large["first"]["peak_rss_mb"] / small["first"]["peak_rss_mb"],
         "peak_anon_large_vs_small": large["first"]["peak_anon_mb"] / small["first"]["peak_anon_mb"],
     }
+    if "resumed" in large and "resumed" in small:  # per item the resume embedded, plan included
+        out["resume_per_item_time_large_vs_small"] = (large["resumed"]["total_s"] / large["resumed"]["to_embed"]) / (
+            small["resumed"]["total_s"] / small["resumed"]["to_embed"]
+        )
+    for step in ("rerun", "resumed", "sync"):
+        if step in large and step in small:
+            out[f"{step}_peak_rss_large_vs_small"] = large[step]["peak_rss_mb"] / small[step]["peak_rss_mb"]
+    return out
 
 
 # --- sources ---------------------------------------------------------------------------------------

@@ -109,6 +109,15 @@ class IngestOptions:
         return {"models": list(self.models), "collection": settings.collection}
 
 
+@dataclass(frozen=True)
+class Changes:
+    """What a watch saw change in its source since the last round: the items to list again (new or
+    changed files) and the URIs of those gone. A plan over them looks at those items only."""
+
+    items: tuple[SourceItem, ...]
+    removed: tuple[str, ...] = ()
+
+
 @dataclass
 class Plan:
     job_id: str
@@ -235,11 +244,12 @@ class Ingest:
 
     # --- plan ------------------------------------------------------------------------------
 
-    def plan(self, calibrate: bool = True) -> Plan:
+    def plan(self, calibrate: bool = True, changes: Changes | None = None) -> Plan:
         """Streams the listing through the job store chunk by chunk: each chunk's written versions
         (one ledger query, or one store read when the ledger cannot be trusted), prior states and
         dead letters (one indexed query each), and its planned items (one write). Memory holds a
-        chunk, the calibration sample and the points to delete."""
+        chunk, the calibration sample and the points to delete. ``changes``: plan those items and
+        deletes only, not the whole source (a watch's round)."""
         row = self.jobs.create(self.job, self.options.source, self.options.job_config(self.settings))
         self.models  # noqa: B018  (opens the collection with the models' layout)
         resumed = row.status in ("running", "interrupted") and self.jobs.has_pending(self.job)
@@ -248,16 +258,18 @@ class Ingest:
         ledger = self.jobs.ledger(self.job)
         source_points = self.catalog.vectors.count({"source": self.options.source})
         trusted = source_points == self.jobs.written_count(ledger)
-        if not trusted:  # rebuilt from the store's answers, chunk by chunk
+        if not trusted and not changes:  # rebuilt from the store's answers, chunk by chunk
             self.jobs.forget_written(ledger)
-        listing = iter_source(self.options.source, self._s3_client())
+        listing = iter(changes.items) if changes else iter_source(self.options.source, self._s3_client())
         with _no_cycle_collection(), self.jobs.mapped():
             listed_written = self._plan_listing(plan, listing, ledger, trusted)
             self.jobs.end_listing(self.job, self.options.source)
-            if self.options.sync:
+            if changes:
+                plan.gone = self._removed(changes.removed)
+            elif self.options.sync:
                 plan.gone = self.jobs.unlisted_written(self.job, ledger) if trusted else self._gone()
         plan.unchanged = plan.total - plan.to_check
-        if self.options.sync:
+        if changes or self.options.sync:
             plan.deleted = len(plan.gone)
         else:  # only counted: the source's points less those listed
             plan.deleted = source_points - listed_written
@@ -302,6 +314,14 @@ class Ingest:
             self._estimate_remote(plan, captions, sum(1 for _, _, i in todo if i.kind == "audio"))
         return listed_written
 
+    def _removed(self, uris: Sequence[str]) -> list[str]:
+        """The points of these URIs that this source wrote."""
+        gone: list[str] = []
+        for _, chunk in _chunks(uris, PLAN_CHUNK):
+            found = self.catalog.payloads([point_id(u) for u in chunk], ["source"])
+            gone.extend(i for i, payload in found.items() if payload.get("source") == self.options.source)
+        return gone
+
     def _gone(self) -> list[str]:
         """Points of this source its listing no longer names, a page of the store at a time."""
         gone: list[str] = []
@@ -328,7 +348,7 @@ class Ingest:
         summary = Summary(self.job, price_per_hour=self.options.price_per_hour)
         started = time.perf_counter()
         self.jobs.update(self.job, status="running")
-        if self.options.sync and plan.gone:
+        if plan.gone:
             ledger = self.jobs.ledger(self.job)
             for _, ids in _chunks(plan.gone, PLAN_CHUNK):
                 retrying(self.options.attempts)(self.catalog.delete_many)(ids)

@@ -75,7 +75,7 @@ class JobRow:
     id: str
     source: str
     config: dict[str, Any]
-    status: str  # planned | running | done | failed | interrupted
+    status: str  # planned | running | done | failed | interrupted; a server's watch: watching | stopped
     created: float
     updated: float
     counts: dict[str, Any]

@@ -19,7 +19,7 @@ import hashlib
 import itertools
 import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -140,6 +140,24 @@ def _file_item(path: Path, kind: str, caption: str | None = None, meta: dict[str
     except OSError:  # missing or a broken link: listed anyway, reading it records the failure
         size = version = None
     return SourceItem(path.as_uri(), kind, caption, meta or {}, size, version)
+
+
+def folder_items(root: Path, paths: Iterable[Path]) -> Iterator[SourceItem]:
+    """The items a folder listing would give for these paths under ``root`` (a watch's changed
+    files): the same URIs and versions, the same hidden files and folders skipped. A path that is a
+    folder gives every item under it (a folder moved in)."""
+    root = root.resolve()
+    for path in paths:
+        try:
+            relative = path.relative_to(root)
+        except ValueError:
+            continue
+        if any(part.startswith(".") for part in relative.parts):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            yield from _list_folder(path)
+        elif (kind := kind_of(path.name)) and path.exists():
+            yield _file_item(root / relative, kind)
 
 
 def _list_folder(root: Path) -> Iterator[SourceItem]:

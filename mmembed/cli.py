@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, NoReturn
 
@@ -14,6 +15,8 @@ from rich.table import Table
 from mmembed.config import get_settings
 
 if TYPE_CHECKING:
+    from mmembed.jobs.ingest import IngestOptions
+    from mmembed.jobs.watch import WatchOptions
     from mmembed.serve.launch import Running
 
 app = typer.Typer(help="Multi-modal embedding server and pipeline.", no_args_is_help=True)
@@ -397,14 +400,23 @@ def ingest_command(
     server: Annotated[
         str | None, typer.Option(help="Run the job on this mmembed server (its models, its store) instead.")
     ] = None,
+    watch: Annotated[
+        bool, typer.Option(help="Then keep following the source (a folder's events, an S3 prefix's listings).")
+    ] = False,
+    watch_delay: Annotated[float, typer.Option(help="Watch: seconds without a change that end a burst.")] = 1.0,
+    watch_settle: Annotated[float, typer.Option(help="Watch: seconds a file must hold still before it is read.")] = 1.0,
+    watch_poll: Annotated[float, typer.Option(help="Watch: seconds between listings of an S3 prefix.")] = 30.0,
 ) -> None:
     """Embed a catalogue into the collection: plan, estimate, then an incremental, resumable run.
     When a local server holds the collection, the job goes to that server."""
     from mmembed.jobs.ingest import DEFAULT_MODELS, Ingest, IngestOptions
+    from mmembed.jobs.watch import WatchOptions
     from mmembed.serve import local
     from mmembed.store.vectors import StoreBusy
 
     target = server or (None if dry_run else local.serving(get_settings().data_dir.expanduser()))
+    if watch and target is not None:
+        _fail(ValueError(f"--watch runs in this process, and a server ({target}) holds the collection: stop it first"))
     if target is not None:
         if server is None:
             console.print(f"a server on this data directory holds the collection: the job runs on {target}")
@@ -423,6 +435,9 @@ def ingest_command(
         ray_encoders=ray_encoders,
         num_gpus_per_encoder=num_gpus_per_encoder,
     )
+    if watch:
+        _watch(options, WatchOptions(watch_delay, watch_settle, watch_poll))
+        return
     try:
         job = Ingest(options, get_settings())
         plan = job.plan()
@@ -437,6 +452,24 @@ def ingest_command(
         _fail(exc)
     for line in summary.lines():
         console.print(line)
+
+
+def _watch(options: IngestOptions, watch: WatchOptions) -> None:
+    """Rounds until Ctrl-C: the first a whole pass with --sync, then one per burst of changes."""
+    from mmembed.jobs.watch import Watch
+
+    console.print(f"watching {options.source}; Ctrl-C to stop")
+    try:
+        for done in Watch(options, get_settings(), watch).rounds():
+            kind = "whole pass" if done.whole else "changes"
+            console.print(f"[{time.strftime('%H:%M:%S')}] {kind}: {done.summary.lines()[0]}")
+            if done.waiting:
+                console.print(f"  still being written, read later: {', '.join(done.waiting)}")
+    except KeyboardInterrupt:
+        pass
+    except Exception as exc:  # a bad source, an unreachable store: say which and stop
+        _fail(exc)
+    console.print("stopped watching")
 
 
 def _ingest_on_server(url: str, source: str, models: list[str] | None, sync: bool) -> None:

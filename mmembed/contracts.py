@@ -153,7 +153,7 @@ class JobView:
 
     id: str
     source: str
-    status: str  # planned | running | done | failed | interrupted
+    status: str  # planned | running | done | failed | interrupted; a server's watch: watching | stopped
     error: str | None
     progress: float  # share of its planned items finished (written or failed)
     items: dict[str, int]  # planned items by state

@@ -46,6 +46,7 @@ from mmembed.contracts import (
 )
 from mmembed.jobs.ingest import Ingest, IngestOptions
 from mmembed.jobs.state import JobStore, job_id
+from mmembed.jobs.watch import Watch
 from mmembed.loaders.sources import SourceError, check_inside_roots
 from mmembed.store.catalog import Catalog, NewItem
 from mmembed.store.objects import object_store
@@ -53,6 +54,7 @@ from mmembed.store.vectors import open_store
 
 log = logging.getLogger(__name__)
 
+WATCHING = "watching"  # a job's status between the rounds of a watch
 BUSY_RETRY_S = 1.0  # a full encoder queue makes a job wait this long before asking again, not fail
 
 
@@ -88,8 +90,9 @@ class CatalogDeployment:
         self.jobs = JobStore(self.settings.data_dir.expanduser() / "jobs.sqlite")
         self.roots = self.settings.server_ingest_roots()  # clients name the paths: read only inside these
         self.threads: dict[str, threading.Thread] = {}
+        self.stops: dict[str, threading.Event] = {}  # watching jobs, until DELETE /jobs/{id}
         for row in self.jobs.list():
-            if row.status in ("planned", "running") and row.config.get("server"):
+            if row.status in ("planned", "running", WATCHING) and row.config.get("server"):
                 log.info("resuming job %s left unfinished by the last replica", row.id)
                 self._start(row.source, row.config)
 
@@ -120,7 +123,7 @@ class CatalogDeployment:
 
     # --- bulk jobs ------------------------------------------------------------------------------
 
-    def start_job(self, source: str, models: list[str], sync: bool = False) -> JobStart:
+    def start_job(self, source: str, models: list[str], sync: bool = False, watch: bool = False) -> JobStart:
         """Plans and runs in a background thread; answers the job id at once, or how many jobs
         run when ``max_concurrent_jobs`` already do (each reads and writes in this replica)."""
         local = "://" not in source or source.lower().startswith("file://")
@@ -134,7 +137,8 @@ class CatalogDeployment:
         running = sum(t.is_alive() for t in self.threads.values())
         if running >= self.settings.max_concurrent_jobs and not (same and same.is_alive()):
             return TooManyJobs(running)
-        return JobStarted(self._start(source, {"models": models, "sync": sync, "server": True}))
+        config = {"models": models, "sync": sync or watch, "server": True} | ({"watch": True} if watch else {})
+        return JobStarted(self._start(source, config))
 
     def _start(self, source: str, config: dict[str, Any]) -> str:
         options = IngestOptions(
@@ -146,11 +150,16 @@ class CatalogDeployment:
             file_roots=self.roots,
         )
         ingest = Ingest(options, self.settings, catalog=self.catalog, jobs=self.jobs, deployments=self.encoders)
-        self.jobs.create(ingest.job, source, options.job_config(self.settings) | {"server": True, "sync": options.sync})
+        watch = bool(config.get("watch"))
+        server = {"server": True, "sync": options.sync} | ({"watch": True} if watch else {})
+        self.jobs.create(ingest.job, source, options.job_config(self.settings) | server)
         if ingest.job in self.threads and self.threads[ingest.job].is_alive():
             return ingest.job  # already running: the same source and models are the same job
         self.jobs.update(ingest.job, status="running")
-        thread = threading.Thread(target=self._run, args=(ingest,), name=f"job-{ingest.job}", daemon=True)
+        if watch:
+            self.stops[ingest.job] = threading.Event()
+        target = self._watch if watch else self._run
+        thread = threading.Thread(target=target, args=(ingest,), name=f"job-{ingest.job}", daemon=True)
         self.threads[ingest.job] = thread
         thread.start()
         return ingest.job
@@ -163,6 +172,27 @@ class CatalogDeployment:
         except Exception as exc:  # the job's record says why; the replica keeps serving
             log.exception("job %s failed", ingest.job)
             self.jobs.update(ingest.job, status="failed", error=f"{type(exc).__name__}: {exc}")
+
+    def _watch(self, ingest: Ingest) -> None:
+        """Rounds until ``stop_job``: the job's counts are its last round's, its status ``watching``."""
+        stop = self.stops[ingest.job]
+        try:
+            rounds = Watch(ingest.options, self.settings, stop=stop, ingest=ingest).rounds()
+            for n, done in enumerate(rounds, 1):
+                row = self.jobs.get(ingest.job)
+                counts = (row.counts if row else {}) | {"rounds": n, "whole": done.whole, "waiting": list(done.waiting)}
+                self.jobs.update(ingest.job, status=WATCHING, counts=counts)
+            self.jobs.update(ingest.job, status="stopped")
+        except Exception as exc:  # the job's record says why; the replica keeps serving
+            log.exception("watching job %s failed", ingest.job)
+            self.jobs.update(ingest.job, status="failed", error=f"{type(exc).__name__}: {exc}")
+
+    def stop_job(self, job: str) -> bool:
+        stop = self.stops.get(job)
+        if stop is None or not self.threads[job].is_alive():
+            return False
+        stop.set()
+        return True
 
     def job(self, job: str) -> JobView | None:
         row = self.jobs.get(job)

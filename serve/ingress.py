@@ -73,8 +73,11 @@ class RayBackend:
     async def count(self) -> int:
         return await self.catalog.count.remote()
 
-    async def start_job(self, source: str, models: list[str], sync: bool) -> JobStart:
-        return await self.catalog.start_job.remote(source, models, sync)
+    async def start_job(self, source: str, models: list[str], sync: bool, watch: bool = False) -> JobStart:
+        return await self.catalog.start_job.remote(source, models, sync, watch)
+
+    async def stop_job(self, job_id: str) -> bool:
+        return await self.catalog.stop_job.remote(job_id)
 
     async def job(self, job_id: str) -> JobView | None:
         return await self.catalog.job.remote(job_id)

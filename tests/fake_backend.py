@@ -129,13 +129,20 @@ class FakeBackend:
     async def count(self) -> int:
         return len(self.items)
 
-    async def start_job(self, source: str, models: list[str], sync: bool) -> JobStart:
+    async def start_job(self, source: str, models: list[str], sync: bool, watch: bool = False) -> JobStart:
         if self.next_start is not None:
             return self.next_start
         job_id = uuid.uuid4().hex[:12]
         items = {"done": 1, "planned": 1}
-        self.jobs[job_id] = JobView(job_id, source, "running", None, 0.5, items, {}, 0.0, 0.0)
+        self.jobs[job_id] = JobView(job_id, source, "watching" if watch else "running", None, 0.5, items, {}, 0.0, 0.0)
         return JobStarted(job_id)
+
+    async def stop_job(self, job_id: str) -> bool:
+        job = self.jobs[job_id]
+        if job.status != "watching":
+            return False
+        self.jobs[job_id] = replace(job, status="stopped")
+        return True
 
     async def job(self, job_id: str) -> JobView | None:
         return self.jobs.get(job_id)

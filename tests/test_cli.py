@@ -61,6 +61,42 @@ def test_cache_warm_refills_a_wiped_cache_so_a_new_collection_costs_no_forward_p
     assert re.search(r"6 written, .* 0 failed", again) and "cache: hits 6, misses 0" in again, again
 
 
+def test_ingest_watch_follows_a_folder_until_ctrl_c(data_dir: Path, tmp_path: Path) -> None:
+    import signal
+
+    folder = tmp_path / "watched"
+    folder.mkdir()
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(folder / "first.png")
+    exe = Path(sys.executable).parent / "mmembed"
+    env = os.environ | {
+        "MMEMBED_DATA_DIR": str(data_dir),
+        "MMEMBED_COLLECTION": "watched",
+        "MMEMBED_ALLOW_DOWNLOADS": "false",
+        "COLUMNS": "200",
+        "PYTHONUNBUFFERED": "1",  # each round's line as it happens
+    }
+    command = [str(exe), "ingest", str(folder), "--model", "demo-clip", "--workers", "0", "--watch"]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    try:
+
+        def next_round() -> str:
+            for line in proc.stdout:  # type: ignore[union-attr]
+                if "] whole pass: " in line or "] changes: " in line:
+                    return line
+            pytest.fail(f"mmembed ingest --watch ended with {proc.wait()}")
+
+        assert re.search(r"whole pass: job \w+: 1 written", next_round())
+        Image.new("RGB", (32, 32), (30, 200, 30)).save(folder / "second.png")
+        assert re.search(r"changes: job \w+: 1 written", next_round())
+        (folder / "first.png").unlink()
+        assert re.search(r"changes: job \w+: 0 written, .* 1 deleted", next_round())
+    finally:
+        proc.send_signal(signal.SIGINT)
+        rest = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0 and "stopped watching" in rest, rest
+
+
 def test_models_list_and_verify_offline(data_dir: Path) -> None:
     _run(data_dir, "models", "pull")
     listing = _run(data_dir, "models", "list").stdout

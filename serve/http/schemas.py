@@ -44,6 +44,11 @@ class IngestRequest(BaseModel):
     source: str = Field(description="A folder or manifest on the server, s3://bucket/prefix, or a .txt of URLs.")
     models: list[str] | None = Field(default=None, description="Default: every model this server runs.")
     sync: bool = Field(default=False, description="Also delete the points of items gone from the source.")
+    watch: bool = Field(
+        default=False,
+        description="Then keep following the source (a folder's events, an S3 prefix's listings) until "
+        "DELETE /jobs/{id}; implies sync.",
+    )
 
 
 class SearchRequest(BaseModel):

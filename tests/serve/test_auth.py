@@ -44,6 +44,7 @@ ORIGIN = "https://shop.example"
         ("POST", "/ingest", "write"),
         ("GET", "/jobs", "write"),
         ("GET", "/jobs/abc/dead-letters", "write"),
+        ("DELETE", "/jobs/abc", "write"),
     ],
 )
 def test_each_route_needs_its_scope(method: str, path: str, scope: str) -> None:

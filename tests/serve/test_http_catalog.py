@@ -122,6 +122,17 @@ def test_jobs_start_and_are_followed(client: TestClient) -> None:
     api_error(client.post("/ingest", json={"source": "/x", "models": ["nope"]}), 422, "model_not_found")
 
 
+def test_a_watching_job_is_stopped_by_delete(client: TestClient) -> None:
+    watching = client.post("/ingest", json={"source": "/data/photos", "watch": True}).json()["id"]
+    once = client.post("/ingest", json={"source": "/data/more"}).json()["id"]
+    assert client.get(f"/jobs/{watching}").json()["status"] == "watching"
+    stopped = client.delete(f"/jobs/{watching}")
+    assert stopped.status_code == 202 and stopped.json() == {"id": watching, "stopping": True}
+    assert client.get(f"/jobs/{watching}").json()["status"] == "stopped"
+    assert "not watching" in api_error(client.delete(f"/jobs/{once}"), 409, "job_not_watching")
+    api_error(client.delete("/jobs/nope"), 404, "job_not_found")
+
+
 def test_jobs_refused_by_the_catalogue(client: TestClient, backend: FakeBackend) -> None:
     backend.next_start = PathForbidden("/etc is outside the folders jobs may read")
     assert "outside" in api_error(client.post("/ingest", json={"source": "/etc"}), 403, "path_forbidden")

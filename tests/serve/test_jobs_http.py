@@ -8,7 +8,7 @@ import io
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -182,5 +182,48 @@ def test_a_job_left_running_is_resumed_by_the_next_replica(setup: dict):
             f"{api}/search", json={"text": "a shape", "top_k": 50, "filter": {"source": str(folder)}}
         ).json()["hits"]
         assert len(hits) == 6
+    finally:
+        serve.delete("jobs")
+
+
+def _until(api: str, job: str, done: Callable[[dict], bool], what: str, deadline_s: float = 180) -> dict:
+    deadline = time.monotonic() + deadline_s
+    state: dict = {}
+    while time.monotonic() < deadline:
+        state = httpx.get(f"{api}/jobs/{job}").json()
+        if done(state):
+            return state
+        assert state["status"] != "failed", state
+        time.sleep(0.2)  # polling interval; the job's own state is what the test waits for
+    raise AssertionError(f"job {job} did not {what} in {deadline_s} s: {state}")
+
+
+def test_a_server_job_can_watch_its_folder_until_stopped(setup: dict):
+    folder = _folder(setup["folders"] / "watched", 2, seed=12)
+    api = _start(setup)
+    try:
+        started = httpx.post(f"{api}/ingest", json={"source": str(folder), "models": ["demo-clip"], "watch": True})
+        assert started.status_code == 202, started.text
+        job = started.json()["id"]
+        first = _until(api, job, lambda s: s["status"] == "watching", "finish its first round")
+        assert first["counts"]["whole"] is True and first["counts"]["written"] == 2
+
+        def mine() -> list[str]:
+            found = httpx.post(f"{api}/search", json={"text": "a shape", "top_k": 50}).json()["hits"]
+            return sorted(h["payload"]["filename"] for h in found if h["payload"]["source"] == str(folder))
+
+        assert mine() == ["scene-0.png", "scene-1.png"]
+        world.eval_set(1, seed=13)[0][1].save(folder / "new.png")
+        (folder / "scene-0.png").unlink()
+        deadline = time.monotonic() + 180
+        while mine() != ["new.png", "scene-1.png"]:
+            assert time.monotonic() < deadline, (mine(), httpx.get(f"{api}/jobs/{job}").json())
+            time.sleep(0.2)  # polling interval; the collection's own contents are what the test waits for
+        later = httpx.get(f"{api}/jobs/{job}").json()
+        assert later["counts"]["rounds"] >= 2 and later["counts"]["whole"] is False  # the changes alone
+
+        assert httpx.delete(f"{api}/jobs/{job}").status_code == 202
+        _until(api, job, lambda s: s["status"] == "stopped", "stop")
+        assert httpx.delete(f"{api}/jobs/{job}").json()["error"]["code"] == "job_not_watching"
     finally:
         serve.delete("jobs")

@@ -25,7 +25,7 @@ async def ingest(body: IngestRequest, request: Request, api: ApiDep) -> JSONResp
     if unknown:
         raise ApiError(422, "model_not_found", f"models not served here: {unknown}; served: {served}")
     await api.open_catalog()
-    started = await api.backend.start_job(body.source, body.models or served, body.sync)
+    started = await api.backend.start_job(body.source, body.models or served, body.sync or body.watch, body.watch)
     match started:
         case PathForbidden(message):
             raise ApiError(403, "path_forbidden", message)
@@ -48,6 +48,16 @@ async def get_job(job_id: str, api: ApiDep) -> JSONResponse:
     if job is None:
         raise ApiError(404, "job_not_found", f"no job {job_id!r}")
     return JSONResponse(asdict(job))
+
+
+@router.delete("/jobs/{job_id}")
+async def stop_job(job_id: str, api: ApiDep) -> JSONResponse:
+    """Stops a watching job (POST /ingest with watch) once its round in progress ends."""
+    if await api.backend.job(job_id) is None:
+        raise ApiError(404, "job_not_found", f"no job {job_id!r}")
+    if not await api.backend.stop_job(job_id):
+        raise ApiError(409, "job_not_watching", f"job {job_id!r} is not watching its source: nothing to stop")
+    return JSONResponse({"id": job_id, "stopping": True}, 202)
 
 
 @router.get("/jobs/{job_id}/dead-letters")
