@@ -536,7 +536,8 @@ def _no_cycle_collection() -> Iterator[None]:
     """Automatic garbage collection off while a listing is planned. A full collection walks every
     live object in the process (the models and their libraries), and a listing's churn of
     short-lived items sets off more of them the longer it is: 4 at a million items (1.2 s of a
-    20 s plan), none at 100,000. Planning makes no reference cycles; refcounting frees it all."""
+    20 s plan), none at 100,000. Planning makes no reference cycles; refcounting frees it all (in a
+    server, other threads' cycles wait for the plan's end)."""
     enabled = gc.isenabled()
     gc.disable()
     try:
