@@ -11,6 +11,7 @@ import queue
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -174,6 +175,10 @@ def test_a_file_still_being_written_is_read_only_once_whole(parts: dict, watched
     assert writer.stdin is not None
     writer.stdin.write(slow)
     writer.stdin.close()
+    deadline = time.monotonic() + 60
+    while not (folder / "slow.png").exists() or (folder / "slow.png").stat().st_size == 0:  # the writer started
+        assert time.monotonic() < deadline and writer.poll() is None
+        time.sleep(0.05)  # polling interval: the file's own size is the condition
     (folder / "quick.png").write_bytes(quick)  # settles at once: its round comes while `slow` grows
     rounds = running.until(lambda: (folder / "quick.png").as_uri() in _stored(parts["catalog"]), "hold quick.png")
     assert (folder / "slow.png").as_uri() in rounds[-1].waiting
