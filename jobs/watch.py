@@ -6,6 +6,8 @@ plan). Every round is an ordinary incremental job over one ``Ingest``, so the ca
 letters, retries and the ledger behave as in ``mmembed ingest``, and the models load once.
 
 - The first round is a whole pass with --sync: what changed while nothing watched is caught up.
+  A folder's watcher is running before that pass starts, so a change made during or right after
+  it is seen too (and one the pass already took costs nothing twice: its version matches).
 - A folder round plans only the files its events name, so one new file in a folder of a million
   is not a listing of the million; files gone leave the collection. A path gone that was no file
   of a known kind (a folder renamed or removed whole) makes the round a whole pass, since which
@@ -95,8 +97,8 @@ class Watch:
 
     def rounds(self) -> Iterator[Round]:
         """Each round's outcome as it ends, until ``stop`` is set."""
-        yield self._whole()
         if self.options.source.startswith("s3://"):
+            yield self._whole()
             while not self.stop.wait(self.watch.poll_s):
                 yield self._whole()
             return
@@ -117,7 +119,12 @@ class Watch:
             rust_timeout=max(int(self.watch.settle_s * 1000 / 2), 50),
             raise_interrupt=False,
         )
+        watching = False
         for batch in events:
+            if not watching:  # the watcher runs from its first answer on: the whole pass misses nothing after it
+                watching = True
+                yield self._whole()
+                continue
             now = time.monotonic()
             for change, name in batch:
                 path = Path(name)

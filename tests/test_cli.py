@@ -2,9 +2,11 @@
 
 import math
 import os
+import queue
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -49,15 +51,18 @@ def test_cache_warm_refills_a_wiped_cache_so_a_new_collection_costs_no_forward_p
     for n in range(6):
         Image.new("RGB", (32, 32), (40 * n, 90, 255 - 40 * n)).save(tmp_path / f"{n}.png")
     ingest = ("ingest", str(tmp_path), "--model", "demo-clip", "--workers", "0")
-    _run(data_dir, *ingest, env={"MMEMBED_COLLECTION": "warm"})
+    warm = {"MMEMBED_COLLECTION": "warm", "MMEMBED_CACHE_URL": "sqlite"}  # the default, whatever the tests set
+    _run(data_dir, *ingest, env=warm)
     for file in data_dir.glob("cache.sqlite*"):
         file.unlink()
-    warmed = _run(data_dir, "cache", "warm", env={"MMEMBED_COLLECTION": "warm"}).stdout
+    warmed = _run(data_dir, "cache", "warm", env=warm).stdout
     assert "6 points read; 6 cache entries written (demo-clip 6)" in warmed, warmed
     assert "hit rate now: 100.0% of 6 stored vectors" in warmed, warmed
-    unknown = _run(data_dir, "cache", "warm", "--model", "ViT-Z-1", check=False, env={"MMEMBED_COLLECTION": "warm"})
+    unknown = _run(data_dir, "cache", "warm", "--model", "ViT-Z-1", check=False, env=warm)
     assert unknown.returncode == 1 and "no vectors of ViT-Z-1 in the collection" in unknown.stdout, unknown.stdout
-    again = _run(data_dir, *ingest, env={"MMEMBED_COLLECTION": "warm-copy"}).stdout
+    off = _run(data_dir, "cache", "warm", check=False, env=warm | {"MMEMBED_CACHE_URL": "off"})
+    assert off.returncode == 1 and "the embedding cache is off" in off.stdout, off.stdout
+    again = _run(data_dir, *ingest, env=warm | {"MMEMBED_COLLECTION": "warm-copy"}).stdout
     assert re.search(r"6 written, .* 0 failed", again) and "cache: hits 6, misses 0" in again, again
 
 
@@ -77,14 +82,28 @@ def test_ingest_watch_follows_a_folder_until_ctrl_c(data_dir: Path, tmp_path: Pa
     }
     command = [str(exe), "ingest", str(folder), "--model", "demo-clip", "--workers", "0", "--watch"]
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    assert proc.stdout is not None
+    lines: queue.Queue[str | None] = queue.Queue()  # read in a thread, so a silent watch fails the test, not hangs it
+
+    def read() -> None:
+        for line in proc.stdout:  # type: ignore[union-attr]
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    seen: list[str] = []
     try:
 
         def next_round() -> str:
-            for line in proc.stdout:  # type: ignore[union-attr]
+            while True:
+                try:
+                    line = lines.get(timeout=120)
+                except queue.Empty:
+                    pytest.fail(f"no round in 120 s; it printed: {''.join(seen)}")
+                if line is None:
+                    pytest.fail(f"mmembed ingest --watch ended with {proc.wait()}: {''.join(seen)}")
+                seen.append(line)
                 if "] whole pass: " in line or "] changes: " in line:
                     return line
-            pytest.fail(f"mmembed ingest --watch ended with {proc.wait()}")
 
         assert re.search(r"whole pass: job \w+: 1 written", next_round())
         Image.new("RGB", (32, 32), (30, 200, 30)).save(folder / "second.png")
@@ -93,8 +112,11 @@ def test_ingest_watch_follows_a_folder_until_ctrl_c(data_dir: Path, tmp_path: Pa
         assert re.search(r"changes: job \w+: 0 written, .* 1 deleted", next_round())
     finally:
         proc.send_signal(signal.SIGINT)
-        rest = proc.communicate(timeout=60)[0]
-    assert proc.returncode == 0 and "stopped watching" in rest, rest
+        proc.wait(timeout=60)
+    rest = []
+    while (line := lines.get(timeout=60)) is not None:
+        rest.append(line)
+    assert proc.returncode == 0 and "stopped watching" in "".join(rest), rest
 
 
 def test_models_list_and_verify_offline(data_dir: Path) -> None:

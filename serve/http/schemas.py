@@ -3,7 +3,7 @@ classes' annotations, and the routes' that use them, as real types."""
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 InputType = Annotated[
     Literal["document", "query"],
@@ -49,6 +49,19 @@ class IngestRequest(BaseModel):
         description="Then keep following the source (a folder's events, an S3 prefix's listings) until "
         "DELETE /jobs/{id}; implies sync.",
     )
+
+    @field_validator("source")
+    @classmethod
+    def _nameable(cls, source: str) -> str:
+        """A path the system can name: a NUL character or half a surrogate pair fails every call
+        that gets it (a 500 where the fuzz test found it), so the request is refused at the door."""
+        if not source.strip() or "\x00" in source:
+            raise ValueError("a source is a non-empty path or URI with no NUL character")
+        try:
+            source.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("a source must be valid UTF-8 text") from None
+        return source
 
 
 class SearchRequest(BaseModel):

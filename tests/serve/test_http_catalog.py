@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from fake_backend import TRANSCRIPT, FakeBackend
@@ -139,6 +140,11 @@ def test_jobs_refused_by_the_catalogue(client: TestClient, backend: FakeBackend)
     backend.next_start = TooManyJobs(2)
     busy = client.post("/ingest", json={"source": "/data"})
     assert api_error(busy, 429, "too_many_jobs").startswith("2 bulk jobs") and busy.headers["retry-after"] == "30"
+    # What the fuzz test found: a path no system call can take is a 422, not a 500 from the catalogue.
+    for unnameable in ("/data/a\x00b.png", "/data/\ud800.png", "  "):  # sent as JSON escapes, as the fuzzer does
+        body = json.dumps({"source": unnameable})
+        answer = client.post("/ingest", content=body, headers={"content-type": "application/json"})
+        api_error(answer, 422, "invalid_request", param="source")
 
 
 # --- pages ------------------------------------------------------------------------------------
