@@ -17,7 +17,7 @@ import sqlite3
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -486,12 +486,12 @@ class RedisCache(EmbeddingCache):
         ':' and a pattern for model 'a' would also match model 'a:b'."""
         if model is None:
             pattern = _glob_escape(self.prefix) + "*"
-            for batch in _batched(self._redis.scan_iter(match=pattern, count=1000), 1000):
+            for batch in batched(self._redis.scan_iter(match=pattern, count=1000), 1000):
                 self._redis.unlink(*batch)
             return
         lru = self._lru_key(model)
         members = (member.decode() for member, _ in self._redis.zscan_iter(lru, count=1000))
-        for batch in _batched(members, 1000):
+        for batch in batched(members, 1000):
             self._redis.unlink(*(self._value_key(model, key) for key in batch))
         self._redis.unlink(lru)
 
@@ -513,7 +513,8 @@ def _glob_escape(text: str) -> str:
     return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
-def _batched(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
+def batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    """Lists of ``size`` (the last may be shorter): itertools.batched is Python 3.12's."""
     batch: list[Any] = []
     for item in items:
         batch.append(item)

@@ -15,13 +15,13 @@ The collection is read a page of points at a time, so warming a million points h
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from mmembed.store.cache import EmbeddingCache, cache_key, media_key
+from mmembed.store.cache import EmbeddingCache, batched, cache_key, media_key
 from mmembed.store.vectors import VectorStore
 
 PAGE = 512  # points per read of the collection and per cache write
@@ -68,7 +68,7 @@ def warm_cache(store: VectorStore, cache: EmbeddingCache, versions: Mapping[str,
     a model whose answer carries a transcript has no entries to warm)."""
     report = WarmReport()
     evictions_before = cache.stats.evictions
-    for page in _pages(store.iter_ids(), PAGE):
+    for page in batched(store.iter_ids(), PAGE):
         entries: dict[str, dict[str, np.ndarray]] = {}
         for point in store.retrieve(page, with_vectors=True, fields=FIELDS):
             report.points += 1
@@ -101,14 +101,3 @@ def _key(payload: dict[str, Any], modality: str, model: str, version: str) -> st
         return cache_key(text, model, version) if isinstance(text, str) and text.strip() else None
     content_hash = payload.get("content_hash")
     return media_key(content_hash, model, version) if content_hash else None
-
-
-def _pages(ids: Iterable[str], size: int) -> Iterator[list[str]]:
-    page: list[str] = []
-    for point in ids:
-        page.append(point)
-        if len(page) == size:
-            yield page
-            page = []
-    if page:
-        yield page
