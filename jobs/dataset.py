@@ -125,11 +125,11 @@ class SourceDataset(Dataset[Loaded]):
         if self._pid != os.getpid():  # first use in this process, or inherited through a fork
             self._pid, self._s3, self._http = os.getpid(), None, None
         s3 = None
-        if item.uri.startswith("s3://"):
+        if (item.location or item.uri).startswith("s3://"):
             if self._s3 is None:
                 self._s3 = boto3.session.Session().client("s3", **self.s3_config)
             s3 = self._s3
-        elif item.uri.startswith(("http://", "https://")) and self._http is None:
+        elif (item.location or item.uri).startswith(("http://", "https://")) and self._http is None:
             self._http = PolicyClient(self.url_policy)
         max_bytes = self.image_limits.max_bytes if item.kind == "image" else self.audio_limits.max_bytes
         return read_item(

@@ -201,6 +201,8 @@ class Summary:
 
 
 class Ingest:
+    label = "ingest"  # what its progress bar says
+
     def __init__(
         self,
         options: IngestOptions,
@@ -230,8 +232,11 @@ class Ingest:
                 self._models = ServedModels(self.options.models, self.deployments)
             else:
                 self._models = LoadedModels(self.options.models, self.settings)
-            self.catalog.open(self._models.layout)
+            self._open_collection(self._models.layout)
         return self._models
+
+    def _open_collection(self, layout: dict[str, int]) -> None:
+        self.catalog.open(layout)
 
     @property
     def encoder(self) -> BatchEncoder:
@@ -357,7 +362,7 @@ class Ingest:
         done: list[str] = []
         remote = self.models.remote()
         usage = {name: Usage() for name in remote}
-        bar = tqdm(total=plan.to_check, unit="item", desc="ingest", disable=not progress)
+        bar = tqdm(total=plan.to_check, unit="item", desc=self.label, disable=not progress)
         batches_written = 0
         try:
             for todo in self._windows():
@@ -469,7 +474,7 @@ class Ingest:
 
         limits = DecodeLimits(max_bytes=self.settings.max_image_bytes, max_pixels=self.settings.max_image_pixels)
         s3 = None
-        if any(i.uri.startswith("s3://") for i in items):
+        if any((i.location or i.uri).startswith("s3://") for i in items):
             s3 = {"endpoint_url": self.settings.s3_endpoint_url, "region_name": self.settings.s3_region}
         audio = audio_limits(self.settings.models_config())
         return Loading(self.options.models, self.settings, limits, audio, s3, self.options.file_roots)

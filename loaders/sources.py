@@ -75,6 +75,7 @@ class SourceItem:
     meta: dict[str, Any] = field(default_factory=dict)
     size: int | None = None
     version: str | None = None
+    location: str | None = None  # where its bytes are read when not at ``uri`` (a catalogue item's stored object)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,7 +390,7 @@ def read_item(
     ``http_client`` (a ``PolicyClient`` made with that policy) lets a worker reuse connections
     across URLs; without one, or without ``s3_client`` for an S3 item, a client is made for this
     call, which is fine once but slow per item."""
-    uri = item.uri
+    uri = item.location or item.uri
     if item.kind == "text":
         return (item.caption or "").encode("utf-8")
     scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""

@@ -6,7 +6,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -487,6 +487,88 @@ def _ingest_on_server(url: str, source: str, models: list[str] | None, sync: boo
     )
 
 
+@app.command("migrate")
+def migrate_command(
+    to: Annotated[str | None, typer.Option("--to", help="The model whose vectors the collection moves to.")] = None,
+    from_: Annotated[
+        str | None, typer.Option("--from", help="The model it moves from (default: the one searches use now).")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option(help="Print the plan and the estimate, write nothing.")] = False,
+    rollback: Annotated[bool, typer.Option(help="Switch the default vectors back to the old model's.")] = False,
+    drop_old: Annotated[bool, typer.Option(help="Free the old model's vectors (no rollback after).")] = False,
+    accept_failed: Annotated[
+        bool, typer.Option(help="Switch even if some items could not be encoded (they keep their old vectors).")
+    ] = False,
+    batch_size: Annotated[int, typer.Option(help="Items per forward pass.")] = 32,
+    workers: Annotated[int, typer.Option(help="DataLoader worker processes for read/decode.")] = 2,
+    price_per_hour: Annotated[float, typer.Option(help="USD per hour of this machine, for the estimate.")] = 1.0,
+    server: Annotated[
+        str | None, typer.Option(help="Run it on this mmembed server (its models, its store) instead.")
+    ] = None,
+) -> None:
+    """Move the collection to another model with no downtime: the new model's vectors are computed from
+    the stored objects in a resumable job while searches answer from the old ones, then the default
+    vectors switch in one write. --rollback switches back; --drop-old frees the old vectors."""
+    from mmembed.jobs.migrate import MigrateOptions, Migration
+    from mmembed.jobs.migrate import drop_old as drop
+    from mmembed.jobs.migrate import rollback as switch_back
+    from mmembed.serve import local
+    from mmembed.store.vectors import StoreBusy, open_store
+
+    if sum([to is not None, rollback, drop_old]) != 1:
+        _fail(ValueError("give exactly one of --to MODEL, --rollback or --drop-old"))
+    settings = get_settings()
+    target = server or (None if dry_run else local.serving(settings.data_dir.expanduser()))
+    if target is not None:
+        _migrate_on_server(target, to, from_, rollback, drop_old, accept_failed)
+        return
+    try:
+        if to is None:
+            store = open_store(settings.vectors_config())
+            store.open_existing()
+            if rollback:
+                lines = switch_back(store).lines()
+            else:
+                lines = [f"dropped {', '.join(drop(store))}; rollback is no longer possible"]
+            store.close()
+        else:
+            options = MigrateOptions(to, from_, batch_size, workers, accept_failed=accept_failed)
+            options.price_per_hour = price_per_hour
+            job = Migration(options, settings)
+            plan = job.plan()
+            for line in [f"migrating {settings.collection} from {job.old} to {to}", *plan.lines()]:
+                console.print(line)
+            if dry_run:
+                return
+            lines = [*job.run(plan).lines(), *job.switch().lines()]
+    except StoreBusy as exc:
+        _fail(f"{exc}; if a server holds it, run the migration there: mmembed migrate --to {to} --server URL")
+    except Exception as exc:  # a model not served, a collection not made yet: say which and stop
+        _fail(exc)
+    for line in lines:
+        console.print(line)
+
+
+def _migrate_on_server(
+    url: str, to: str | None, from_: str | None, rollback: bool, drop_old: bool, accept_failed: bool
+) -> None:
+    import httpx
+
+    try:
+        if to is not None:
+            body = {"to": to, "from": from_, "accept_failed": accept_failed}
+            counts = _server_job(url, "", f"migrating to {to} on {url}", path="/migrations", body=body)
+            console.print(f"{counts['written']} items migrated, {counts['failed']} failed; {counts.get('switch')}")
+            return
+        action = "rollback" if rollback else "drop-old"
+        answer = httpx.post(f"{url}/migrations/{action}", timeout=600)
+        if answer.status_code != 200:
+            raise RuntimeError(f"the server at {url} refused ({answer.status_code}): {answer.text}")
+        console.print(answer.json())
+    except Exception as exc:
+        _fail(exc)
+
+
 def _jobs():  # type: ignore[no-untyped-def]
     from mmembed.jobs.state import JobStore
 
@@ -607,16 +689,25 @@ def quickstart(
     _stop_server(running)
 
 
-def _server_job(url: str, source: str, what: str, models: list[str] | None = None, sync: bool = False) -> dict:
-    """POST /ingest, then follow the job to its end with a progress bar; its counts."""
+def _server_job(
+    url: str,
+    source: str,
+    what: str,
+    models: list[str] | None = None,
+    sync: bool = False,
+    path: str = "/ingest",
+    body: dict[str, Any] | None = None,
+) -> dict:
+    """POST /ingest (or another job, a migration's), then follow the job to its end with a progress bar;
+    its counts."""
     import time
 
     import httpx
     from rich.progress import Progress
 
-    body = {"source": source, "models": models, "sync": sync}
+    body = body or {"source": source, "models": models, "sync": sync}
     with httpx.Client(base_url=url, timeout=60) as client:
-        started = client.post("/ingest", json=body)
+        started = client.post(path, json=body)
         if started.status_code != 202:
             raise RuntimeError(f"the server at {url} refused the job ({started.status_code}): {started.text}")
         job_url = started.json()["status_url"]

@@ -58,9 +58,12 @@ class Catalog:
     def __init__(self, vectors: VectorStore, objects: ObjectStore) -> None:
         self.vectors, self.objects = vectors, objects
 
-    def open(self, layout: dict[str, int]) -> None:
-        """``layout``: every named vector the served models produce, with its dimension."""
-        self.vectors.open(layout, indexes=PAYLOAD_INDEXES)
+    def open(self, layout: dict[str, int], missing_ok: bool = False) -> dict[str, int]:
+        """``layout``: every named vector the served models produce, with its dimension. Returns those the
+        collection holds: all of them, unless ``missing_ok`` let a model not migrated in yet be left out
+        (its vectors are then left out of the items added, until ``mmembed migrate`` adds them)."""
+        self.vectors.open(layout, indexes=PAYLOAD_INDEXES, missing_ok=missing_ok)
+        return {name: dim for name, dim in layout.items() if name in self.vectors.vectors}
 
     def add(self, item: NewItem) -> str:
         return self.add_many([item])[0]
@@ -98,7 +101,11 @@ class Catalog:
                 "model_versions": item.model_versions or None,
             }
             payload |= {k: v for k, v in optional.items() if v is not None}
-            points.append(Point(point_id(payload["source_uri"]), dict(item.vectors), payload))
+            held = {name: v for name, v in item.vectors.items() if name in self.vectors.vectors}
+            if held.keys() != item.vectors.keys():  # a model not migrated in yet: its version would claim a vector
+                models = {name.rpartition(".")[0] for name in held}
+                payload["model_versions"] = {m: v for m, v in item.model_versions.items() if m in models}
+            points.append(Point(point_id(payload["source_uri"]), held, payload))
         self.vectors.upsert(points)
         self.vectors.verify(points)
         return [p.id for p in points]

@@ -14,6 +14,8 @@ model name, in the order the models are configured.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from mmembed.contracts import ModelInfo, QueryPlan
 from mmembed.store.catalog import vector_name
 
@@ -60,8 +62,12 @@ def transcriber(described: Described) -> str | None:
     return next((name for name, info in described.items() if info.transcribes), None)
 
 
-def default_vector(described: Described, vectors: dict[str, int]) -> str:
-    """Searches go to images unless told otherwise: the first image vector served."""
+def default_vector(described: Described, vectors: dict[str, int], defaults: Mapping[str, str] | None = None) -> str:
+    """Searches go to images unless told otherwise: the collection's default image vector (what a model
+    migration switches, ``CollectionState.defaults``), else the first image vector served."""
+    chosen = (defaults or {}).get("image")
+    if chosen is not None and chosen in vectors:
+        return chosen
     for name in vectors:
         if name.endswith(".image"):
             return name
@@ -71,11 +77,17 @@ def default_vector(described: Described, vectors: dict[str, int]) -> str:
 
 
 def plan_query(
-    described: Described, vectors: dict[str, int], modality: str, vector: str | None, via: str | None, route: str
+    described: Described,
+    vectors: dict[str, int],
+    modality: str,
+    vector: str | None,
+    via: str | None,
+    route: str,
+    defaults: Mapping[str, str] | None = None,
 ) -> QueryPlan:
     """Pick the encoder for a query. ``via`` names it explicitly; ``route`` is "direct" (the
     query's own modality) or "transcript" (speech: transcribe, then embed the words)."""
-    vector = vector or default_vector(described, vectors)
+    vector = vector or default_vector(described, vectors, defaults)
     if vector not in vectors:
         raise RoutingError(f"no vector {vector!r} in this catalogue; it has {sorted(vectors)}")
     owner = vector.rsplit(".", 1)[0]

@@ -13,11 +13,14 @@ mapping happens here. Distance is always cosine: the engines normalise vectors o
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import math
+import os
 import random
 import re
+import shutil
 import sys
 import uuid
 from abc import ABC, abstractmethod
@@ -25,6 +28,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import quote, unquote
 
 import numpy as np
 import qdrant_edge as edge
@@ -75,6 +79,28 @@ class Hit:
     id: str
     score: float
     payload: dict[str, Any]
+
+
+@dataclass
+class CollectionState:
+    """What a collection says about itself beyond its points, switched in one write: the vector a
+    search uses by default for each modality (what a model migration switches), the defaults before
+    the last switch (what a rollback restores), and on the embedded engine which shard folder is
+    live and which one a migration is filling."""
+
+    defaults: dict[str, str] = field(default_factory=dict)
+    previous: dict[str, str] = field(default_factory=dict)
+    live: str | None = None
+    building: str | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        return {"defaults": self.defaults, "previous": self.previous, "live": self.live, "building": self.building}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None) -> CollectionState:
+        data = data or {}
+        defaults, previous = dict(data.get("defaults") or {}), dict(data.get("previous") or {})
+        return cls(defaults, previous, data.get("live"), data.get("building"))
 
 
 def point_id(uri: str) -> str:
@@ -172,12 +198,14 @@ class VectorStore(ABC):
 
     def __init__(self, index: IndexConfig | None = None) -> None:
         self.vectors = {}
+        self.indexes: dict[str, str] = {}
         self.index = index or IndexConfig()
 
-    def open(self, vectors: dict[str, int], indexes: dict[str, str] | None = None) -> None:
+    def open(self, vectors: dict[str, int], indexes: dict[str, str] | None = None, missing_ok: bool = False) -> None:
         """Create the collection with these named vectors (cosine distance) if it does not exist; if it
-        exists, check every requested name exists with the same dim. Creates payload indexes: indexes
-        maps field -> "keyword" | "integer" | "float" | "bool"."""
+        exists, check every requested name exists with the same dim (``missing_ok``: names it lacks are
+        left out, as a server whose new model is not migrated in yet does). Creates payload indexes:
+        indexes maps field -> "keyword" | "integer" | "float" | "bool"."""
         if not vectors:
             raise StoreError("open() needs at least one named vector, e.g. {'demo-clip.image': 128}")
         for name, dim in vectors.items():
@@ -196,9 +224,11 @@ class VectorStore(ABC):
             existing = dict(vectors)
         for name, dim in vectors.items():
             if name not in existing:
+                if missing_ok:
+                    continue
                 raise StoreError(
-                    f"the collection has no vector {name!r} (it has {sorted(existing)}); "
-                    "use a new collection name for a new set of vectors"
+                    f"the collection has no vector {name!r} (it has {sorted(existing)}); add a model's vectors "
+                    f"to a collection with `mmembed migrate --to {name.rpartition('.')[0]}`, or use a new collection"
                 )
             if existing[name] != dim:
                 raise DimensionError(
@@ -207,6 +237,7 @@ class VectorStore(ABC):
                 )
         self._load()
         self.vectors = existing
+        self.indexes = dict(indexes or {})
         for field_name, kind in (indexes or {}).items():
             self._create_index(field_name, kind)
 
@@ -314,6 +345,40 @@ class VectorStore(ABC):
         bad = [p.id for p in chosen if not _same(p, stored.get(p.id))]
         if bad:
             raise VerificationError(bad)
+
+    @abstractmethod
+    def state(self) -> CollectionState:
+        """The collection's state; an empty one for a collection that never had any saved."""
+
+    @abstractmethod
+    def save_state(self, state: CollectionState) -> None:
+        """Replace the collection's state in one write, so readers see the old one or the new one."""
+
+    @abstractmethod
+    def with_vectors(self, vectors: dict[str, int]) -> VectorStore:
+        """A store of this collection's points that also holds these named vectors, for a migration to
+        fill while searches keep answering from this one: the same collection where the engine can add
+        a named vector to existing points, else a new collection beside this one (see ``adopt``)."""
+
+    def adopt(self, target: VectorStore, state: CollectionState) -> None:
+        """Answer from ``target`` (from ``with_vectors``) with ``state``, switched in one write."""
+        if target is not self:
+            raise StoreError("this engine adds named vectors in place: there is no other collection to adopt")
+        self.save_state(state)
+
+    def drop_vectors(self, names: Sequence[str]) -> None:
+        """Free these named vectors of every point, and anything kept only to switch back to them."""
+        self._require_open()
+        unknown = sorted(set(names) - set(self.vectors))
+        if unknown:
+            raise StoreError(f"no vectors {unknown} in the collection; it has {sorted(self.vectors)}")
+        if set(names) >= set(self.vectors):
+            raise StoreError("dropping every named vector would leave nothing to search; keep at least one")
+        self._drop_vectors(list(names))
+        self.vectors = {n: d for n, d in self.vectors.items() if n not in names}
+
+    @abstractmethod
+    def _drop_vectors(self, names: list[str]) -> None: ...
 
     @abstractmethod
     def close(self) -> None: ...
@@ -462,9 +527,18 @@ class EdgeStore(VectorStore):
     before it returns, so a crash never loses a write that was acknowledged."""
 
     def __init__(self, path: Path, index: IndexConfig | None = None) -> None:
+        """``path``: the collection's folder. After a model migration the live shard is a sibling
+        folder (``<name>~2``), named by the collection's state file (``<name>.state.json``) beside it:
+        the engine cannot add a named vector to the sealed segments of a shard it has reopened."""
         super().__init__(index)
         self.path = Path(path)
         self._shard: edge.EdgeShard | None = None
+        self._retired: list[edge.EdgeShard] = []  # shards switched away from, closed with this store
+
+    @property
+    def shard_path(self) -> Path:
+        live = self.state().live
+        return self.path.parent / live if live else self.path
 
     @property
     def shard(self) -> edge.EdgeShard:
@@ -486,19 +560,86 @@ class EdgeStore(VectorStore):
             self._shard.flush()
             self._shard.close()
             self._shard = None
+        self._close_retired()
         self.vectors = {}
+
+    def _close_retired(self) -> None:
+        for shard in self._retired:
+            shard.close()
+        self._retired.clear()
+
+    def state(self) -> CollectionState:
+        file = self._state_file()
+        return CollectionState.from_json(json.loads(file.read_text())) if file.exists() else CollectionState()
+
+    def save_state(self, state: CollectionState) -> None:
+        file = self._state_file()
+        file.parent.mkdir(parents=True, exist_ok=True)
+        partial = file.with_suffix(".partial")
+        partial.write_text(json.dumps(state.as_json()))
+        os.replace(partial, file)  # atomic: a reader sees the old state or the new one
+
+    def _state_file(self) -> Path:
+        return self.path.parent / f"{self.path.name}.state.json"
+
+    def with_vectors(self, vectors: dict[str, int]) -> VectorStore:
+        """Qdrant Edge 0.9 adds a named vector to a shard (``create_dense_vector``), but a shard with
+        sealed segments reopened after that fails its searches ("vector N is not readable"); so the new
+        vectors go into a new shard beside this one, holding every point's vectors and payload."""
+        self._require_open()
+        if all(name in self.vectors for name in vectors):
+            return self
+        state = self.state()
+        if state.building is None:
+            n = 2
+            while (self.path.parent / f"{self.path.name}~{n}").exists() or f"{self.path.name}~{n}" == state.live:
+                n += 1
+            state.building = f"{self.path.name}~{n}"
+            self.save_state(state)
+        target = EdgeStore(self.path.parent / state.building, self.index)
+        target.open(self.vectors | vectors, self.indexes)
+        return target
+
+    def adopt(self, target: VectorStore, state: CollectionState) -> None:
+        """The switch is the state file's one write; searches already running finish on the old shard,
+        which stays open (for a rollback's searches too) until ``drop_vectors`` or ``close``."""
+        if target is self:
+            self.save_state(state)
+            return
+        if not isinstance(target, EdgeStore):
+            raise StoreError("an embedded collection adopts only another embedded shard")
+        target.shard.flush()
+        state.live = None if target.path == self.path else target.path.name
+        state.building = None
+        self.save_state(state)
+        if self._shard is not None:
+            self._retired.append(self._shard)
+        self._shard, target._shard = target._shard, None
+        self.vectors = target.vectors
+
+    def _drop_vectors(self, names: list[str]) -> None:
+        """Also deletes the shards switched away from, which held the old vectors."""
+        for name in names:
+            self.shard.update(edge.UpdateOperation.delete_vector_name(name))
+        self.shard.flush()
+        self._close_retired()
+        live = self.shard_path
+        state = self.state()
+        for folder in [self.path, *self.path.parent.glob(f"{glob.escape(self.path.name)}~*")]:
+            if folder.is_dir() and folder != live and folder.name != state.building:
+                shutil.rmtree(folder)
 
     def _existing_vectors(self) -> dict[str, int] | None:
         # The engine has no call that reports a shard's vectors; it persists them in this
         # documented file, which is read before loading so a mismatch never touches the shard.
-        config_file = self.path / _EDGE_CONFIG_FILE
+        config_file = self.shard_path / _EDGE_CONFIG_FILE
         if not config_file.exists():
             return None
         params = json.loads(config_file.read_text())["vectors"]
         for name, p in params.items():
             if p["distance"] != "Cosine":
                 raise StoreError(
-                    f"vector {name!r} in {self.path} uses {p['distance']} distance, not cosine; "
+                    f"vector {name!r} in {self.shard_path} uses {p['distance']} distance, not cosine; "
                     "use a new collection name"
                 )
         return {name: p["size"] for name, p in params.items()}
@@ -507,21 +648,21 @@ class EdgeStore(VectorStore):
         if self._shard is not None:
             return
         try:
-            self._shard = edge.EdgeShard.load(str(self.path))
+            self._shard = edge.EdgeShard.load(str(self.shard_path))
         except Exception as e:
             # The engine locks the shard's write-ahead log; a second opener gets only "WouldBlock".
             if "WouldBlock" not in str(e):
                 raise
             raise StoreBusy(
-                f"the vector shard {self.path} is already open in another store or process; only one may hold it: "
-                "run a single catalogue replica, or set MMEMBED_QDRANT_URL to share a Qdrant server"
+                f"the vector shard {self.shard_path} is already open in another store or process; only one may "
+                "hold it: run a single catalogue replica, or set MMEMBED_QDRANT_URL to share a Qdrant server"
             ) from e
 
     def _create(self, vectors: dict[str, int]) -> None:
         """Sealed segments live on disk (memory-mapped, read through the page cache) and stop growing at
         ``segment_points``, so this process's memory holds the segment being written or built, not the
         collection: measured flat from 100k to 1M points (docs/benchmarks.md, "Scale: a million items")."""
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.shard_path.mkdir(parents=True, exist_ok=True)
         quantization = None
         if self.index.quantization == "int8":
             quantization = edge.ScalarQuantizationConfig(edge.ScalarType.Int8, quantile=0.99, always_ram=True)
@@ -541,7 +682,7 @@ class EdgeStore(VectorStore):
             payload_memory=cold,
             id_tracker_memory=cold,
         )
-        self._shard = edge.EdgeShard.create(str(self.path), config)
+        self._shard = edge.EdgeShard.create(str(self.shard_path), config)
 
     def _build_index(self) -> None:
         self.shard.optimize()
@@ -605,6 +746,8 @@ class EdgeStore(VectorStore):
 
 # --- qdrant-client (a Qdrant server, or the client's ':memory:' mode) ---------------------------
 
+_STATE_KEY = "mmembed"  # the collection metadata key mmembed keeps its CollectionState under
+
 _CLIENT_INDEX = {
     "keyword": models.PayloadSchemaType.KEYWORD,
     "integer": models.PayloadSchemaType.INTEGER,
@@ -627,6 +770,24 @@ def _client_condition(c: _Condition) -> models.FieldCondition:
     return models.FieldCondition(key=c.key, match=models.MatchValue(value=c.value))
 
 
+def _wire(name: str) -> str:
+    """A Qdrant server refuses vector names with characters a file name could not hold (``:``, ``/``), which
+    model names have (``hf-clip:/models/x``, ``ViT-B-32@openai``); they travel percent-encoded."""
+    return quote(name, safe="@.-_~")
+
+
+def _unwire(name: str) -> str:
+    return unquote(name)
+
+
+def _unwired(vectors: Any) -> dict[str, Any]:
+    return {_unwire(name): v for name, v in vectors.items()}
+
+
+def _wired(vectors: dict[str, Any]) -> dict[str, Any]:
+    return {_wire(name): v for name, v in vectors.items()}
+
+
 class ClientStore(VectorStore):
     """A collection reached through qdrant-client. The store owns the client: close() closes it."""
 
@@ -638,6 +799,32 @@ class ClientStore(VectorStore):
     def close(self) -> None:
         self.client.close()
         self.vectors = {}
+
+    def state(self) -> CollectionState:
+        if not self.client.collection_exists(self.collection):
+            return CollectionState()
+        metadata = self.client.get_collection(self.collection).config.metadata or {}
+        return CollectionState.from_json(metadata.get(_STATE_KEY))
+
+    def save_state(self, state: CollectionState) -> None:
+        """Collection metadata: one request, and every client of the server sees it."""
+        self.client.update_collection(self.collection, metadata={_STATE_KEY: state.as_json()})
+
+    def with_vectors(self, vectors: dict[str, int]) -> VectorStore:
+        """Qdrant 1.18+ adds a named vector to an existing collection; ``update_vectors`` then fills it
+        point by point while searches use the others."""
+        self._require_open()
+        for name, dim in vectors.items():
+            if name in self.vectors:
+                continue
+            config = models.DenseVectorConfig(size=dim, distance=models.Distance.COSINE)
+            self.client.create_vector_name(self.collection, _wire(name), models.DenseVectorNameConfig(dense=config))
+            self.vectors[name] = dim
+        return self
+
+    def _drop_vectors(self, names: list[str]) -> None:
+        for name in names:
+            self.client.delete_vector_name(self.collection, _wire(name))
 
     def _existing_vectors(self) -> dict[str, int] | None:
         if not self.client.collection_exists(self.collection):
@@ -654,7 +841,7 @@ class ClientStore(VectorStore):
                     f"vector {name!r} in collection {self.collection!r} uses {p.distance.value} distance, not cosine; "
                     "use a new collection name"
                 )
-        return {name: p.size for name, p in params.items()}
+        return {_unwire(name): p.size for name, p in params.items()}
 
     def _load(self) -> None:
         pass
@@ -666,7 +853,8 @@ class ClientStore(VectorStore):
         self.client.create_collection(
             self.collection,
             vectors_config={
-                name: models.VectorParams(size=dim, distance=models.Distance.COSINE) for name, dim in vectors.items()
+                _wire(name): models.VectorParams(size=dim, distance=models.Distance.COSINE)
+                for name, dim in vectors.items()
             },
             hnsw_config=models.HnswConfigDiff(m=self.index.m, ef_construct=self.index.ef_construct),
             quantization_config=(
@@ -680,12 +868,12 @@ class ClientStore(VectorStore):
         self.client.create_payload_index(self.collection, field_name, _CLIENT_INDEX[kind], wait=True)
 
     def _insert(self, points: list[Point]) -> None:
-        structs = [models.PointStruct(id=p.id, vector=p.vectors, payload=p.payload) for p in points]
+        structs = [models.PointStruct(id=p.id, vector=_wired(p.vectors), payload=p.payload) for p in points]
         self.client.upsert(self.collection, structs, wait=True)
 
     def _merge(self, points: list[Point]) -> None:
         operations: list[models.UpdateOperation] = []
-        with_vectors = [models.PointVectors(id=p.id, vector=p.vectors) for p in points if p.vectors]
+        with_vectors = [models.PointVectors(id=p.id, vector=_wired(p.vectors)) for p in points if p.vectors]
         if with_vectors:
             operations.append(models.UpdateVectorsOperation(update_vectors=models.UpdateVectors(points=with_vectors)))
         operations.extend(
@@ -701,7 +889,7 @@ class ClientStore(VectorStore):
         records = self.client.retrieve(
             self.collection, ids, with_payload=_with_payload(fields), with_vectors=with_vectors
         )
-        return [Point(str(r.id), dict(r.vector or {}), r.payload or {}) for r in records]
+        return [Point(str(r.id), _unwired(r.vector or {}), r.payload or {}) for r in records]
 
     def _delete(self, ids: list[str]) -> None:
         self.client.delete(self.collection, points_selector=models.PointIdsList(points=ids), wait=True)
@@ -718,7 +906,7 @@ class ClientStore(VectorStore):
         response = self.client.query_points(
             self.collection,
             query=vector,
-            using=vector_name,
+            using=_wire(vector_name),
             query_filter=_client_filter(conditions),
             limit=top_k,
             offset=offset,

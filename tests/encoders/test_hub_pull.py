@@ -20,9 +20,9 @@ import numpy as np
 import open_clip
 import pytest
 import torch
+from hf_clip_folder import write_hf_clip
 from hub_server import hub
 from sentence_transformers import SentenceTransformer
-from test_hf_clip import write_hf_clip
 from test_tokenizers import write_siglip_style
 from transformers import CLIPModel, CLIPTokenizer
 

@@ -82,7 +82,7 @@ def test_a_siglip_style_tokenizer_has_no_start_token_and_matches_open_clips_text
 
 
 def test_transformers_clip_sends_the_ids_its_tokenizer_makes(settings: Settings, tmp_path: Path) -> None:
-    from test_hf_clip import write_hf_clip
+    from hf_clip_folder import write_hf_clip
 
     folder = write_hf_clip(tmp_path / "hf-clip")
     model = load(f"hf-clip:{folder}", settings.models_config())
