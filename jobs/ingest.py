@@ -395,8 +395,11 @@ class Ingest:
             name: used.as_dict() | {"usd_per_million": remote[name].meter.usd_per_million}
             for name, used in usage.items()
         }
-        self.jobs.update(self.job, status="done", counts=self._counts(summary, plan))
+        self._finish(summary, plan)
         return summary
+
+    def _finish(self, summary: Summary, plan: Plan) -> None:
+        self.jobs.update(self.job, status="done", counts=self._counts(summary, plan))
 
     def _index(self, summary: Summary) -> None:
         """After each window: what it wrote becomes indexed segments now, so building costs the same per

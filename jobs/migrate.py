@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mmembed.config import Settings
-from mmembed.contracts import ItemError
+from mmembed.contracts import ItemError, Switched
 from mmembed.jobs.dataset import make_loader
 from mmembed.jobs.encode import Deployments, EncodedBatch
 from mmembed.jobs.ingest import PLAN_CHUNK, Changes, Ingest, IngestOptions, Plan, Summary, _chunks, retrying
@@ -30,15 +30,12 @@ from mmembed.jobs.state import PENDING, JobStore
 from mmembed.loaders.sources import SourceItem
 from mmembed.store.cache import EmbeddingCache
 from mmembed.store.catalog import Catalog
-from mmembed.store.vectors import CollectionState, Point, StoreError, VectorStore, point_id
+from mmembed.store.switching import MigrationError, effective_defaults
+from mmembed.store.vectors import Point, VectorStore, point_id
 
 # What a planned item needs of its point: its identity, what to read, and which weights made it.
 FIELDS = ["source_uri", "kind", "object_uri", "text", "caption", "content_hash"]
 UNSUPPORTED = "unsupported_kind"  # the dataset's code for an item of a kind the new model does not encode
-
-
-class MigrationError(StoreError):
-    """A migration that cannot start, switch, roll back or drop; the message says what to do."""
 
 
 @dataclass
@@ -49,6 +46,7 @@ class MigrateOptions:
     workers: int = 2
     engine: str = "local"  # or "serve": a server's encoder deployments
     accept_failed: bool = False  # switch even though some items could not be encoded by the new model
+    switch: bool = True  # switch at the end of the run (False: the caller calls ``Migration.switch``)
     price_per_hour: float = 1.0
     checkpoint_every: int = 4
     attempts: int = 5
@@ -56,22 +54,6 @@ class MigrateOptions:
     def __post_init__(self) -> None:
         if self.engine not in ("local", "serve"):
             raise ValueError(f"a migration runs on the local or the serve engine, not {self.engine!r}")
-
-
-@dataclass
-class Switched:
-    """What the switch did: the defaults before and after, or why it waits."""
-
-    switched: bool
-    defaults: dict[str, str]
-    previous: dict[str, str]
-    waiting: str | None = None
-
-    def lines(self) -> list[str]:
-        if not self.switched:
-            return [f"not switched: {self.waiting}"]
-        moved = ", ".join(f"{m}: {self.previous.get(m, '-')} -> {v}" for m, v in sorted(self.defaults.items()))
-        return [f"switched the default vectors ({moved}); `mmembed migrate --rollback` switches back"]
 
 
 class Migration(Ingest):
@@ -102,6 +84,7 @@ class Migration(Ingest):
         self.migrate = options
         self.target: VectorStore | None = None
         self.old: str | None = None
+        self.switched: Switched | None = None  # what the run's switch did
 
     @property
     def store(self) -> VectorStore:
@@ -124,7 +107,7 @@ class Migration(Ingest):
             self.old = self.migrate.from_
         else:
             state = self.store.state()
-            current = _effective_defaults(state, existing)
+            current = effective_defaults(state, existing)
             modalities = [name.rpartition(".")[2] for name in layout]
             owners = [current[m].rpartition(".")[0] for m in modalities if m in current]
             if to in owners:  # switched already (a rerun): from the model the switch replaced
@@ -238,6 +221,14 @@ class Migration(Ingest):
 
     # --- switch ----------------------------------------------------------------------------
 
+    def _finish(self, summary: Summary, plan: Plan) -> None:
+        """The switch comes before the job says it is done, so whoever follows the job sees its outcome."""
+        counts = self._counts(summary, plan)
+        if self.migrate.switch:
+            self.switched = self.switch()
+            counts |= {"switched": self.switched.switched, "switch": self.switched.lines()[0]}
+        self.jobs.update(self.job, status="done", counts=counts)
+
     def switch(self) -> Switched:
         """Make the new vectors the defaults, once they cover the collection: a copy holds every point and
         no item waits or failed (unless ``accept_failed``). Not switched, the new shard is let go, so a
@@ -258,7 +249,7 @@ class Migration(Ingest):
         assert self.target is not None and self.old is not None
         counts = self.jobs.item_counts(self.job)
         state = self.store.state()
-        before = _effective_defaults(state, self.store.vectors)
+        before = effective_defaults(state, self.store.vectors)
         if counts.get(PENDING):
             return Switched(False, before, state.previous, f"{counts[PENDING]} items not yet migrated: run it again")
         failed = counts.get("failed", 0)
@@ -286,42 +277,3 @@ def _source_item(point: Point) -> SourceItem:
     kind = p.get("kind", "image")
     text = p.get("text") if kind == "text" else p.get("caption")
     return SourceItem(p["source_uri"], kind, caption=text, version=p.get("content_hash"), location=p.get("object_uri"))
-
-
-def _effective_defaults(state: CollectionState, vectors: dict[str, int]) -> dict[str, str]:
-    """The vector each modality's searches use: the collection's setting, else (never migrated) the
-    first vector of that modality."""
-    out: dict[str, str] = {}
-    for name in vectors:
-        out.setdefault(name.rpartition(".")[2], name)
-    return out | {m: v for m, v in state.defaults.items() if v in vectors}
-
-
-def rollback(store: VectorStore) -> Switched:
-    """Switch the defaults back to what the last switch replaced (again: forward). One write."""
-    state = store.state()
-    if not state.previous:
-        raise MigrationError("no switch to roll back: the collection was never migrated, or its old vectors went")
-    gone = sorted(v for v in state.previous.values() if v not in store.vectors)
-    if gone:
-        raise MigrationError(f"the old vectors {gone} were dropped; there is nothing to switch back to")
-    before = _effective_defaults(state, store.vectors)
-    state.defaults = state.defaults | state.previous
-    state.previous = {m: before[m] for m in state.previous}
-    store.save_state(state)
-    return Switched(True, state.defaults, state.previous)
-
-
-def drop_old(store: VectorStore) -> list[str]:
-    """Free the vectors the last switch replaced (every vector of their models the defaults do not use);
-    rollback is no longer possible."""
-    state = store.state()
-    if not state.previous:
-        raise MigrationError("nothing to drop: no switch has replaced a vector (or they were dropped already)")
-    in_use = set(_effective_defaults(state, store.vectors).values())
-    old_models = {v.rpartition(".")[0] for v in state.previous.values()}
-    names = [n for n in store.vectors if n.rpartition(".")[0] in old_models and n not in in_use]
-    store.drop_vectors(names)
-    state.previous = {}
-    store.save_state(state)
-    return names

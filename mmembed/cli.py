@@ -510,13 +510,15 @@ def migrate_command(
     the stored objects in a resumable job while searches answer from the old ones, then the default
     vectors switch in one write. --rollback switches back; --drop-old frees the old vectors."""
     from mmembed.jobs.migrate import MigrateOptions, Migration
-    from mmembed.jobs.migrate import drop_old as drop
-    from mmembed.jobs.migrate import rollback as switch_back
     from mmembed.serve import local
+    from mmembed.store.switching import drop_old as drop
+    from mmembed.store.switching import rollback as switch_back
     from mmembed.store.vectors import StoreBusy, open_store
 
     if sum([to is not None, rollback, drop_old]) != 1:
         _fail(ValueError("give exactly one of --to MODEL, --rollback or --drop-old"))
+    if dry_run and to is None:
+        _fail(ValueError("--dry-run plans a migration: give it with --to MODEL"))
     settings = get_settings()
     target = server or (None if dry_run else local.serving(settings.data_dir.expanduser()))
     if target is not None:
@@ -540,7 +542,9 @@ def migrate_command(
                 console.print(line)
             if dry_run:
                 return
-            lines = [*job.run(plan).lines(), *job.switch().lines()]
+            summary = job.run(plan)
+            assert job.switched is not None
+            lines = [*summary.lines(), *job.switched.lines()]
     except StoreBusy as exc:
         _fail(f"{exc}; if a server holds it, run the migration there: mmembed migrate --to {to} --server URL")
     except Exception as exc:  # a model not served, a collection not made yet: say which and stop

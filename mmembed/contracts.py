@@ -125,7 +125,25 @@ class TooManyJobs:
     running: int
 
 
-JobStart = JobStarted | PathForbidden | TooManyJobs
+@dataclass(frozen=True)
+class MigrationRefused:
+    """A job that cannot start now: a migration's model is not served, other jobs write the collection,
+    or a migration copies it."""
+
+    message: str
+
+
+JobStart = JobStarted | PathForbidden | TooManyJobs | MigrationRefused
+MigrationStart = JobStarted | MigrationRefused
+
+
+@dataclass(frozen=True)
+class CatalogView:
+    """What searches route by: the named vectors the served models have in the collection, and the
+    collection's default vector per modality (what a model migration switches)."""
+
+    vectors: dict[str, int]
+    defaults: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -172,3 +190,19 @@ class DeadLetter:
     reason: str
     attempts: int
     at: float
+
+
+@dataclass
+class Switched:
+    """What the switch did: the defaults before and after, or why it waits."""
+
+    switched: bool
+    defaults: dict[str, str]
+    previous: dict[str, str]
+    waiting: str | None = None
+
+    def lines(self) -> list[str]:
+        if not self.switched:
+            return [f"not switched: {self.waiting}"]
+        moved = ", ".join(f"{m}: {self.previous.get(m, '-')} -> {v}" for m, v in sorted(self.defaults.items()))
+        return [f"switched the default vectors ({moved}); `mmembed migrate --rollback` switches back"]

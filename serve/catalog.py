@@ -33,23 +33,29 @@ from ray.serve.handle import DeploymentHandle
 
 from mmembed.config import Settings
 from mmembed.contracts import (
+    CatalogView,
     DeadLetter,
     EncodedItem,
     JobStart,
     JobStarted,
     JobView,
+    MigrationRefused,
+    MigrationStart,
     ModelInfo,
     PathForbidden,
     SearchHit,
     StoredItem,
+    Switched,
     TooManyJobs,
 )
 from mmembed.jobs.ingest import Ingest, IngestOptions
+from mmembed.jobs.migrate import MigrateOptions, Migration
 from mmembed.jobs.state import JobStore, job_id
 from mmembed.jobs.watch import Watch
 from mmembed.loaders.sources import SourceError, check_inside_roots
 from mmembed.store.catalog import Catalog, NewItem
 from mmembed.store.objects import object_store
+from mmembed.store.switching import MigrationRunning, drop_old, rollback
 from mmembed.store.vectors import open_store
 
 log = logging.getLogger(__name__)
@@ -91,23 +97,41 @@ class CatalogDeployment:
         self.roots = self.settings.server_ingest_roots()  # clients name the paths: read only inside these
         self.threads: dict[str, threading.Thread] = {}
         self.stops: dict[str, threading.Event] = {}  # watching jobs, until DELETE /jobs/{id}
+        self.migration: Migration | None = None  # the one migration running, if any
         for row in self.jobs.list():
             if row.status in ("planned", "running", WATCHING) and row.config.get("server"):
                 log.info("resuming job %s left unfinished by the last replica", row.id)
-                self._start(row.source, row.config)
+                if "migrate" in row.config:
+                    self.start_migration(**row.config["migrate"])
+                else:
+                    self._start(row.source, row.config)
 
-    def open(self, layout: dict[str, int]) -> dict[str, int]:
-        """Called by the ingress with the named vectors its models produce; idempotent."""
+    def open(self, layout: dict[str, int]) -> CatalogView:
+        """Called by the ingress with the named vectors its models produce; idempotent. A served model
+        whose vectors the collection lacks is left out of searches and of the items added until a
+        migration adds them (``start_migration``)."""
         if self.layout != layout:
-            self.catalog.open(layout)
+            self.catalog.open(layout, missing_ok=True)
             self.layout = layout
-        return self.layout
+        held = {name: dim for name, dim in layout.items() if name in self.catalog.vectors.vectors}
+        return CatalogView(held, self.catalog.vectors.state().defaults)
 
     def add(self, item: NewItem) -> str:
+        self._writable()
         return self.catalog.add(item)
 
     def delete(self, item_id: str) -> bool:
+        self._writable()
         return _is_id(item_id) and self.catalog.delete(item_id)
+
+    def _writable(self) -> None:
+        """A migration copying the collection into a new shard would miss a write made meanwhile."""
+        migration = self.migration
+        if migration is not None and migration.copying:
+            raise MigrationRunning(
+                f"a migration to {migration.migrate.to} is copying the collection; writes wait until it switches "
+                f"(GET /jobs/{migration.job})"
+            )
 
     def get(self, item_id: str, with_vectors: bool = False) -> StoredItem | None:
         point = self.catalog.get(item_id, with_vectors) if _is_id(item_id) else None
@@ -126,6 +150,10 @@ class CatalogDeployment:
     def start_job(self, source: str, models: list[str], sync: bool = False, watch: bool = False) -> JobStart:
         """Plans and runs in a background thread; answers the job id at once, or how many jobs
         run when ``max_concurrent_jobs`` already do (each reads and writes in this replica)."""
+        try:
+            self._writable()
+        except MigrationRunning as exc:
+            return MigrationRefused(str(exc))
         local = "://" not in source or source.lower().startswith("file://")
         if local:
             try:
@@ -186,6 +214,50 @@ class CatalogDeployment:
         except Exception as exc:  # the job's record says why; the replica keeps serving
             log.exception("watching job %s failed", ingest.job)
             self.jobs.update(ingest.job, status="failed", error=f"{type(exc).__name__}: {exc}")
+
+    # --- model migration ------------------------------------------------------------------------
+
+    def start_migration(self, to: str, from_: str | None = None, accept_failed: bool = False) -> MigrationStart:
+        """The new model must be served: the job's items go to its encoder deployment like any job's. It
+        waits for no other job: they would write the collection while it is copied or read."""
+        if to not in self.encoders.handles:
+            served = sorted(self.encoders.handles)
+            return MigrationRefused(f"model {to!r} is not served here (served: {served}); add it to the serve config")
+        options = MigrateOptions(to, from_, workers=0, engine="serve", accept_failed=accept_failed)
+        migration = Migration(options, self.settings, catalog=self.catalog, jobs=self.jobs, deployments=self.encoders)
+        running = [job for job, thread in self.threads.items() if thread.is_alive()]
+        if migration.job in running:
+            return JobStarted(migration.job)
+        if running:
+            return MigrationRefused(f"{len(running)} jobs write the collection now; migrate once they end")
+        config = {"server": True, "migrate": {"to": to, "from_": from_, "accept_failed": accept_failed}}
+        self.jobs.create(migration.job, migration.options.source, migration.options.job_config(self.settings) | config)
+        self.jobs.update(migration.job, status="running")
+        self.migration = migration
+        thread = threading.Thread(target=self._migrate, args=(migration,), name=f"job-{migration.job}", daemon=True)
+        self.threads[migration.job] = thread
+        thread.start()
+        return JobStarted(migration.job)
+
+    def _migrate(self, migration: Migration) -> None:
+        try:
+            plan = migration.plan(calibrate=False)
+            self.jobs.update(migration.job, counts={"plan": plan.counts()})
+            migration.run(plan, progress=False)
+        except Exception as exc:  # the job's record says why; the replica keeps serving
+            log.exception("migration %s failed", migration.job)
+            migration.release()
+            self.jobs.update(migration.job, status="failed", error=f"{type(exc).__name__}: {exc}")
+        finally:
+            self.migration = None
+
+    def rollback(self) -> Switched:
+        self._writable()
+        return rollback(self.catalog.vectors)
+
+    def drop_old(self) -> list[str]:
+        self._writable()
+        return drop_old(self.catalog.vectors)
 
     def stop_job(self, job: str) -> bool:
         stop = self.stops.get(job)

@@ -18,7 +18,18 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from mmembed.config import Settings
-from mmembed.contracts import DeadLetter, EncodedItem, JobStart, JobView, ModelInfo, SearchHit, StoredItem
+from mmembed.contracts import (
+    CatalogView,
+    DeadLetter,
+    EncodedItem,
+    JobStart,
+    JobView,
+    MigrationStart,
+    ModelInfo,
+    SearchHit,
+    StoredItem,
+    Switched,
+)
 from mmembed.serve.config import ServeConfig
 from mmembed.serve.http import ApiError, create_app
 from mmembed.store.catalog import NewItem
@@ -51,7 +62,7 @@ class RayBackend:
     async def encode(self, model: str, modality: str, items: list[Any]) -> list[EncodedItem]:
         return await self._call(model, "encode", modality, items)
 
-    async def open_catalog(self, layout: dict[str, int]) -> dict[str, int]:
+    async def open_catalog(self, layout: dict[str, int]) -> CatalogView:
         return await self.catalog.open.remote(layout)
 
     async def add_item(self, item: NewItem) -> str:
@@ -87,6 +98,15 @@ class RayBackend:
 
     async def dead_letters(self, job_id: str) -> list[DeadLetter]:
         return await self.catalog.dead_letters.remote(job_id)
+
+    async def start_migration(self, to: str, from_: str | None, accept_failed: bool) -> MigrationStart:
+        return await self.catalog.start_migration.remote(to, from_, accept_failed)
+
+    async def rollback(self) -> Switched:
+        return await self.catalog.rollback.remote()
+
+    async def drop_old(self) -> list[str]:
+        return await self.catalog.drop_old.remote()
 
 
 @serve.deployment(name="ingress")  # queue limits: serve.app.build_app, from the config

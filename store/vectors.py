@@ -227,8 +227,8 @@ class VectorStore(ABC):
                 if missing_ok:
                     continue
                 raise StoreError(
-                    f"the collection has no vector {name!r} (it has {sorted(existing)}); add a model's vectors "
-                    f"to a collection with `mmembed migrate --to {name.rpartition('.')[0]}`, or use a new collection"
+                    f"the collection has no vector {name!r} (it has {sorted(existing)}); add a model's vectors to "
+                    f"a collection with `mmembed migrate --to {name.rpartition('.')[0]}`, or use a new collection name"
                 )
             if existing[name] != dim:
                 raise DimensionError(

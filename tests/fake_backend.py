@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from mmembed.contracts import (
+    CatalogView,
     DeadLetter,
     EncodedItem,
     EncoderInfo,
@@ -19,12 +20,16 @@ from mmembed.contracts import (
     JobStart,
     JobStarted,
     JobView,
+    MigrationRefused,
+    MigrationStart,
     ModelInfo,
     SearchHit,
     StoredItem,
+    Switched,
 )
 from mmembed.serve.http import ApiError
 from mmembed.store.catalog import NewItem
+from mmembed.store.switching import MigrationError
 from mmembed.store.vectors import DimensionError
 
 PNG_MAGIC = b"\x89PNG"
@@ -61,6 +66,8 @@ class FakeBackend:
     stored_layout: dict[str, int] | None = None  # a collection made earlier, with these sizes
     encode_calls: list[tuple[str, str, int]] = field(default_factory=list)
     describe_error: Exception | None = None
+    defaults: dict[str, str] = field(default_factory=dict)  # the collection's default vectors
+    previous: dict[str, str] = field(default_factory=dict)  # what a rollback restores
 
     async def describe(self, model: str) -> ModelInfo:
         if self.describe_error is not None:
@@ -88,12 +95,12 @@ class FakeBackend:
         extra = {"seconds": 1.0, "transcript": TRANSCRIPT} if info.transcribes else {}
         return EncodedItem(unit_vector(dim, info.space, item), info=extra, **timing)
 
-    async def open_catalog(self, layout: dict[str, int]) -> dict[str, int]:
+    async def open_catalog(self, layout: dict[str, int]) -> CatalogView:
         for name, dim in (self.stored_layout or {}).items():
             if layout.get(name, dim) != dim:
                 raise DimensionError(f"{name} is {dim}-d in the collection; the models give {layout[name]}")
         self.stored_layout = layout
-        return layout
+        return CatalogView(layout, dict(self.defaults))
 
     async def add_item(self, item: NewItem) -> str:
         item_id = str(uuid.uuid5(uuid.NAMESPACE_URL, item.source_uri or hashlib.sha256(item.data).hexdigest()))
@@ -152,3 +159,23 @@ class FakeBackend:
 
     async def dead_letters(self, job_id: str) -> list[DeadLetter]:
         return [DeadLetter(job_id, "a.png", "not_an_image", "cannot decode", 1, 0.0)]
+
+    async def start_migration(self, to: str, from_: str | None, accept_failed: bool) -> MigrationStart:
+        if self.next_start is not None:
+            assert isinstance(self.next_start, JobStarted | MigrationRefused)
+            return self.next_start
+        job_id = uuid.uuid4().hex[:12]
+        self.jobs[job_id] = JobView(job_id, f"migrate:{to}", "running", None, 0.0, {}, {}, 0.0, 0.0)
+        return JobStarted(job_id)
+
+    async def rollback(self) -> Switched:
+        if not self.previous:
+            raise MigrationError("no switch to roll back")
+        self.defaults, self.previous = self.defaults | self.previous, {m: self.defaults[m] for m in self.previous}
+        return Switched(True, dict(self.defaults), dict(self.previous))
+
+    async def drop_old(self) -> list[str]:
+        if not self.previous:
+            raise MigrationError("nothing to drop")
+        dropped, self.previous = sorted(self.previous.values()), {}
+        return dropped

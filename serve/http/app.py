@@ -12,11 +12,11 @@ from mmembed.serve.http.auth import ApiKeys, Cors, RequireKey
 from mmembed.serve.http.backend import Backend
 from mmembed.serve.http.errors import BodyLimit, install_error_handlers
 from mmembed.serve.http.metrics import CountRequests
-from mmembed.serve.http.routes import catalog, embeddings, items, jobs, operations, pages, search
+from mmembed.serve.http.routes import catalog, embeddings, items, jobs, migrations, operations, pages, search
 from mmembed.serve.http.service import Api
 from mmembed.store.objects import ObjectStore, object_store
 
-ROUTERS = (embeddings, search, items, jobs, catalog, pages, operations)
+ROUTERS = (embeddings, search, items, jobs, migrations, catalog, pages, operations)
 
 
 def create_app(

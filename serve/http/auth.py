@@ -1,7 +1,7 @@
 """API keys and CORS for the HTTP API, as plain ASGI middleware.
 
 Keys are bearer tokens (``Authorization: Bearer KEY``, what the ``openai`` client sends) with
-a read or a write scope. Writes (adding and deleting items, bulk jobs) need a write key; reads
+a read or a write scope. Writes (adding and deleting items, bulk jobs, migrations) need a write key; reads
 (encoding, search, models, metrics, objects) are open unless ``open_reads`` is off. With no
 key configured the API is open, as a local tool bound to 127.0.0.1 is; SECURITY.md says when
 that is not enough.
@@ -35,7 +35,7 @@ OPEN_PREFIXES = ("/ui/", "/objects/")
 def required_scope(method: str, path: str) -> Scope:
     if path in OPEN_PATHS or path.startswith(OPEN_PREFIXES) or method == "OPTIONS":
         return "open"
-    if path == "/ingest" or path == "/jobs" or path.startswith("/jobs/"):
+    if path in ("/ingest", "/jobs", "/migrations") or path.startswith(("/jobs/", "/migrations/")):
         return "write"
     if (path == "/items" or path.startswith("/items/")) and method in ("POST", "PUT", "PATCH", "DELETE"):
         return "write"

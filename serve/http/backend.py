@@ -13,7 +13,18 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from mmembed.contracts import DeadLetter, EncodedItem, JobStart, JobView, ModelInfo, SearchHit, StoredItem
+from mmembed.contracts import (
+    CatalogView,
+    DeadLetter,
+    EncodedItem,
+    JobStart,
+    JobView,
+    MigrationStart,
+    ModelInfo,
+    SearchHit,
+    StoredItem,
+    Switched,
+)
 from mmembed.store.catalog import NewItem
 
 
@@ -26,8 +37,9 @@ class Backend(Protocol):
         ...
 
     # --- the catalogue ---
-    async def open_catalog(self, layout: dict[str, int]) -> dict[str, int]:
-        """Opens (or creates) the collection with these named vectors; idempotent."""
+    async def open_catalog(self, layout: dict[str, int]) -> CatalogView:
+        """Opens (or creates) the collection with these named vectors; idempotent. The view holds those
+        the collection has (a model not migrated in yet is left out) and its default vectors."""
         ...
 
     async def add_item(self, item: NewItem) -> str: ...
@@ -58,3 +70,12 @@ class Backend(Protocol):
     async def list_jobs(self) -> list[JobView]: ...
 
     async def dead_letters(self, job_id: str) -> list[DeadLetter]: ...
+
+    # --- model migration ---
+    async def start_migration(self, to: str, from_: str | None, accept_failed: bool) -> MigrationStart: ...
+
+    async def rollback(self) -> Switched:
+        """Raises ``MigrationError`` when there is nothing to switch back to."""
+        ...
+
+    async def drop_old(self) -> list[str]: ...

@@ -109,3 +109,8 @@ class BodyLimit:
 
 def _too_large(message: str) -> JSONResponse:
     return error_response(413, "body_too_large", message)
+
+
+def migration_running(exc: Exception, retry_after_s: int) -> ApiError:
+    """A write refused while a migration copies the collection: temporary, so a 503 that says when to retry."""
+    return ApiError(503, "migration_running", str(exc), {"Retry-After": str(retry_after_s)})

@@ -3,7 +3,7 @@ classes' annotations, and the routes' that use them, as real types."""
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 InputType = Annotated[
     Literal["document", "query"],
@@ -62,6 +62,20 @@ class IngestRequest(BaseModel):
         except UnicodeEncodeError:
             raise ValueError("a source must be valid UTF-8 text") from None
         return source
+
+
+class MigrateRequest(BaseModel):
+    """``from`` is a Python keyword: the field is ``from_``, spelled ``from`` on the wire."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    to: str = Field(min_length=1, description="The served model whose vectors the collection moves to.")
+    from_: str | None = Field(
+        default=None, alias="from", description="The model it moves from; default: the one searches use now."
+    )
+    accept_failed: bool = Field(
+        default=False, description="Switch even if some items could not be encoded; they keep their old vectors."
+    )
 
 
 class SearchRequest(BaseModel):

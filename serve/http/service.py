@@ -11,7 +11,7 @@ from typing import Any
 
 from fastapi import Request
 
-from mmembed.contracts import EncodedItem, ItemError, ModelInfo
+from mmembed.contracts import CatalogView, EncodedItem, ItemError, ModelInfo
 from mmembed.encoders.config import ModelsConfig
 from mmembed.loaders.fetch import FetchLimits
 from mmembed.serve.config import ServeConfig
@@ -47,7 +47,6 @@ class Api:
     metrics: Metrics = field(default_factory=Metrics)
     started: int = field(default_factory=lambda: int(time.time()))  # the models' "created", for /v1/models
     _described: dict[str, ModelInfo] = field(default_factory=dict)
-    _vectors: dict[str, int] | None = None
 
     @property
     def served(self) -> list[str]:
@@ -61,13 +60,12 @@ class Api:
     async def described(self) -> dict[str, ModelInfo]:
         return {name: await self.describe(name) for name in self.served}
 
-    async def open_catalog(self) -> dict[str, int]:
-        if self._vectors is None:
-            try:
-                self._vectors = await self.backend.open_catalog(layout(await self.described()))
-            except DimensionError as exc:
-                raise ApiError(409, "dimension_mismatch", str(exc)) from exc
-        return self._vectors
+    async def open_catalog(self) -> CatalogView:
+        """Asked of the catalogue each time: a migration there changes the vectors and defaults."""
+        try:
+            return await self.backend.open_catalog(layout(await self.described()))
+        except DimensionError as exc:
+            raise ApiError(409, "dimension_mismatch", str(exc)) from exc
 
     async def encode(self, model: str, modality: str, items: list[Any]) -> list[EncodedItem]:
         if len(items) > self.config.max_items_per_request:

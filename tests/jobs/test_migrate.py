@@ -22,12 +22,13 @@ from qdrant_client import QdrantClient
 
 from mmembed.config import Settings
 from mmembed.jobs.ingest import Ingest, IngestOptions
-from mmembed.jobs.migrate import MigrateOptions, Migration, MigrationError, drop_old, rollback
+from mmembed.jobs.migrate import MigrateOptions, Migration
 from mmembed.jobs.state import JobStore
 from mmembed.store.cache import SqliteCache
 from mmembed.store.catalog import Catalog
 from mmembed.store.objects import LocalObjects
 from mmembed.store.spaces import default_vector
+from mmembed.store.switching import MigrationError, drop_old, rollback
 from mmembed.store.vectors import ClientStore, EdgeStore, StoreError, VectorStore
 
 OLD = "demo-clip"
@@ -78,7 +79,7 @@ def test_a_migration_fills_the_new_vectors_then_switches_and_rolls_back(env, new
     before = _search(store)
     assert before[0] == "demo-clip.image"
 
-    job = _migration(env, new_model)
+    job = _migration(env, new_model, switch=False)
     plan = job.plan()
     assert (plan.total, plan.to_check, plan.unchanged) == (SCENES, SCENES, 0)
     assert job.old == OLD and plan.seconds_per_item > 0 and plan.estimated_cost_usd > 0
@@ -124,7 +125,7 @@ def test_a_migration_fills_the_new_vectors_then_switches_and_rolls_back(env, new
 def test_a_migration_refuses_what_it_cannot_do(env, new_model: str):
     with pytest.raises(MigrationError, match="no vectors of 'bind'"):
         _migration(env, new_model, from_="bind").plan(calibrate=False)
-    with pytest.raises(MigrationError, match="already use the vectors of .demo-clip."):
+    with pytest.raises(MigrationError, match=r"already use the vectors of .demo-clip."):
         _migration(env, OLD).plan(calibrate=False)
     store = env["catalog"].vectors
     store.open_existing()
@@ -142,14 +143,15 @@ def test_items_the_new_model_refuses_hold_the_switch_back_and_keep_their_old_vec
     job = _migration(env, new_model)
     summary = job.run(job.plan(calibrate=False), progress=False)
     assert (summary.written, summary.failed) == (SCENES - 1, 1)
-    held = job.switch()
+    held = job.switched
+    assert held is not None and env["jobs"].get(job.job).counts["switched"] is False
     assert not held.switched and "--accept-failed" in (held.waiting or "")
     assert _search(store)[0] == "demo-clip.image"
     [letter] = env["jobs"].dead_letters(job.job)
     assert letter.code == "not_an_image"
     forced = _migration(env, new_model, accept_failed=True)
     forced.run(forced.plan(calibrate=False), progress=False)
-    assert forced.switch().switched
+    assert forced.switched is not None and forced.switched.switched
     kept = store.retrieve([victim.id], with_vectors=True)[0]  # copied or in place, it lost nothing
     assert "demo-clip.image" in kept.vectors and f"{new_model}.image" not in kept.vectors
 
@@ -179,7 +181,9 @@ def test_a_migration_killed_with_sigkill_resumes_from_the_command_line(tmp_path:
     while done < 3 and process.poll() is None and time.monotonic() < deadline:
         try:  # the file can exist before its tables do, and the job holds write locks
             with sqlite3.connect(f"file:{data / 'jobs.sqlite'}?mode=ro", uri=True) as db:
-                query = "SELECT COUNT(*) FROM items JOIN jobs ON jobs.id = items.job_id WHERE items.status = 'done' AND "
+                query = (
+                    "SELECT COUNT(*) FROM items JOIN jobs ON jobs.id = items.job_id WHERE items.status = 'done' AND "
+                )
                 done = db.execute(query + "jobs.source LIKE 'migrate:%'").fetchone()[0]
         except sqlite3.OperationalError:
             pass
@@ -200,4 +204,17 @@ def test_a_migration_killed_with_sigkill_resumes_from_the_command_line(tmp_path:
     ids = store.scroll_ids()
     assert len(ids) == len(set(ids)) == ITEMS
     assert all(f"{new_model}.image" in p.vectors for p in store.retrieve(ids, with_vectors=True))
+    store.close()
+
+    def run(*args: str) -> str:
+        done = subprocess.run([*cli, "migrate", *args], env=environment, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return " ".join(done.stdout.split())
+
+    assert f"{new_model}.image -> demo-clip.image" in run("--rollback")
+    assert f"demo-clip.image -> {new_model}.image" in run("--rollback")  # again: forward
+    assert "dropped demo-clip.image" in run("--drop-old")
+    store.open_existing()
+    assert OLD not in {name.rpartition(".")[0] for name in store.vectors}
+    assert store.state().defaults["image"] == f"{new_model}.image"
     store.close()

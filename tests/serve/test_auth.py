@@ -45,6 +45,8 @@ ORIGIN = "https://shop.example"
         ("GET", "/jobs", "write"),
         ("GET", "/jobs/abc/dead-letters", "write"),
         ("DELETE", "/jobs/abc", "write"),
+        ("POST", "/migrations", "write"),
+        ("POST", "/migrations/rollback", "write"),
     ],
 )
 def test_each_route_needs_its_scope(method: str, path: str, scope: str) -> None:

@@ -9,8 +9,9 @@ from fake_backend import TRANSCRIPT, FakeBackend
 from fastapi.testclient import TestClient
 from http_app import MODELS, PNG, WAV, api_error, b64, client_for
 
-from mmembed.contracts import PathForbidden, Query, TooManyJobs
+from mmembed.contracts import MigrationRefused, PathForbidden, Query, TooManyJobs
 from mmembed.store.objects import LocalObjects
+from mmembed.store.switching import MigrationRunning
 
 # --- the catalogue ----------------------------------------------------------------------------
 
@@ -145,6 +146,46 @@ def test_jobs_refused_by_the_catalogue(client: TestClient, backend: FakeBackend)
         body = json.dumps({"source": unnameable})
         answer = client.post("/ingest", content=body, headers={"content-type": "application/json"})
         api_error(answer, 422, "invalid_request", param="source")
+
+
+# --- model migration --------------------------------------------------------------------------
+
+
+def test_a_migration_starts_as_a_job_and_searches_follow_the_collections_defaults(client, backend) -> None:
+    started = client.post("/migrations", json={"to": "whisper-base", "from": "demo-clip"})
+    assert started.status_code == 202, started.text
+    assert client.get(started.json()["status_url"]).json()["source"] == "migrate:whisper-base"
+    api_error(client.post("/migrations", json={"to": "nope"}), 422, "model_not_found")
+    backend.next_start = MigrationRefused("2 jobs write the collection now; migrate once they end")
+    refused = client.post("/migrations", json={"to": "demo-clip"})
+    assert "2 jobs" in api_error(refused, 409, "migration_refused") and refused.headers["retry-after"].isdigit()
+    backend.next_start = None
+
+    client.post("/items", files={"file": ("a.png", PNG, "image/png")}, data={"caption": "red"})
+    assert client.post("/search", json={"text": "red"}).json()["vector"] == "demo-clip.image"
+    backend.defaults, backend.previous = {"image": "demo-clip.text"}, {"image": "demo-clip.image"}  # switched
+    assert client.post("/search", json={"text": "red"}).json()["vector"] == "demo-clip.text"
+    info = client.get("/catalog").json()
+    assert info["default_vector"] == "demo-clip.text" and info["default_vectors"] == {"image": "demo-clip.text"}
+    back = client.post("/migrations/rollback")
+    assert back.status_code == 200 and back.json()["defaults"] == {"image": "demo-clip.image"}
+    assert client.post("/search", json={"text": "red"}).json()["vector"] == "demo-clip.image"
+    assert client.post("/migrations/drop-old").json() == {"dropped": ["demo-clip.text"]}
+    api_error(client.post("/migrations/rollback"), 409, "nothing_to_switch")
+    api_error(client.post("/migrations/drop-old"), 409, "nothing_to_drop")
+
+
+def test_writes_wait_while_a_migration_copies_the_collection(client, backend, monkeypatch) -> None:
+    async def copying(*args, **kwargs):
+        raise MigrationRunning("a migration to x is copying the collection; writes wait until it switches")
+
+    monkeypatch.setattr(backend, "add_item", copying)
+    monkeypatch.setattr(backend, "delete_item", copying)
+    added = client.post("/items", files={"file": ("a.png", PNG, "image/png")})
+    assert "copying" in api_error(added, 503, "migration_running") and added.headers["retry-after"].isdigit()
+    api_error(client.delete("/items/abc"), 503, "migration_running")
+    backend.next_start = MigrationRefused("a migration to x is copying the collection")
+    api_error(client.post("/ingest", json={"source": "/data"}), 409, "migration_running")
 
 
 # --- pages ------------------------------------------------------------------------------------

@@ -267,7 +267,7 @@ def test_reopen_with_another_size_names_both_sizes(store: VectorStore) -> None:
     other = _same_collection(store)
     with pytest.raises(DimensionError, match=r"'demo-clip\.image' is 8-d in the collection; got 16-d"):
         other.open({IMAGE: 16})
-    with pytest.raises(StoreError, match="new collection name"):
+    with pytest.raises(StoreError, match="mmembed migrate --to bind"):
         other.open({"bind.audio": 128})
     other.open({IMAGE: 8})
     assert other.vectors == DIMS

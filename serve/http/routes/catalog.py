@@ -34,7 +34,8 @@ async def get_object(key: str, api: ApiDep) -> FileResponse:
 @router.get("/catalog")
 async def catalog_info(api: ApiDep) -> JSONResponse:
     """What the search page needs: the vectors, which queries each takes, the item count."""
-    described, vectors = await api.described(), await api.open_catalog()
+    described, view = await api.described(), await api.open_catalog()
+    vectors = view.vectors
     searchable = {}
     for vector, dim in vectors.items():
         queries = []
@@ -49,7 +50,8 @@ async def catalog_info(api: ApiDep) -> JSONResponse:
         {
             "count": await api.backend.count(),
             "vectors": searchable,
-            "default_vector": default_vector(described, vectors),
+            "default_vector": default_vector(described, vectors, view.defaults),
+            "default_vectors": view.defaults,
             "models": api.served,
             "dashboard_url": api.config.dashboard_url,
         }

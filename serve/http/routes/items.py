@@ -11,12 +11,13 @@ from fastapi.responses import JSONResponse
 from mmembed.contracts import ItemError
 from mmembed.embedding import Item, ItemEmbedder
 from mmembed.loaders.audio import sniff_format
-from mmembed.serve.http.errors import ApiError
+from mmembed.serve.http.errors import ApiError, migration_running
 from mmembed.serve.http.media import item_kind, parse_meta, resolve_or_raise
 from mmembed.serve.http.service import Api, get_api, item_status, mounted
 from mmembed.store.catalog import NewItem
 from mmembed.store.objects import ObjectStoreError
 from mmembed.store.spaces import item_encoders
+from mmembed.store.switching import MigrationRunning
 from mmembed.store.vectors import StoreError
 
 router = APIRouter()
@@ -65,6 +66,8 @@ async def add_item(
     )
     try:
         item_id = await api.backend.add_item(item)
+    except MigrationRunning as exc:
+        raise migration_running(exc, api.config.retry_after_s) from exc
     except (StoreError, ObjectStoreError) as exc:
         raise ApiError(503, "store_unavailable", str(exc)) from exc
     stored = await api.backend.get_item(item_id)
@@ -83,6 +86,10 @@ async def get_item(item_id: str, request: Request, api: ApiDep) -> JSONResponse:
 
 @router.delete("/items/{item_id}")
 async def delete_item(item_id: str, api: ApiDep) -> JSONResponse:
-    if not await api.backend.delete_item(item_id):
+    try:
+        deleted = await api.backend.delete_item(item_id)
+    except MigrationRunning as exc:
+        raise migration_running(exc, api.config.retry_after_s) from exc
+    if not deleted:
         raise ApiError(404, "item_not_found", f"no item {item_id!r}")
     return JSONResponse({"id": item_id, "deleted": True})

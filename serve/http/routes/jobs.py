@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
-from mmembed.contracts import JobStarted, PathForbidden, TooManyJobs
+from mmembed.contracts import JobStarted, MigrationRefused, PathForbidden, TooManyJobs
 from mmembed.serve.http.errors import ApiError
 from mmembed.serve.http.schemas import IngestRequest
 from mmembed.serve.http.service import Api, get_api, mounted
@@ -32,6 +32,8 @@ async def ingest(body: IngestRequest, request: Request, api: ApiDep) -> JSONResp
         case TooManyJobs(running):
             message = f"{running} bulk jobs are running; the limit is MMEMBED_MAX_CONCURRENT_JOBS"
             raise ApiError(429, "too_many_jobs", message, {"Retry-After": "30"})
+        case MigrationRefused(message):
+            raise ApiError(409, "migration_running", message, {"Retry-After": str(api.config.retry_after_s)})
         case JobStarted(job_id):
             return JSONResponse({"id": job_id, "status_url": mounted(request, f"/jobs/{job_id}")}, 202)
     raise TypeError(f"not a job start outcome: {started!r}")

@@ -46,9 +46,10 @@ async def search(body: SearchRequest, request: Request, api: Annotated[Api, Depe
 
 async def _query_vector(api: Api, body: SearchRequest) -> tuple[str, str, Any, dict[str, Any]]:
     """(vector searched, model used, query vector, what the query became)."""
-    described, vectors = await api.described(), await api.open_catalog()
+    described, view = await api.described(), await api.open_catalog()
+    vectors = view.vectors
     if body.item_id is not None:
-        vector = body.vector or default_vector(described, vectors)
+        vector = body.vector or default_vector(described, vectors, view.defaults)
         item = await api.backend.get_item(body.item_id, True)
         if item is None:
             raise ApiError(404, "item_not_found", f"no item {body.item_id!r}")
@@ -58,7 +59,7 @@ async def _query_vector(api: Api, body: SearchRequest) -> tuple[str, str, Any, d
         return vector, vector.rsplit(".", 1)[0], item.vectors[vector], {"item_id": body.item_id}
     modality = next(k for k in ("text", "image", "audio") if getattr(body, k) is not None)
     try:
-        plan = plan_query(described, vectors, modality, body.vector, body.via, body.route)
+        plan = plan_query(described, vectors, modality, body.vector, body.via, body.route, view.defaults)
     except RoutingError as exc:
         raise ApiError(422, "no_route", str(exc)) from exc
     value: Any = getattr(body, modality)
