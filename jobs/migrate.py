@@ -263,7 +263,7 @@ class Migration(Ingest):
             missing = self.store.count() - self.target.count()
             return Switched(False, before, state.previous, f"{missing} points changed since the plan: run it again")
         new = {name.rpartition(".")[2]: name for name in self.models.layout}
-        switched = {m: v for m, v in new.items() if m in before and before[m].rpartition(".")[0] == self.old}
+        switched = {m: v for m, v in new.items() if f"{self.old}.{m}" in self.store.vectors}
         state.previous = {m: before[m] for m in switched}
         state.defaults = state.defaults | switched
         self.target.build_index()
