@@ -270,7 +270,11 @@ def search_command(
     image: Annotated[Path | None, typer.Option(help="Image file: find similar images.")] = None,
     audio: Annotated[Path | None, typer.Option(help="Audio file: search by voice.")] = None,
     item: Annotated[str | None, typer.Option(help="An item id: more like this.")] = None,
-    vector: Annotated[str | None, typer.Option(help="Named vector to search (default: first image vector).")] = None,
+    vector: Annotated[
+        list[str] | None,
+        typer.Option(help="Named vector to search (default: the image vector); given twice or more, fused."),
+    ] = None,
+    fuse: Annotated[bool, typer.Option(help="Fuse every vector the query can search into one ranking.")] = False,
     via: Annotated[str | None, typer.Option(help="Model that encodes the query.")] = None,
     transcript: Annotated[bool, typer.Option(help="Audio: search through the transcript.")] = False,
     top_k: Annotated[int, typer.Option(help="How many hits.")] = 10,
@@ -292,7 +296,12 @@ def search_command(
             body[key] = base64.b64encode(path.read_bytes()).decode()
     if item is not None:
         body["item_id"] = item
-    body |= {k: v for k, v in (("vector", vector), ("via", via), ("threshold", threshold)) if v is not None}
+    body |= {k: v for k, v in (("via", via), ("threshold", threshold)) if v is not None}
+    if vector and len(vector) > 1:
+        body["vectors"] = vector
+    elif vector:
+        body["vector"] = vector[0]
+    body["fuse"] = fuse
     try:
         if filter:
             body["filter"] = json.loads(filter)
@@ -306,13 +315,17 @@ def search_command(
         console.print_json(data=found)
         return
     heard = f", heard {found['query']['transcript']!r}" if "transcript" in found["query"] else ""
-    table = Table(title=f"{found['vector']} via {found['model']}{heard} ({found['took_ms']} ms)")
-    for column in ("score", "id", "kind", "caption / transcript", "url"):
+    fused = "vectors" in found
+    searched = f"{found['fusion']} over {', '.join(found['vectors'])}" if fused else found["vector"]
+    via_models = ", ".join(sorted(set(found["models"].values()))) if fused else found["model"]
+    table = Table(title=f"{searched} via {via_models}{heard} ({found['took_ms']} ms)")
+    for column in ("score", "id", "kind", "caption / transcript", "url", *(["ranks"] if fused else [])):
         table.add_column(column)
     for hit in found["hits"]:
         payload = hit["payload"]
         words = payload.get("caption") or payload.get("transcript") or ""
-        table.add_row(f"{hit['score']:.3f}", hit["id"], payload.get("kind", ""), words, hit["url"])
+        ranks = [", ".join(f"{v} #{r}" for v, r in hit["matched"].items())] if fused else []
+        table.add_row(f"{hit['score']:.3f}", hit["id"], payload.get("kind", ""), words, hit["url"], *ranks)
     console.print(table)
 
 

@@ -163,6 +163,7 @@ class SearchHit:
     score: float
     payload: dict[str, Any]
     url: str | None  # None for a text item
+    matched: dict[str, int] = field(default_factory=dict)  # a fused search's: the hit's rank in each vector's list
 
 
 @dataclass(frozen=True)

@@ -142,6 +142,9 @@ class CatalogDeployment:
     def search(self, vector: str, query: np.ndarray, **options: Any) -> list[SearchHit]:
         return self.catalog.search(vector, query, **options)
 
+    def search_fused(self, queries: dict[str, np.ndarray], **options: Any) -> list[SearchHit]:
+        return self.catalog.search_fused(queries, **options)
+
     def count(self) -> int:
         return self.catalog.vectors.count()
 

@@ -81,6 +81,20 @@ class RayBackend:
             vector, query, top_k=top_k, threshold=threshold, filter=filter, offset=offset
         )
 
+    async def search_fused(
+        self,
+        queries: dict[str, np.ndarray],
+        *,
+        top_k: int,
+        threshold: float | None,
+        filter: Any,
+        offset: int,
+        fusion: str,
+    ) -> list[SearchHit]:
+        return await self.catalog.search_fused.remote(
+            queries, top_k=top_k, threshold=threshold, filter=filter, offset=offset, fusion=fusion
+        )
+
     async def count(self) -> int:
         return await self.catalog.count.remote()
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from mmembed.contracts import SearchHit
 from mmembed.store.objects import ObjectStore, object_key
-from mmembed.store.vectors import Hit, Point, VectorStore, point_id
+from mmembed.store.vectors import Fusion, Hit, Point, VectorStore, point_id
 
 # Fields searches filter on; every other payload key (user metadata under "meta") is still
 # filterable, only slower on a large collection.
@@ -158,6 +158,19 @@ class Catalog:
     ) -> list[SearchHit]:
         hits: list[Hit] = self.vectors.search(vector, query, top_k, threshold, filter, offset)
         return [SearchHit(h.id, h.score, h.payload, self.url(h.payload)) for h in hits]
+
+    def search_fused(
+        self,
+        queries: dict[str, np.ndarray],
+        top_k: int = 10,
+        threshold: float | None = None,
+        filter: dict[str, Any] | None = None,
+        offset: int = 0,
+        fusion: Fusion = "dbsf",
+    ) -> list[SearchHit]:
+        """One ranking over several of each item's vectors (``VectorStore.search_fused``)."""
+        hits = self.vectors.search_fused(dict(queries), top_k, threshold, filter, offset, fusion)
+        return [SearchHit(h.id, h.score, h.payload, self.url(h.payload), h.matched) for h in hits]
 
     def url(self, payload: dict[str, Any]) -> str | None:
         """Where a client gets the item's object; a text item has none."""

@@ -133,6 +133,28 @@ class FakeBackend:
         hits = [h for h in hits if threshold is None or h.score >= threshold]
         return sorted(hits, key=lambda h: -h.score)[offset : offset + top_k]
 
+    async def search_fused(
+        self,
+        queries: dict[str, np.ndarray],
+        *,
+        top_k: int,
+        threshold: float | None,
+        filter: Any,
+        offset: int,
+        fusion: str,
+    ) -> list[SearchHit]:
+        """Reciprocal-rank fusion (k = 60) whichever fusion is asked for: the routes' tests check what is
+        asked and shown, the store's tests what each fusion ranks."""
+        scores: dict[str, float] = {}
+        matched: dict[str, dict[str, int]] = {}
+        for vector, query in queries.items():
+            own = await self.search(vector, query, top_k=50, threshold=threshold, filter=filter, offset=0)
+            for rank, hit in enumerate(own, 1):
+                scores[hit.id] = scores.get(hit.id, 0.0) + 1 / (60 + rank)
+                matched.setdefault(hit.id, {})[vector] = rank
+        best = sorted(scores, key=lambda i: -scores[i])[offset : offset + top_k]
+        return [SearchHit(i, scores[i], self.items[i].payload, self.items[i].url, matched[i]) for i in best]
+
     async def count(self) -> int:
         return len(self.items)
 

@@ -56,6 +56,19 @@ class Backend(Protocol):
         """Best first."""
         ...
 
+    async def search_fused(
+        self,
+        queries: dict[str, np.ndarray],
+        *,
+        top_k: int,
+        threshold: float | None,
+        filter: Any,
+        offset: int,
+        fusion: str,
+    ) -> list[SearchHit]:
+        """Best first, over several named vectors at once; each hit's ``matched`` gives its rank in each."""
+        ...
+
     async def count(self) -> int: ...
 
     # --- bulk jobs ---

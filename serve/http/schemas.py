@@ -84,6 +84,18 @@ class SearchRequest(BaseModel):
     audio: str | None = Field(default=None, description="http(s) URL, data URI or base64 bytes")
     item_id: str | None = Field(default=None, description="More like this: the item's own stored vector.")
     vector: str | None = Field(default=None, description="Named vector to search, e.g. demo-clip.image.")
+    vectors: list[str] | None = Field(
+        default=None,
+        min_length=1,
+        description="Fuse these named vectors into one ranking, each searched with its own model's query "
+        '(e.g. ["demo-clip.image", "all-MiniLM-L6-v2.text"]: the picture and the caption).',
+    )
+    fuse: bool = Field(default=False, description="Fuse every vector the query can search (vectors: the list).")
+    fusion: Literal["rrf", "dbsf"] = Field(
+        default="dbsf",
+        description="How the vectors' rankings merge: distribution-based score fusion (dbsf: each vector's "
+        "scores normalised, then summed; an exact match keeps its lead) or reciprocal-rank fusion (rrf: ranks only).",
+    )
     via: str | None = Field(default=None, description="Model that encodes the query; default: the vector's own.")
     route: Literal["direct", "transcript"] = Field(
         default="direct", description="Audio: straight into the space (direct) or through its transcript."
@@ -100,4 +112,8 @@ class SearchRequest(BaseModel):
         given = [k for k in ("text", "image", "audio", "item_id") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(f"give exactly one of text, image, audio or item_id (got {given or 'none'})")
+        if self.vector is not None and (self.vectors is not None or self.fuse):
+            raise ValueError("give vector (one) or vectors/fuse (several), not both")
+        if self.via is not None and (self.vectors is not None or self.fuse):
+            raise ValueError("via picks the model of one vector; a fused search uses each vector's own")
         return self

@@ -65,13 +65,22 @@ async function loadCatalog() {
   if (catalog.dashboard_url) $("dashboard-link").href = catalog.dashboard_url;
   const select = $("vector-select");
   if (!select.options.length) {
+    select.add(new Option("every vector that fits the query (fused)", FUSED));
     for (const [name, info] of Object.entries(catalog.vectors)) select.add(new Option(`${name} (${info.dim}-d)`, name));
-    select.value = catalog.default_vector;
+    select.value = FUSED;
     applyVector();
   }
 }
 
-const queries = () => (catalog ? catalog.vectors[$("vector-select").value].queries : []);
+// The first choice searches every vector the query can reach (the picture, its caption, speech)
+// and merges their rankings on the server, which says where each hit ranked in each.
+const FUSED = "";
+function queries() {
+  if (!catalog) return [];
+  const chosen = $("vector-select").value;
+  if (chosen !== FUSED) return catalog.vectors[chosen].queries;
+  return [...new Set(Object.values(catalog.vectors).flatMap((info) => info.queries))];
+}
 const takes = (kind) => queries().includes(kind) || (kind === "audio" && queries().includes("audio:transcript"));
 
 // Offer only the queries the chosen vector answers, so no click ends in a routing error.
@@ -86,7 +95,9 @@ function applyVector() {
   if (transcript && !q.includes("audio")) $("route-toggle").checked = true;
   $("route-toggle").disabled = !(transcript && q.includes("audio"));
   const names = q.map((x) => (x === "audio:transcript" ? "speech via its transcript" : x));
-  $("vector-hint").textContent = `This vector takes ${names.join(", ")} queries.`;
+  $("vector-hint").textContent = $("vector-select").value === FUSED
+    ? `Searches every vector that takes the query (${names.join(", ")}) and merges their rankings.`
+    : `This vector takes ${names.join(", ")} queries.`;
 }
 
 function filters() {
@@ -106,7 +117,8 @@ function filters() {
 function options(audio) {
   const top = Math.min(Math.max(Number($("top-k").value) || 12, 1), 1000);
   const route = audio ? ($("route-toggle").checked ? "transcript" : "direct") : undefined;
-  return { vector: $("vector-select").value || undefined, route, top_k: top, filter: filters() };
+  const vector = $("vector-select").value;
+  return { ...(vector === FUSED ? { fuse: true } : { vector }), route, top_k: top, filter: filters() };
 }
 
 async function search(query, label) {
@@ -129,7 +141,10 @@ async function search(query, label) {
 function render(answer, label, roundTrip) {
   clearError();
   const via = answer.query.modality === "audio" ? `, ${answer.route}` : "";
-  $("query-info").textContent = `${label} → ${answer.vector} (via ${answer.model}${via}): ${answer.hits.length} hits`;
+  const searched = answer.vectors
+    ? `${answer.vectors.length} vectors fused (${answer.fusion}${via})`
+    : `${answer.vector} (via ${answer.model}${via})`;
+  $("query-info").textContent = `${label} → ${searched}: ${answer.hits.length} hits`;
   const heard = answer.query.transcript;
   $("transcript").hidden = heard === undefined;
   $("transcript").textContent = heard === undefined ? "" : `Heard: “${heard}”`;
@@ -159,7 +174,16 @@ function card(hit) {
         el("span", { className: "name", textContent: p.filename || hit.id, title: p.filename || "", dataset: { testid: "result-filename" } }),
         el("span", { className: "score", textContent: hit.score.toFixed(3), title: "similarity", dataset: { testid: "result-score" } })),
       el("p", { className: "caption", textContent: p.caption || p.transcript || "", dataset: { testid: "result-caption" } }),
-      meta, more));
+      why(hit), meta, more));
+}
+
+// Why a fused hit came up: its rank in each vector's own list (the model and what it read).
+function why(hit) {
+  const ranks = Object.entries(hit.matched || {}).sort((a, b) => a[1] - b[1]);
+  const line = el("p", { className: "why", dataset: { testid: "result-why" } });
+  line.hidden = !ranks.length;
+  line.append(...ranks.map(([vector, rank]) => el("span", { textContent: `#${rank} ${vector}`, title: `rank ${rank} by ${vector}` })));
+  return line;
 }
 
 // The API takes media inline as data URIs and reads only image/* and audio/* ones: a file the
@@ -180,7 +204,10 @@ function dataUri(blob, kind) {
 
 async function searchFile(file, kind) {
   kind = kind || (file.type.startsWith("audio/") || AUDIO_NAME.test(file.name) ? "audio" : "image");
-  if (!takes(kind)) return showError(`${$("vector-select").value} takes no ${kind} queries: choose another vector.`);
+  if (!takes(kind)) {
+    const chosen = $("vector-select").value;
+    return showError(chosen === FUSED ? `No vector takes ${kind} queries.` : `${chosen} takes no ${kind} queries: choose another vector.`);
+  }
   let uri;
   try {
     uri = await dataUri(file, kind);

@@ -58,6 +58,33 @@ def test_search_routes_queries_into_the_vector_searched(tmp_path: Path, backend:
     assert [h["id"] for h in like["hits"]] != [] and red["id"] not in [h["id"] for h in like["hits"]]
 
 
+def test_a_fused_search_ranks_over_an_items_vectors_each_queried_by_its_own_model(client, backend) -> None:
+    red = client.post("/items", files={"file": ("a.png", PNG, "image/png")}, data={"caption": "red"}).json()
+    client.post("/items", files={"file": ("b.png", PNG + b"b", "image/png")}, data={"caption": "blue"})
+    backend.encode_calls.clear()
+    fused = client.post("/search", json={"text": "red", "fuse": True, "top_k": 5})
+    assert fused.status_code == 200, fused.text
+    body = fused.json()
+    # Every vector a text query can search: the image, both caption vectors, and speech (by its transcript's space).
+    assert set(body["vectors"]) == {"demo-clip.image", "demo-clip.text", "all-MiniLM-L6-v2.text", "whisper-base.audio"}
+    assert body["models"]["all-MiniLM-L6-v2.text"] == "all-MiniLM-L6-v2" and body["fusion"] == "dbsf"
+    assert sorted(m for m, _, _ in backend.encode_calls) == ["all-MiniLM-L6-v2", "demo-clip"]  # once per model
+    assert len(body["hits"]) == 2 and all(
+        set(h["matched"]) == set(body["vectors"]) - {"whisper-base.audio"} for h in body["hits"]
+    )
+    named = {"text": "red", "vectors": ["demo-clip.image", "all-MiniLM-L6-v2.text"], "fusion": "rrf"}
+    two = client.post("/search", json=named).json()
+    assert two["vectors"] == named["vectors"] and two["fusion"] == "rrf"
+    like = client.post("/search", json={"item_id": red["id"], "fuse": True}).json()
+    assert red["id"] not in [h["id"] for h in like["hits"]] and len(like["vectors"]) == 3
+    bad = {"image": b64(PNG), "vectors": ["all-MiniLM-L6-v2.text"]}
+    api_error(client.post("/search", json=bad), 422, "no_route")
+    api_error(
+        client.post("/search", json={"text": "red", "fuse": True, "vector": "demo-clip.image"}), 422, "invalid_request"
+    )
+    api_error(client.post("/search", json={"text": "red", "fuse": True, "via": "demo-clip"}), 422, "invalid_request")
+
+
 def test_search_sends_its_text_as_a_query_and_items_their_captions_as_documents(
     tmp_path: Path, backend: FakeBackend
 ) -> None:

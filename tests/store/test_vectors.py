@@ -525,3 +525,46 @@ def test_the_index_settings_come_from_the_environment(monkeypatch: pytest.Monkey
     monkeypatch.setenv("MMEMBED_INDEX_SEGMENT_POINTS", "131072")
     index = Settings().vectors_config().index
     assert (index.ef, index.quantization, index.m, index.segment_points) == (200, "int8", IndexConfig.m, 131072)
+
+
+def _axis(dim: int, i: int, lean: float = 0.0) -> np.ndarray:
+    """A unit vector along axis ``i``, leaning towards the next axis by ``lean``."""
+    v = np.zeros(dim)
+    v[i % dim], v[(i + 1) % dim] = 1.0, lean
+    return v
+
+
+def test_a_fused_search_ranks_over_both_vectors_and_says_where_each_hit_ranked(store: VectorStore) -> None:
+    # "both" is second on each vector alone and first when fused; "image" and "text" each lead one vector.
+    store.upsert(
+        [
+            Point(point_id("image"), {IMAGE: _axis(8, 0), TEXT: _axis(6, 3)}, {"shop": "north"}),
+            Point(point_id("text"), {IMAGE: _axis(8, 4), TEXT: _axis(6, 0)}, {"shop": "south"}),
+            Point(point_id("both"), {IMAGE: _axis(8, 0, 0.3), TEXT: _axis(6, 0, 0.3)}, {"shop": "north"}),
+            Point(point_id("image-only"), {IMAGE: _axis(8, 0, 0.6)}, {"shop": "north"}),
+            *(Point(point_id(f"far-{i}"), {IMAGE: _axis(8, 5), TEXT: _axis(6, 4)}, {"shop": "west"}) for i in range(5)),
+        ]
+    )
+    queries = {IMAGE: _axis(8, 0), TEXT: _axis(6, 0)}
+    fused = store.search_fused(queries, top_k=3)
+    assert fused[0].id == point_id("both")
+    assert fused[0].matched == {IMAGE: 2, TEXT: 2}
+    assert {h.id for h in fused[1:]} == {point_id("image"), point_id("text")}
+    assert store.search_fused(queries, top_k=3, fusion="dbsf")[0].id == point_id("both")
+    # A point lacking one vector is still a candidate through the other.
+    everything = store.search_fused(queries, top_k=20)
+    only = next(h for h in everything if h.id == point_id("image-only"))
+    assert set(only.matched) == {IMAGE}
+    # Filters, offset and threshold as for one vector: a filter applies to every vector's candidates...
+    north = store.search_fused(queries, top_k=10, filter={"shop": "north"})
+    assert {h.id for h in north} == {point_id("image"), point_id("both"), point_id("image-only")}
+    assert [h.id for h in store.search_fused(queries, top_k=2, offset=1)] == [h.id for h in fused[1:3]]
+    # ... and a threshold is a cosine each candidate reaches on its own vector.
+    close = store.search_fused(queries, top_k=20, threshold=0.8)
+    assert {h.id for h in close} == {point_id("image"), point_id("text"), point_id("both"), point_id("image-only")}
+    with pytest.raises(StoreError, match="unknown vector"):
+        store.search_fused({"nope.image": _axis(8, 0)})
+    with pytest.raises(DimensionError):
+        store.search_fused({IMAGE: _axis(6, 0)})
+    with pytest.raises(StoreError, match="unknown fusion"):
+        store.search_fused(queries, fusion="max")  # type: ignore[arg-type]

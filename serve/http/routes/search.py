@@ -24,52 +24,87 @@ router = APIRouter()
 @router.post("/search")
 async def search(body: SearchRequest, request: Request, api: Annotated[Api, Depends(get_api)]) -> JSONResponse:
     started = time.perf_counter()
-    vector, model, query, became = await _query_vector(api, body)
+    queries, models, became = await _query_vectors(api, body)
     extra = 1 if body.item_id else 0  # more-like-this leaves the item itself out
+    options = {"top_k": body.top_k + extra, "threshold": body.threshold, "filter": body.filter, "offset": body.offset}
+    fused = body.fuse or body.vectors is not None
     try:
-        hits = await api.backend.search(
-            vector,
-            np.asarray(query, dtype=np.float32),
-            top_k=body.top_k + extra,
-            threshold=body.threshold,
-            filter=body.filter,
-            offset=body.offset,
-        )
+        if fused:
+            hits = await api.backend.search_fused(queries, fusion=body.fusion, **options)
+        else:
+            [(vector, query)] = queries.items()
+            hits = await api.backend.search(vector, query, **options)
     except StoreError as exc:
         raise ApiError(422, "invalid_search", str(exc)) from exc
     shown = [asdict(h) | {"url": mounted(request, h.url)} for h in hits if h.id != body.item_id][: body.top_k]
     took_ms = round((time.perf_counter() - started) * 1000, 1)
-    return JSONResponse(
-        {"vector": vector, "model": model, "route": body.route, "query": became, "hits": shown, "took_ms": took_ms}
-    )
+    answer: dict[str, Any] = {"route": body.route, "query": became, "hits": shown, "took_ms": took_ms}
+    if fused:
+        answer |= {"vectors": list(queries), "models": models, "fusion": body.fusion}
+    else:
+        [(vector, model)] = models.items()
+        answer |= {"vector": vector, "model": model}
+    return JSONResponse(answer)
 
 
-async def _query_vector(api: Api, body: SearchRequest) -> tuple[str, str, Any, dict[str, Any]]:
-    """(vector searched, model used, query vector, what the query became)."""
+async def _query_vectors(api: Api, body: SearchRequest) -> tuple[dict[str, np.ndarray], dict[str, str], dict[str, Any]]:
+    """(query vector by named vector searched, model that made each, what the query became). One vector
+    unless the search is fused; each model encodes the query once, whichever vectors it serves."""
     described, view = await api.described(), await api.open_catalog()
     vectors = view.vectors
     if body.item_id is not None:
-        vector = body.vector or default_vector(described, vectors, view.defaults)
         item = await api.backend.get_item(body.item_id, True)
         if item is None:
             raise ApiError(404, "item_not_found", f"no item {body.item_id!r}")
-        if vector not in item.vectors:
-            message = f"item {body.item_id!r} has no {vector!r}; it has {sorted(item.vectors)}"
-            raise ApiError(422, "no_such_vector", message)
-        return vector, vector.rsplit(".", 1)[0], item.vectors[vector], {"item_id": body.item_id}
+        wanted = _fused_names(body, [v for v in vectors if v in item.vectors]) or [
+            body.vector or default_vector(described, vectors, view.defaults)
+        ]
+        for vector in wanted:
+            if vector not in item.vectors:
+                message = f"item {body.item_id!r} has no {vector!r}; it has {sorted(item.vectors)}"
+                raise ApiError(422, "no_such_vector", message)
+        queries = {v: np.asarray(item.vectors[v], dtype=np.float32) for v in wanted}
+        return queries, {v: v.rsplit(".", 1)[0] for v in wanted}, {"item_id": body.item_id}
     modality = next(k for k in ("text", "image", "audio") if getattr(body, k) is not None)
+    plans = []
     try:
-        plan = plan_query(described, vectors, modality, body.vector, body.via, body.route, view.defaults)
+        routable = [v for v in vectors if _routes(described, vectors, modality, v, body.route)]
+        for vector in _fused_names(body, routable) or [body.vector]:  # type: ignore[list-item]
+            plans.append(plan_query(described, vectors, modality, vector, body.via, body.route, view.defaults))
     except RoutingError as exc:
         raise ApiError(422, "no_route", str(exc)) from exc
+    if not plans:
+        raise ApiError(422, "no_route", f"no vector of this catalogue can be searched with a {modality} query")
     value: Any = getattr(body, modality)
     if modality != "text":
         value = await resolve_or_raise(value, modality, modality, api.fetch_limits)
     became: dict[str, Any] = {"modality": modality}
-    if plan.transcribe_with:
-        heard = first(await api.encode(plan.transcribe_with, "audio", [value]), "audio")
-        value = became["transcript"] = heard.transcript or ""
-    if isinstance(value, str):  # a text model with a query prompt (e5's "query: ") puts it before a query
-        value = Query(value)
-    encoded = first(await api.encode(plan.model, plan.modality, [value]), modality)
-    return plan.vector, plan.model, encoded.vector, became
+    heard: str | None = None
+    encoded: dict[tuple[str, str], np.ndarray] = {}
+    for plan in plans:
+        given = value
+        if plan.transcribe_with:
+            if heard is None:
+                heard = first(await api.encode(plan.transcribe_with, "audio", [value]), "audio").transcript or ""
+            given = became["transcript"] = heard
+        if isinstance(given, str):  # a text model with a query prompt (e5's "query: ") puts it before a query
+            given = Query(given)
+        if (plan.model, plan.modality) not in encoded:
+            encoded[plan.model, plan.modality] = first(
+                await api.encode(plan.model, plan.modality, [given]), modality
+            ).vector
+    queries = {p.vector: np.asarray(encoded[p.model, p.modality], dtype=np.float32) for p in plans}
+    return queries, {p.vector: p.model for p in plans}, became
+
+
+def _fused_names(body: SearchRequest, searchable: list[str]) -> list[str]:
+    """The vectors a fused search asked for (all it can search with ``fuse``); empty for one vector."""
+    return list(body.vectors) if body.vectors is not None else searchable if body.fuse else []
+
+
+def _routes(described: dict, vectors: dict[str, int], modality: str, vector: str, route: str) -> bool:
+    try:
+        plan_query(described, vectors, modality, vector, None, route)
+    except RoutingError:
+        return False
+    return True
