@@ -10,6 +10,7 @@ from mmembed.demo import world
 from mmembed.evaluation.dataset import EvalSet, Item, Query, write_eval_set
 
 DEMO_MODELS = ("demo-clip", "ViT-B-32@random", "all-MiniLM-L6-v2")
+DEMO_FUSED = ("demo-clip+all-MiniLM-L6-v2",)  # the pictures and their captions, fused as POST /search does
 
 
 def build_demo_set(

@@ -58,9 +58,18 @@ def _timed_batches(
     return np.concatenate(vectors), times, failed
 
 
+Scores = dict[str, np.ndarray]  # per query id: its cosine to every item, in the evaluation set's order
+
+
 def evaluate_model(
-    evalset: EvalSet, embedder: Embedder, batch_size: int = 32, single_queries: int = 20, costs: Costs | None = None
+    evalset: EvalSet,
+    embedder: Embedder,
+    batch_size: int = 32,
+    single_queries: int = 20,
+    costs: Costs | None = None,
+    scores: Scores | None = None,
 ) -> ModelResult:
+    """``scores``: filled with each encoded query's scores, for a fused candidate (``evaluate_fused``)."""
     costs = costs or Costs()
     item_vectors = np.zeros((len(evalset.items), embedder.dim), np.float32)
     batch_times: list[float] = []
@@ -88,17 +97,13 @@ def evaluate_model(
     items_per_s = encoded / (sum(batch_times) / 1000) if batch_times else 0.0
 
     usable = [q for q in evalset.queries if q.kind in embedder.modalities]
-    per_query: dict[str, list[float]] = {f"recall@{k}": [] for k in KS} | {"mrr": [], "ndcg@10": []}
+    rows: Scores = {}
     for kind in sorted({q.kind for q in usable}):
         group = [q for q in usable if q.kind == kind]
         vectors, _, _ = _timed_batches(embedder, kind, [q.content(evalset.fetch_limits) for q in group], batch_size)
-        scores = vectors @ item_vectors.T
-        for q, row in zip(group, scores, strict=True):
-            ranked = [evalset.items[j].id for j in np.argsort(-row, kind="stable")]
-            for k in KS:
-                per_query[f"recall@{k}"].append(recall_at_k(ranked, q.relevant, k))
-            per_query["mrr"].append(reciprocal_rank(ranked, q.relevant))
-            per_query["ndcg@10"].append(ndcg_at_k(ranked, q.relevant, 10))
+        rows |= {q.id: row for q, row in zip(group, vectors @ item_vectors.T, strict=True)}
+    if scores is not None:
+        scores |= rows
     single = []
     for q in usable[:single_queries]:
         started = time.perf_counter()
@@ -108,7 +113,7 @@ def evaluate_model(
     result = ModelResult(
         model=embedder.name,
         dim=embedder.dim,
-        quality={k: float(np.mean(v)) if v else 0.0 for k, v in per_query.items()},
+        quality=_quality(evalset, rows),
         coverage=len(usable) / len(evalset.queries) if evalset.queries else 0.0,
         items_per_s=items_per_s,
         batch_ms_p50=float(np.percentile(batch_times, 50)) if batch_times else 0.0,
@@ -119,6 +124,67 @@ def evaluate_model(
     )
     result.projection = project(result, costs.corpus_size or len(evalset.items), costs)
     return result
+
+
+def _quality(evalset: EvalSet, rows: Scores) -> dict[str, float]:
+    """Mean Recall@k, MRR and nDCG@10 over the queries scored, each ranking every item by its score."""
+    per_query: dict[str, list[float]] = {f"recall@{k}": [] for k in KS} | {"mrr": [], "ndcg@10": []}
+    for q in evalset.queries:
+        if q.id not in rows:
+            continue
+        ranked = [evalset.items[j].id for j in np.argsort(-rows[q.id], kind="stable")]
+        for k in KS:
+            per_query[f"recall@{k}"].append(recall_at_k(ranked, q.relevant, k))
+        per_query["mrr"].append(reciprocal_rank(ranked, q.relevant))
+        per_query["ndcg@10"].append(ndcg_at_k(ranked, q.relevant, 10))
+    return {k: float(np.mean(v)) if v else 0.0 for k, v in per_query.items()}
+
+
+def fused_name(models: list[str]) -> str:
+    return " + ".join(models) + " (fused)"
+
+
+def evaluate_fused(
+    evalset: EvalSet, parts: list[tuple[ModelResult, Scores]], costs: Costs | None = None, candidates: int = 50
+) -> ModelResult:
+    """A fused search as a candidate: each model ranks the items by its own vector, and the server's
+    fusion merges them (``dbsf``, what ``POST /search`` does by default: each model's ``candidates``
+    best scores normalised by their mean and three standard deviations, then summed; an item outside a
+    model's candidates adds nothing). Speed and cost are the parts' together: every item and query goes
+    through each model, and the index holds every vector."""
+    costs = costs or Costs()
+    rows: Scores = {}
+    for q in evalset.queries:
+        own = [scores[q.id] for _, scores in parts if q.id in scores]
+        if own:
+            rows[q.id] = np.sum([_dbsf(row, candidates) for row in own], axis=0)
+    results = [r for r, _ in parts]
+    result = ModelResult(
+        model=fused_name([r.model for r in results]),
+        dim=sum(r.dim for r in results),
+        quality=_quality(evalset, rows),
+        coverage=len(rows) / len(evalset.queries) if evalset.queries else 0.0,
+        items_per_s=1 / sum(1 / r.items_per_s for r in results) if all(r.items_per_s for r in results) else 0.0,
+        batch_ms_p50=sum(r.batch_ms_p50 for r in results),
+        batch_ms_p99=sum(r.batch_ms_p99 for r in results),
+        query_ms_p50=sum(r.query_ms_p50 for r in results),
+        query_ms_p99=sum(r.query_ms_p99 for r in results),
+        failed_items=max(r.failed_items for r in results),
+    )
+    result.projection = project(result, costs.corpus_size or len(evalset.items), costs)
+    return result
+
+
+def _dbsf(row: np.ndarray, candidates: int) -> np.ndarray:
+    """Distribution-based score fusion's share of one ranking, as Qdrant computes it: the top
+    ``candidates`` scores mapped from [mean - 3 std, mean + 3 std] to [0, 1]; the rest 0."""
+    top = np.argsort(-row, kind="stable")[:candidates]
+    scores = row[top]
+    std = scores.std(ddof=1) if len(scores) > 1 else 0.0  # the sample deviation, as Qdrant takes it
+    low, spread = scores.mean() - 3 * std, 6 * std
+    out = np.zeros_like(row)
+    out[top] = (scores - low) / spread if spread > 0 else 0.5
+    return out
 
 
 def project(result: ModelResult, corpus_size: int, costs: Costs) -> dict[str, float]:

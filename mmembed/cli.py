@@ -336,6 +336,10 @@ def eval_command(
     ] = None,
     queries: Annotated[Path | None, typer.Option(help="Queries (JSONL: id, text|image|audio, relevant ids).")] = None,
     model: Annotated[list[str] | None, typer.Option(help="A candidate model; repeat for each.")] = None,
+    fuse: Annotated[
+        list[str] | None,
+        typer.Option(help="A fused candidate, models joined by '+' (demo-clip+all-MiniLM-L6-v2); repeat for each."),
+    ] = None,
     out: Annotated[Path, typer.Option(help="Report folder (report.md, report.json, plots).")] = Path("eval-report"),
     url: Annotated[str | None, typer.Option(help="Measure a running server instead of this process.")] = None,
     demo: Annotated[bool, typer.Option(help="Evaluate the demo world (the shipped example).")] = False,
@@ -347,15 +351,16 @@ def eval_command(
     """Compare models on your own data: Recall@1/5/10, MRR, nDCG@10, speed, cost and index size,
     with plots and a recommendation."""
     from mmembed.evaluation.dataset import DatasetError, load_eval_set
-    from mmembed.evaluation.demo import DEMO_MODELS, build_demo_set
+    from mmembed.evaluation.demo import DEMO_FUSED, DEMO_MODELS, build_demo_set
     from mmembed.evaluation.embedders import HttpEmbedder, LocalEmbedder
     from mmembed.evaluation.report import write_report
-    from mmembed.evaluation.run import Costs, evaluate_model
+    from mmembed.evaluation.run import Costs, Scores, evaluate_fused, evaluate_model
     from mmembed.loaders.fetch import FetchLimits
 
     if demo:
         items, queries = build_demo_set(out / "data")
         model = model or list(DEMO_MODELS)
+        fuse = fuse if fuse is not None else list(DEMO_FUSED)
         corpus_size = corpus_size or 1_000_000  # projections at a catalogue's scale, not the set's
     if items is None or queries is None or not model:
         _fail(ValueError("give --items, --queries and at least one --model (or --demo)"))
@@ -366,14 +371,20 @@ def eval_command(
     except (DatasetError, OSError) as exc:
         _fail(exc)
     costs = Costs(corpus_size, price_per_hour, traffic_qps)
-    results = []
-    for name in model:
+    fused = [spec.split("+") for spec in fuse or []]
+    results, scored = [], {}
+    for name in dict.fromkeys([*model, *(m for parts in fused for m in parts)]):  # a fused one's parts too
         console.print(f"evaluating {name} on {len(evalset.items)} items and {len(evalset.queries)} queries")
         try:
             embedder = HttpEmbedder(url, name) if url else LocalEmbedder(name, get_settings())
-            results.append(evaluate_model(evalset, embedder, batch_size, costs=costs))
+            scores: Scores = {}
+            results.append(evaluate_model(evalset, embedder, batch_size, costs=costs, scores=scores))
+            scored[name] = (results[-1], scores)
         except Exception as exc:  # one candidate that cannot load must not lose the others' results
             console.print(f"[red]{name} failed:[/red] {exc}")
+    for parts in fused:
+        if all(m in scored for m in parts):
+            results.append(evaluate_fused(evalset, [scored[m] for m in parts], costs))
     if not results:
         _fail(RuntimeError("no model could be evaluated"))
     setup = {

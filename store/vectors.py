@@ -325,11 +325,12 @@ class VectorStore(ABC):
     ) -> list[Hit]:
         """One ranking over several named vectors of each point, each searched with its own query: the
         engine's query API ranks each vector's candidates (prefetch) and merges them: distribution-based
-        score fusion by default, which keeps the lead of a near-exact match (on the demo catalogue an image
-        query fused over the image and caption vectors finds its own image first 30 times in 30; by
-        reciprocal ranks, which drop the scores, 21), or reciprocal-rank fusion. ``threshold`` is a cosine each candidate must reach on its own
-        vector; the filter applies to every vector. Each hit's ``matched`` gives its rank in each vector's
-        own list of candidates, so a caller can say why it was found."""
+        score fusion by default, which keeps the lead of a near-exact match (30 demo-catalogue images as
+        queries, fused over their image, caption and bind vectors, find themselves first 30 times; by
+        reciprocal ranks, which drop the scores, 21: docs/search.md), or reciprocal-rank fusion.
+        ``threshold`` is a cosine each candidate must reach on its own vector; the filter applies to every
+        vector. Each hit's ``matched`` gives its rank in each vector's own list of candidates, so a caller
+        can say why it was found."""
         self._require_open()
         if not queries:
             raise StoreError("a fused search needs at least one named vector and its query")

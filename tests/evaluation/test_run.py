@@ -14,8 +14,9 @@ from mmembed.evaluation.dataset import DatasetError, EvalSet, Item, load_eval_se
 from mmembed.evaluation.demo import build_demo_set
 from mmembed.evaluation.embedders import LocalEmbedder
 from mmembed.evaluation.report import write_report
-from mmembed.evaluation.run import Costs, evaluate_model
+from mmembed.evaluation.run import Costs, _dbsf, evaluate_fused, evaluate_model
 from mmembed.loaders.fetch import FetchError
+from mmembed.store.vectors import EdgeStore, Point, point_id
 
 ITEMS = 60
 
@@ -84,6 +85,39 @@ def test_a_text_model_is_evaluated_over_the_captions_and_skips_image_queries(sma
     result = evaluate_model(small_set, LocalEmbedder("all-MiniLM-L6-v2", settings), batch_size=ITEMS)
     assert result.coverage == pytest.approx(20 / 28)  # the 8 image queries need an image encoder
     assert result.quality["recall@10"] >= 0.8 and result.failed_items == 0
+
+
+def test_a_fused_candidate_covers_every_query_its_parts_cover_and_adds_up_their_costs(small_set, settings, minilm):
+    parts = []
+    for name in ("demo-clip", "all-MiniLM-L6-v2"):
+        scores: dict = {}
+        parts.append(
+            (evaluate_model(small_set, LocalEmbedder(name, settings), batch_size=ITEMS, scores=scores), scores)
+        )
+    fused = evaluate_fused(small_set, parts)
+    clip, mini = parts[0][0], parts[1][0]
+    assert fused.model == "demo-clip + all-MiniLM-L6-v2 (fused)" and fused.coverage == 1.0
+    assert fused.dim == clip.dim + mini.dim and fused.query_ms_p50 == clip.query_ms_p50 + mini.query_ms_p50
+    assert fused.items_per_s == pytest.approx(1 / (1 / clip.items_per_s + 1 / mini.items_per_s))
+    assert fused.quality["recall@10"] >= min(clip.quality["recall@10"], mini.quality["recall@10"]) - 0.05
+    assert len(parts[1][1]) == 20  # MiniLM scored only the text queries; the image ones are demo-clip's alone
+
+
+def test_the_evaluations_fusion_ranks_as_the_engines_own(tmp_path: Path):
+    """What eval calls fused is what POST /search returns: Qdrant Edge's DBSF over the same candidates."""
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=(200, 8)), rng.normal(size=(200, 6))
+    a, b = a / np.linalg.norm(a, axis=1, keepdims=True), b / np.linalg.norm(b, axis=1, keepdims=True)
+    store = EdgeStore(tmp_path / "fused")
+    store.open({"a": 8, "b": 6})
+    store.upsert([Point(point_id(str(i)), {"a": a[i], "b": b[i]}, {"i": i}) for i in range(200)])
+    qa, qb = a[0] + 0.5 * rng.normal(size=8), b[1] + 0.5 * rng.normal(size=6)
+    qa, qb = qa / np.linalg.norm(qa), qb / np.linalg.norm(qb)
+    engine = store.search_fused({"a": qa, "b": qb}, top_k=10, fusion="dbsf")  # 50 candidates per vector
+    mine = _dbsf(a @ qa, 50) + _dbsf(b @ qb, 50)
+    assert [h.payload["i"] for h in engine] == [int(i) for i in np.argsort(-mine)[:10]]
+    assert [h.score for h in engine] == pytest.approx(sorted(mine, reverse=True)[:10], abs=1e-4)
+    store.close()
 
 
 def test_a_malformed_queries_file_names_its_line(tmp_path: Path):

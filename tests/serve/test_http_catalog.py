@@ -9,7 +9,7 @@ from fake_backend import TRANSCRIPT, FakeBackend
 from fastapi.testclient import TestClient
 from http_app import MODELS, PNG, WAV, api_error, b64, client_for
 
-from mmembed.contracts import MigrationRefused, PathForbidden, Query, TooManyJobs
+from mmembed.contracts import EncodedItem, ItemError, MigrationRefused, PathForbidden, Query, TooManyJobs
 from mmembed.store.objects import LocalObjects
 from mmembed.store.switching import MigrationRunning
 
@@ -83,6 +83,25 @@ def test_a_fused_search_ranks_over_an_items_vectors_each_queried_by_its_own_mode
         client.post("/search", json={"text": "red", "fuse": True, "vector": "demo-clip.image"}), 422, "invalid_request"
     )
     api_error(client.post("/search", json={"text": "red", "fuse": True, "via": "demo-clip"}), 422, "invalid_request")
+
+
+def test_a_fused_search_goes_on_without_a_model_that_cannot_take_the_query(client, backend, monkeypatch) -> None:
+    client.post("/items", files={"file": ("a.png", PNG, "image/png")}, data={"caption": "red"})
+    encode = backend.encode
+
+    async def refusing(model, modality, items):  # MiniLM refuses the query (say, its tokenizer cannot read it)
+        if model == "all-MiniLM-L6-v2":
+            return [EncodedItem(None, ItemError("unreadable", "cannot read this text"))]
+        return await encode(model, modality, items)
+
+    monkeypatch.setattr(backend, "encode", refusing)
+    fused = client.post("/search", json={"text": "red", "fuse": True}).json()
+    refused = "unreadable: text: cannot read this text"
+    # MiniLM encodes for its own caption vector and for Whisper's transcripts: both are left out.
+    assert fused["query"]["skipped"] == {"all-MiniLM-L6-v2.text": refused, "whisper-base.audio": refused}
+    assert set(fused["vectors"]) == {"demo-clip.image", "demo-clip.text"} and fused["hits"]
+    alone = client.post("/search", json={"text": "red", "vector": "all-MiniLM-L6-v2.text"})
+    api_error(alone, 422, "unreadable")  # one vector: its model's refusal is the answer
 
 
 def test_search_sends_its_text_as_a_query_and_items_their_captions_as_documents(

@@ -10,7 +10,7 @@ import numpy as np
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
-from mmembed.contracts import Query
+from mmembed.contracts import EncodedItem, Query, QueryPlan
 from mmembed.serve.http.errors import ApiError
 from mmembed.serve.http.media import resolve_or_raise
 from mmembed.serve.http.schemas import SearchRequest
@@ -79,22 +79,34 @@ async def _query_vectors(api: Api, body: SearchRequest) -> tuple[dict[str, np.nd
     if modality != "text":
         value = await resolve_or_raise(value, modality, modality, api.fetch_limits)
     became: dict[str, Any] = {"modality": modality}
-    heard: str | None = None
-    encoded: dict[tuple[str, str], np.ndarray] = {}
+    encoded: dict[tuple[str, str], Any] = {}  # per (model, modality): the query's vector, or why it has none
     for plan in plans:
-        given = value
-        if plan.transcribe_with:
-            if heard is None:
-                heard = first(await api.encode(plan.transcribe_with, "audio", [value]), "audio").transcript or ""
-            given = became["transcript"] = heard
-        if isinstance(given, str):  # a text model with a query prompt (e5's "query: ") puts it before a query
-            given = Query(given)
-        if (plan.model, plan.modality) not in encoded:
-            encoded[plan.model, plan.modality] = first(
-                await api.encode(plan.model, plan.modality, [given]), modality
-            ).vector
-    queries = {p.vector: np.asarray(encoded[p.model, p.modality], dtype=np.float32) for p in plans}
-    return queries, {p.vector: p.model for p in plans}, became
+        if (plan.model, plan.modality) in encoded:
+            continue
+        try:
+            encoded[plan.model, plan.modality] = (await _encode_query(api, plan, value, became)).vector
+        except ApiError as exc:  # this model cannot take the query (Whisper hears no speech in a beep)
+            encoded[plan.model, plan.modality] = exc
+    answers = {p.vector: (p.model, encoded[p.model, p.modality]) for p in plans}
+    refused = {v: e for v, (_, e) in answers.items() if isinstance(e, ApiError)}
+    if len(refused) == len(answers):  # nothing left to search with: the query's own error
+        raise next(iter(refused.values()))
+    if refused:  # a fused search goes on with the vectors whose models took the query
+        became["skipped"] = {v: f"{e.code}: {e.message}" for v, e in refused.items()}
+    queries = {v: np.asarray(e, dtype=np.float32) for v, (_, e) in answers.items() if v not in refused}
+    return queries, {v: m for v, (m, _) in answers.items() if v not in refused}, became
+
+
+async def _encode_query(api: Api, plan: QueryPlan, value: Any, became: dict[str, Any]) -> EncodedItem:
+    """The query through the plan's model; speech by its transcript heard once (kept in ``became``)."""
+    if plan.transcribe_with:
+        if "transcript" not in became:
+            heard = first(await api.encode(plan.transcribe_with, "audio", [value]), "audio")
+            became["transcript"] = heard.transcript or ""
+        value = became["transcript"]
+    if isinstance(value, str):  # a text model with a query prompt (e5's "query: ") puts it before a query
+        value = Query(value)
+    return first(await api.encode(plan.model, plan.modality, [value]), plan.modality)
 
 
 def _fused_names(body: SearchRequest, searchable: list[str]) -> list[str]:
