@@ -55,7 +55,7 @@ from mmembed.store.cache import EmbeddingCache, open_cache
 from mmembed.store.catalog import Catalog, NewItem
 from mmembed.store.objects import ObjectStoreError, object_store
 from mmembed.store.spaces import transcriber
-from mmembed.store.vectors import DimensionError, StoreError, open_store, point_id
+from mmembed.store.vectors import DimensionError, StoreError, VectorStore, open_store, point_id
 
 DEFAULT_MODELS = ("demo-clip", "all-MiniLM-L6-v2", "whisper-base", "bind")
 PLAN_CHUNK = 2048  # listed items per store read and job-store write while planning
@@ -405,8 +405,12 @@ class Ingest:
         """After each window: what it wrote becomes indexed segments now, so building costs the same per
         item at any catalogue size and the collection is searchable by HNSW while the job runs."""
         started = time.perf_counter()
-        if self.catalog.vectors.build_index():
+        if self._written_to().build_index():
             summary.index_s += time.perf_counter() - started
+
+    def _written_to(self) -> VectorStore:
+        """The store this job's vectors go to."""
+        return self.catalog.vectors
 
     def _windows(self) -> Iterator[list[SourceItem]]:
         """The pending items in windows by position. A window's items are all marked before the next
@@ -488,10 +492,7 @@ class Ingest:
     def _write_batch(self, todo: Sequence[SourceItem], batch: EncodedBatch, summary: Summary, done: list[str]) -> None:
         """The write step of both engines: version updates for unchanged content, dead letters for
         failures, objects and points for the rest (retried, then dead letters), and the counts."""
-        for b in (*batch.fresh, *batch.unchanged):
-            summary.stages_s["read"] += b.read_ms / 1000
-            summary.stages_s["decode"] += b.decode_ms / 1000
-        summary.stages_s["encode"] += batch.encode_s
+        _count_stages(batch, summary)
         for b in batch.unchanged:
             version = todo[b.index].version
             retrying(self.options.attempts)(self.catalog.set_payload)(point_id(b.uri), {"source_version": version})
@@ -537,6 +538,13 @@ class Ingest:
             summary.stages_s["write"] += time.perf_counter() - started
         summary.written += len(written)
         done.extend(written)
+
+
+def _count_stages(batch: EncodedBatch, summary: Summary) -> None:
+    for b in (*batch.fresh, *batch.unchanged):
+        summary.stages_s["read"] += b.read_ms / 1000
+        summary.stages_s["decode"] += b.decode_ms / 1000
+    summary.stages_s["encode"] += batch.encode_s
 
 
 @contextmanager

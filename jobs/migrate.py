@@ -16,7 +16,6 @@ switches anyway; those items keep only their old vectors).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +24,17 @@ from mmembed.config import Settings
 from mmembed.contracts import ItemError, Switched
 from mmembed.jobs.dataset import make_loader
 from mmembed.jobs.encode import Deployments, EncodedBatch
-from mmembed.jobs.ingest import PLAN_CHUNK, Changes, Ingest, IngestOptions, Plan, Summary, _chunks, retrying
+from mmembed.jobs.ingest import (
+    PLAN_CHUNK,
+    Changes,
+    Ingest,
+    IngestOptions,
+    Plan,
+    Summary,
+    _chunks,
+    _count_stages,
+    retrying,
+)
 from mmembed.jobs.state import PENDING, JobStore
 from mmembed.loaders.sources import SourceItem
 from mmembed.store.cache import EmbeddingCache
@@ -124,12 +133,9 @@ class Migration(Ingest):
             raise MigrationError(f"--from and --to are both {to!r}; migrate to another model")
         self.target = self.store.with_vectors(layout)
 
-    def _index(self, summary: Summary) -> None:
-        """The target's new vectors get indexed per window, as an ingest's do."""
+    def _written_to(self) -> VectorStore:
         assert self.target is not None
-        started = time.perf_counter()
-        if self.target.build_index():
-            summary.index_s += time.perf_counter() - started
+        return self.target
 
     # --- plan ------------------------------------------------------------------------------
 
@@ -187,10 +193,7 @@ class Migration(Ingest):
         """The new vectors and the version that made them, merged into each point of the target; copying,
         with the point's old vectors and payload, refused items included (they keep their old vectors)."""
         assert self.target is not None
-        for b in batch.fresh:
-            summary.stages_s["read"] += b.read_ms / 1000
-            summary.stages_s["decode"] += b.decode_ms / 1000
-        summary.stages_s["encode"] += batch.encode_s
+        _count_stages(batch, summary)
         ids = [point_id(b.uri) for b in batch.fresh]
         fields = None if self.copying else ["model_versions"]
         live = {p.id: p for p in self.store.retrieve(ids, with_vectors=self.copying, fields=fields)}
