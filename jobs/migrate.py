@@ -157,7 +157,7 @@ class Migration(Ingest):
             for start, ids in _chunks(self.store.iter_ids(), PLAN_CHUNK):
                 points = self.store.retrieve(ids, fields=FIELDS)
                 there = {p.id: p.payload for p in self.target.retrieve(ids, fields=["model_versions"])}
-                items = [(start + n, p.id, _source_item(p)) for n, p in enumerate(points)]
+                items = [(start + n, p.id, _source_item(p, kinds)) for n, p in enumerate(points)]
                 self.jobs.record_listing(self.job, [(pid, item.uri) for _, pid, item in items])
                 uris = [item.uri for _, _, item in items]
                 states = self.jobs.states(self.job, uris) if resumed else {}
@@ -275,8 +275,12 @@ class Migration(Ingest):
         return Switched(True, state.defaults, state.previous)
 
 
-def _source_item(point: Point) -> SourceItem:
+def _source_item(point: Point, kinds: set[str]) -> SourceItem:
+    """The item as the new model reads it: its stored object, or for a text model that cannot read the
+    object, the words stored with it (an image's caption, a recording's transcript), as a text item."""
     p = point.payload
     kind = p.get("kind", "image")
-    text = p.get("text") if kind == "text" else p.get("caption")
+    text = p.get("text") if kind == "text" else p.get("caption") or p.get("transcript")
+    if kind not in kinds and "text" in kinds and text:
+        kind = "text"
     return SourceItem(p["source_uri"], kind, caption=text, version=p.get("content_hash"), location=p.get("object_uri"))

@@ -122,6 +122,18 @@ def test_a_migration_fills_the_new_vectors_then_switches_and_rolls_back(env, new
         again.close()
 
 
+def test_a_text_model_migrates_in_through_the_words_stored_with_each_item(env):
+    """MiniLM reads no image: it embeds each scene's caption, under its own caption vector."""
+    job = _migration(env, "all-MiniLM-L6-v2", from_=OLD)
+    summary = job.run(job.plan(calibrate=False), progress=False)
+    assert (summary.written, summary.failed) == (SCENES, 0)
+    assert job.switched is not None and job.switched.defaults == {"text": "all-MiniLM-L6-v2.text"}
+    store: VectorStore = env["catalog"].vectors
+    points = store.retrieve(store.scroll_ids(), with_vectors=True)
+    assert all("all-MiniLM-L6-v2.text" in p.vectors and "demo-clip.image" in p.vectors for p in points)
+    assert _search(store)[0] == "demo-clip.image"  # searches by default still go to the pictures
+
+
 def test_a_migration_refuses_what_it_cannot_do(env, new_model: str):
     with pytest.raises(MigrationError, match="no vectors of 'bind'"):
         _migration(env, new_model, from_="bind").plan(calibrate=False)
