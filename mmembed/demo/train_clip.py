@@ -51,9 +51,12 @@ PREPROCESS_CONFIG = {"mean": list(MEAN), "std": list(STD), "interpolation": "bic
 class PairBatches(IterableDataset):
     """Endless batches of (uint8 images, token ids, positive mask[text, image])."""
 
-    def __init__(self, batch_size: int, seed: int, context_length: int) -> None:
+    def __init__(
+        self, batch_size: int, seed: int, context_length: int, forms: Sequence[str] = world.QUERY_FORMS
+    ) -> None:
         self.batch_size = batch_size
         self.seed = seed
+        self.forms = tuple(forms)
         self.tokenizer = open_clip.SimpleTokenizer(context_length=context_length)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -70,7 +73,7 @@ class PairBatches(IterableDataset):
             while twin.held_out():
                 twin = world.perturb(base, rng)
             scenes += [base, twin]
-        queries = [world.training_query(s, rng) for s in scenes]
+        queries = [world.training_query(s, rng, forms=self.forms) for s in scenes]
         texts = [world.render_query(q, rng) for q in queries]
         images = np.stack([np.asarray(world.render(s, rng, IMAGE_SIZE)) for s in scenes])
         positives = torch.tensor([[q.matches(s) for s in scenes] for q in queries])
@@ -140,7 +143,9 @@ def train(
     eval_every: int = 250,
     eval_n: int = 500,
     resume: Path | None = None,
+    forms: Sequence[str] = world.QUERY_FORMS,
 ) -> dict[str, float | int]:
+    """``resume``: start from these weights (a fine-tune); ``forms``: what short training queries name."""
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
     model = create_model()
@@ -159,7 +164,7 @@ def train(
         return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
     loader = DataLoader(
-        PairBatches(batch_size, seed, MODEL_CONFIG["text_cfg"]["context_length"]),
+        PairBatches(batch_size, seed, MODEL_CONFIG["text_cfg"]["context_length"], forms),
         batch_size=None,
         num_workers=1,
         prefetch_factor=8,

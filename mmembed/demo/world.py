@@ -14,6 +14,7 @@ import io
 import itertools
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -204,7 +205,21 @@ def render_query(query: Query, rng: random.Random) -> str:
     return join_phrases([_spec_phrase(s, rng, use_article) for s in specs])
 
 
-def partial_query(scene: Scene, rng: random.Random) -> Query:
+# What a short query names of each object, drawn uniformly from the list: repeats weigh a form up.
+QUERY_FORMS = ("shape", "colour", "colour", "colour+position", "colour+size", "all-but-size")
+# More queries that name where an object is: a fine-tune towards what the first training left weak.
+POSITION_FORMS = (
+    "shape",
+    "colour",
+    "colour+position",
+    "colour+position",
+    "colour+size",
+    "all-but-size",
+    "all-but-size",
+)
+
+
+def partial_query(scene: Scene, rng: random.Random, forms: Sequence[str] = QUERY_FORMS) -> Query:
     """A short query a person would type. It always leaves out something (size or
     position), so the same string never doubles as a full caption with another meaning."""
     objs = list(scene.objects)
@@ -212,7 +227,7 @@ def partial_query(scene: Scene, rng: random.Random) -> Query:
     chosen = rng.sample(objs, n)
     specs = []
     for o in chosen:
-        form = rng.choice(["shape", "colour", "colour", "colour+position", "colour+size", "all-but-size"])
+        form = rng.choice(forms)
         colour = o.colour if form != "shape" else None
         position = o.position if form in ("colour+position", "all-but-size") else None
         size = o.size if form == "colour+size" else None
@@ -220,8 +235,10 @@ def partial_query(scene: Scene, rng: random.Random) -> Query:
     return Query(tuple(specs), exact=False)
 
 
-def training_query(scene: Scene, rng: random.Random, full_fraction: float = 0.5) -> Query:
-    return full_query(scene) if rng.random() < full_fraction else partial_query(scene, rng)
+def training_query(
+    scene: Scene, rng: random.Random, full_fraction: float = 0.5, forms: Sequence[str] = QUERY_FORMS
+) -> Query:
+    return full_query(scene) if rng.random() < full_fraction else partial_query(scene, rng, forms)
 
 
 # --- pixels ---------------------------------------------------------------------------
