@@ -47,7 +47,7 @@ def drop_old(store: VectorStore) -> list[str]:
         raise MigrationError("nothing to drop: no switch has replaced a vector (or they were dropped already)")
     in_use = set(effective_defaults(state, store.vectors).values())
     old_models = {v.rpartition(".")[0] for v in state.previous.values()}
-    names = [n for n in store.vectors if n.rpartition(".")[0] in old_models and n not in in_use]
+    names = sorted(n for n in store.vectors if n.rpartition(".")[0] in old_models and n not in in_use)
     store.drop_vectors(names)
     state.previous = {}
     store.save_state(state)

@@ -225,7 +225,7 @@ def test_a_migration_killed_with_sigkill_resumes_from_the_command_line(tmp_path:
 
     assert f"{new_model}.image -> demo-clip.image" in run("--rollback")
     assert f"demo-clip.image -> {new_model}.image" in run("--rollback")  # again: forward
-    assert "dropped demo-clip.image" in run("--drop-old")
+    assert "dropped demo-clip.image, demo-clip.text" in run("--drop-old")
     store.open_existing()
     assert OLD not in {name.rpartition(".")[0] for name in store.vectors}
     assert store.state().defaults["image"] == f"{new_model}.image"
