@@ -73,8 +73,6 @@ async def _query_vectors(api: Api, body: SearchRequest) -> tuple[dict[str, np.nd
             plans.append(plan_query(described, vectors, modality, vector, body.via, body.route, view.defaults))
     except RoutingError as exc:
         raise ApiError(422, "no_route", str(exc)) from exc
-    if not plans:
-        raise ApiError(422, "no_route", f"no vector of this catalogue can be searched with a {modality} query")
     value: Any = getattr(body, modality)
     if modality != "text":
         value = await resolve_or_raise(value, modality, modality, api.fetch_limits)
