@@ -401,6 +401,9 @@ class Ingest:
     def _finish(self, summary: Summary, plan: Plan) -> None:
         self.jobs.update(self.job, status="done", counts=self._counts(summary, plan))
 
+    def release(self) -> None:
+        """Let go of what a job that stopped early holds besides the job store (a migration's new shard)."""
+
     def _index(self, summary: Summary) -> None:
         """After each window: what it wrote becomes indexed segments now, so building costs the same per
         item at any catalogue size and the collection is searchable by HNSW while the job runs."""

@@ -196,13 +196,18 @@ class CatalogDeployment:
         return ingest.job
 
     def _run(self, ingest: Ingest) -> None:
+        """An ingest or a migration, to its end."""
         try:
             plan = ingest.plan(calibrate=False)
             self.jobs.update(ingest.job, counts={"plan": plan.counts()})
             ingest.run(plan, progress=False)
         except Exception as exc:  # the job's record says why; the replica keeps serving
             log.exception("job %s failed", ingest.job)
+            ingest.release()
             self.jobs.update(ingest.job, status="failed", error=f"{type(exc).__name__}: {exc}")
+        finally:
+            if self.migration is ingest:
+                self.migration = None
 
     def _watch(self, ingest: Ingest) -> None:
         """Rounds until ``stop_job``: the job's counts are its last round's, its status ``watching``."""
@@ -237,22 +242,10 @@ class CatalogDeployment:
         self.jobs.create(migration.job, migration.options.source, migration.options.job_config(self.settings) | config)
         self.jobs.update(migration.job, status="running")
         self.migration = migration
-        thread = threading.Thread(target=self._migrate, args=(migration,), name=f"job-{migration.job}", daemon=True)
+        thread = threading.Thread(target=self._run, args=(migration,), name=f"job-{migration.job}", daemon=True)
         self.threads[migration.job] = thread
         thread.start()
         return JobStarted(migration.job)
-
-    def _migrate(self, migration: Migration) -> None:
-        try:
-            plan = migration.plan(calibrate=False)
-            self.jobs.update(migration.job, counts={"plan": plan.counts()})
-            migration.run(plan, progress=False)
-        except Exception as exc:  # the job's record says why; the replica keeps serving
-            log.exception("migration %s failed", migration.job)
-            migration.release()
-            self.jobs.update(migration.job, status="failed", error=f"{type(exc).__name__}: {exc}")
-        finally:
-            self.migration = None
 
     def rollback(self) -> Switched:
         self._writable()

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request
+from fastapi.responses import JSONResponse
 
 from mmembed.contracts import CatalogView, EncodedItem, ItemError, ModelInfo
 from mmembed.encoders.config import ModelsConfig
@@ -107,3 +108,8 @@ def mounted(request: Request, url: str | None) -> str | None:
     if url is None or not url.startswith("/"):
         return url
     return request.scope.get("root_path", "").rstrip("/") + url
+
+
+def job_accepted(request: Request, job_id: str) -> JSONResponse:
+    """A job started in the background: its id, and where to follow it."""
+    return JSONResponse({"id": job_id, "status_url": mounted(request, f"/jobs/{job_id}")}, 202)

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from mmembed.contracts import JobStarted, MigrationRefused, PathForbidden, TooManyJobs
 from mmembed.serve.http.errors import ApiError
 from mmembed.serve.http.schemas import IngestRequest
-from mmembed.serve.http.service import Api, get_api, mounted
+from mmembed.serve.http.service import Api, get_api, job_accepted
 
 router = APIRouter()
 ApiDep = Annotated[Api, Depends(get_api)]
@@ -35,7 +35,7 @@ async def ingest(body: IngestRequest, request: Request, api: ApiDep) -> JSONResp
         case MigrationRefused(message):
             raise ApiError(409, "migration_running", message, {"Retry-After": str(api.config.retry_after_s)})
         case JobStarted(job_id):
-            return JSONResponse({"id": job_id, "status_url": mounted(request, f"/jobs/{job_id}")}, 202)
+            return job_accepted(request, job_id)
     raise TypeError(f"not a job start outcome: {started!r}")
 
 

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from mmembed.contracts import JobStarted, MigrationRefused
 from mmembed.serve.http.errors import ApiError, migration_running
 from mmembed.serve.http.schemas import MigrateRequest
-from mmembed.serve.http.service import Api, get_api, mounted
+from mmembed.serve.http.service import Api, get_api, job_accepted
 from mmembed.store.switching import MigrationError, MigrationRunning
 
 router = APIRouter()
@@ -30,7 +30,7 @@ async def start_migration(body: MigrateRequest, request: Request, api: ApiDep) -
         case MigrationRefused(message):
             raise ApiError(409, "migration_refused", message, {"Retry-After": str(api.config.retry_after_s)})
         case JobStarted(job_id):
-            return JSONResponse({"id": job_id, "status_url": mounted(request, f"/jobs/{job_id}")}, 202)
+            return job_accepted(request, job_id)
     raise TypeError(f"not a migration start outcome: {started!r}")
 
 
