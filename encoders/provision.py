@@ -41,8 +41,18 @@ def _marker(spec: ModelSpec, config: ModelsConfig) -> dict[str, Any] | None:
 
 
 def is_provisioned(spec: ModelSpec, config: ModelsConfig) -> bool:
-    own = spec.source in ("random", "local", "remote") or _marker(spec, config) is not None
+    own = spec.source in ("random", "local", "remote") or _current(spec, config)
     return own and all(is_provisioned(resolve(part, config), config) for part in spec.parts)
+
+
+def _current(spec: ModelSpec, config: ModelsConfig) -> bool:
+    """Pulled, and for weights shipped in this repository, pulled from the files it ships now:
+    an upgrade that retrains demo-clip must not leave an older copy (and its vectors) in use."""
+    marker = _marker(spec, config)
+    if marker is None or spec.source != "shipped":
+        return marker is not None
+    shipped = {f"{marker['weights']}/{name}": digest for name, digest in _file_hashes(Path(spec.ref)).items()}
+    return marker["files"] == shipped
 
 
 def weights_path(spec: ModelSpec, config: ModelsConfig) -> Path | None:

@@ -1,9 +1,11 @@
 """Train `demo-clip`, a small open_clip-architecture CLIP, on the rendered demo world.
 
 Why it learns fast on two CPU cores:
-- every batch is built from pairs of near-duplicate scenes (one colour, shape, size,
-  position or object changed), so each positive sits beside its hardest negative and
-  the model cannot win the batch without reading every attribute;
+- every batch is built from groups of near-duplicate scenes: a scene with its query, a
+  twin that differs in one thing the query names (the red circle moved, recoloured or
+  reshaped) and, for a short query, a twin it still describes (something it does not name
+  changed). Each positive sits beside its hardest negative, and a short query learns to
+  ignore the rest of the scene;
 - partial captions ("red circle") count as positives for every scene in the batch that
   they describe (soft multi-positive targets), so short queries work too;
 - the logit scale starts high (temperature 1/30) instead of CLIP's 1/14;
@@ -48,13 +50,19 @@ MODEL_CONFIG: dict = {
 PREPROCESS_CONFIG = {"mean": list(MEAN), "std": list(STD), "interpolation": "bicubic", "resize_mode": "shortest"}
 
 
-class PairBatches(IterableDataset):
+class TwinBatches(IterableDataset):
     """Endless batches of (uint8 images, token ids, positive mask[text, image])."""
 
     def __init__(
-        self, batch_size: int, seed: int, context_length: int, forms: Sequence[str] = world.QUERY_FORMS
+        self,
+        batch_size: int,
+        seed: int,
+        context_length: int,
+        forms: Sequence[str] = world.QUERY_FORMS,
+        full_fraction: float = 0.5,
     ) -> None:
         self.batch_size = batch_size
+        self.full_fraction = full_fraction
         self.seed = seed
         self.forms = tuple(forms)
         self.tokenizer = open_clip.SimpleTokenizer(context_length=context_length)
@@ -66,14 +74,17 @@ class PairBatches(IterableDataset):
             yield self._batch(rng)
 
     def _batch(self, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Groups of three scenes: a base with its query, a twin the query no longer matches
+        (one named attribute changed) and, for a short query, a twin it still matches."""
         scenes: list[world.Scene] = []
+        queries: list[world.Query] = []
         while len(scenes) < self.batch_size:
             base = world.sample_scene(rng, held_out=False)
-            twin = world.perturb(base, rng)
-            while twin.held_out():
-                twin = world.perturb(base, rng)
-            scenes += [base, twin]
-        queries = [world.training_query(s, rng, forms=self.forms) for s in scenes]
+            query = world.training_query(base, rng, self.full_fraction, self.forms)
+            group = [base, world.breaking_twin(base, query, rng), world.keeping_twin(base, query, rng)]
+            scenes += group
+            queries += [query] + [world.training_query(s, rng, self.full_fraction, self.forms) for s in group[1:]]
+        scenes, queries = scenes[: self.batch_size], queries[: self.batch_size]
         texts = [world.render_query(q, rng) for q in queries]
         images = np.stack([np.asarray(world.render(s, rng, IMAGE_SIZE)) for s in scenes])
         positives = torch.tensor([[q.matches(s) for s in scenes] for q in queries])
@@ -119,7 +130,9 @@ def encode_texts(model: open_clip.CLIP, texts: Sequence[str], batch: int = 512) 
 def evaluate(model: open_clip.CLIP, n: int) -> dict[str, float | int]:
     model.eval()
     try:
-        return metrics.retrieval_report(lambda ims: encode_images(model, ims), lambda ts: encode_texts(model, ts), n=n)
+        return metrics.retrieval_report(
+            lambda ims: encode_images(model, ims), lambda ts: encode_texts(model, ts), n=n, typed_pool=2 * n
+        )
     finally:
         model.train()
 
@@ -133,6 +146,15 @@ def save_checkpoint(model: open_clip.CLIP, out_dir: Path, extra: dict) -> None:
     (out_dir / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
+def _training_of(weights: Path | None) -> dict | None:
+    """How the weights a fine-tune starts from were trained, so a checkpoint carries its whole recipe."""
+    config = weights.parent / "open_clip_config.json" if weights else None
+    if config is None or not config.is_file():
+        return None
+    training = json.loads(config.read_text()).get("training", {})
+    return {k: v for k, v in training.items() if k != "eval_during_training"}
+
+
 def train(
     out_dir: Path,
     steps: int = 4000,
@@ -144,8 +166,10 @@ def train(
     eval_n: int = 500,
     resume: Path | None = None,
     forms: Sequence[str] = world.QUERY_FORMS,
+    full_fraction: float = 0.5,
 ) -> dict[str, float | int]:
-    """``resume``: start from these weights (a fine-tune); ``forms``: what short training queries name."""
+    """``resume``: start from these weights (a fine-tune); ``forms``: what short training
+    queries name; ``full_fraction``: the share of full captions among training queries."""
     torch.manual_seed(seed)
     torch.set_num_threads(threads)
     model = create_model()
@@ -164,7 +188,7 @@ def train(
         return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
     loader = DataLoader(
-        PairBatches(batch_size, seed, MODEL_CONFIG["text_cfg"]["context_length"], forms),
+        TwinBatches(batch_size, seed, MODEL_CONFIG["text_cfg"]["context_length"], forms, full_fraction),
         batch_size=None,
         num_workers=1,
         prefetch_factor=8,
@@ -199,7 +223,16 @@ def train(
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             report = evaluate(model, eval_n)
             log.info("step %d eval %s", step + 1, json.dumps(report))
-            extra = {"steps": step + 1, "batch_size": batch_size, "seed": seed, "minutes": (time.time() - started) / 60}
+            extra = {
+                "steps": step + 1,
+                "batch_size": batch_size,
+                "lr": lr,
+                "full_fraction": full_fraction,
+                "forms": list(forms),
+                "fine_tune_of": _training_of(resume),
+                "seed": seed,
+                "minutes": (time.time() - started) / 60,
+            }
             save_checkpoint(model, out_dir, extra | {"eval_during_training": report})
             best = report
     return best

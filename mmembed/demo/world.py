@@ -155,32 +155,82 @@ def sample_scene(rng: random.Random, held_out: bool) -> Scene:
             return scene
 
 
-def perturb(scene: Scene, rng: random.Random) -> Scene:
-    """A near-duplicate scene with one thing changed: the hard negative CLIP must learn."""
-    objs = list(scene.objects)
-    i = rng.randrange(len(objs))
-    o = objs[i]
+def _changed(objs: list[Obj], i: int, kind: str, rng: random.Random) -> list[Obj]:
+    """The objects with object i's colour, shape, size or position changed, or it removed."""
+    objs, o = list(objs), objs[i]
     free = [p for p in POSITIONS if p not in {x.position for x in objs}]
-    kind = rng.choice(["colour", "shape", "size", "position", "position", "count"])
-    if kind == "colour":
+    if kind == "remove":
+        objs.pop(i)
+    elif kind == "colour":
         objs[i] = Obj(o.size, rng.choice([c for c in COLOURS if c != o.colour]), o.shape, o.position)
     elif kind == "shape":
         objs[i] = Obj(o.size, o.colour, rng.choice([s for s in SHAPES if s != o.shape]), o.position)
     elif kind == "size":
         objs[i] = Obj("small" if o.size == "large" else "large", o.colour, o.shape, o.position)
-    elif kind == "position" and free:
+    elif free:  # position: to a free cell
         objs[i] = Obj(o.size, o.colour, o.shape, rng.choice(free))
-    elif kind == "position" and len(objs) > 1:  # no free cell: swap two objects' places
+    else:  # position, no free cell: swap places with another object
         j = rng.choice([k for k in range(len(objs)) if k != i])
-        a, b = objs[i], objs[j]
-        objs[i] = Obj(a.size, a.colour, a.shape, b.position)
-        objs[j] = Obj(b.size, b.colour, b.shape, a.position)
-    elif len(objs) < MAX_OBJECTS and (len(objs) == 1 or rng.random() < 0.5):
+        objs[i], objs[j] = (
+            Obj(o.size, o.colour, o.shape, objs[j].position),
+            Obj(objs[j].size, objs[j].colour, objs[j].shape, o.position),
+        )
+    return objs
+
+
+def perturb(scene: Scene, rng: random.Random) -> Scene:
+    """A near-duplicate scene with one thing changed: the hard negative CLIP must learn."""
+    objs = list(scene.objects)
+    i = rng.randrange(len(objs))
+    kind = rng.choice(["colour", "shape", "size", "position", "position", "count"])
+    if kind == "count" and len(objs) < MAX_OBJECTS and (len(objs) == 1 or rng.random() < 0.5):
+        free = [p for p in POSITIONS if p not in {x.position for x in objs}]
         objs.append(random_object(rng, rng.choice(free)))
     else:
-        objs.pop(i)
+        objs = _changed(objs, i, "remove" if kind == "count" else kind, rng)
     new = Scene(tuple(objs))
     return new if new.signature != scene.signature else perturb(scene, rng)
+
+
+def training_twin(scene: Scene, rng: random.Random) -> Scene:
+    """A near-duplicate whose composition training may use."""
+    twin = perturb(scene, rng)
+    while twin.held_out():
+        twin = perturb(scene, rng)
+    return twin
+
+
+def _fitted_object(scene: Scene, query: Query, rng: random.Random) -> tuple[Spec, int]:
+    """One of the query's specs and the index of an object in the scene that it fits."""
+    spec = rng.choice(query.specs)
+    return spec, rng.choice([i for i, o in enumerate(scene.objects) if spec.fits(o)])
+
+
+def breaking_twin(scene: Scene, query: Query, rng: random.Random, tries: int = 20) -> Scene:
+    """A scene that differs from ``scene`` (which the query matches) in one attribute the
+    query names, so that it no longer matches: "a red circle in the top left" gets the red
+    circle moved, or turned blue, or made a square. The negative a short query must learn."""
+    for _ in range(tries):
+        spec, i = _fitted_object(scene, query, rng)
+        named = ["shape"] + (["colour"] if spec.colour else []) + (["position"] * 2 if spec.position else [])
+        named += ["size"] if spec.size else []
+        several = len(query.specs) > 1 and len(scene.objects) > 1
+        objs = _changed(list(scene.objects), i, "remove" if several and rng.random() < 0.25 else rng.choice(named), rng)
+        twin = Scene(tuple(objs))
+        if not query.matches(twin) and not twin.held_out():
+            return twin
+    return training_twin(scene, rng)  # e.g. "a circle" in a scene of two circles: no one change breaks it
+
+
+def keeping_twin(scene: Scene, query: Query, rng: random.Random, tries: int = 10) -> Scene:
+    """A different scene the query still matches (it changes what the query does not name),
+    so a short query learns to ignore the rest of the scene. A full caption has none: then
+    any near-duplicate."""
+    for _ in range(tries):
+        twin = perturb(scene, rng)
+        if query.matches(twin) and not twin.held_out():
+            return twin
+    return training_twin(scene, rng)
 
 
 # --- captions -----------------------------------------------------------------------

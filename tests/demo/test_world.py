@@ -77,3 +77,32 @@ def test_short_queries_parse_into_structure() -> None:
     assert q.specs == (world.Spec("triangle", "green", None, "bottom right"),)
     assert len(parse_short_query("a red circle and a blue square").specs) == 2
     assert all(parse_short_query(s).specs for s in SHORT_QUERIES)
+
+
+def test_twins_break_or_keep_what_a_query_names() -> None:
+    rng = random.Random(7)
+    kept_partial = broken_count = 0
+    for _ in range(300):
+        scene = world.sample_scene(rng, held_out=False)
+        query = world.training_query(scene, rng, full_fraction=0.3, forms=world.POSITION_FORMS)
+        broken = world.breaking_twin(scene, query, rng)
+        kept = world.keeping_twin(scene, query, rng)
+        assert broken.signature != scene.signature and kept.signature != scene.signature
+        assert not broken.held_out() and not kept.held_out()
+        broken_count += not query.matches(broken)  # the hard negative: one named attribute changed
+        if not query.exact:
+            kept_partial += query.matches(kept)
+    assert broken_count > 280  # not all: "a circle" in a scene of two circles survives any one change
+    assert kept_partial > 150  # most short queries get a second, different scene they describe
+
+
+def test_a_position_query_is_broken_by_moving_its_object() -> None:
+    scene = _scene(("large", "red", "circle", "top left"), ("small", "blue", "square", "center"))
+    query = world.Query((world.Spec("circle", "red", position="top left"),), exact=False)
+    changed = {
+        tuple(o for o in world.breaking_twin(scene, query, random.Random(i)).objects if o not in scene.objects)
+        for i in range(60)
+    }
+    moved = [objs for objs in changed if any(o.shape == "circle" and o.colour == "red" for o in objs)]
+    assert moved  # some twins keep the red circle but put it elsewhere
+    assert all(o.position != "top left" for objs in moved for o in objs if o.colour == "red" and o.shape == "circle")

@@ -63,6 +63,23 @@ def test_verify_detects_changed_files(settings: Settings, tmp_path: Path) -> Non
         verify("demo-clip", other.models_config())
 
 
+def test_a_copy_of_older_shipped_weights_is_replaced_on_the_next_pull(tmp_path: Path) -> None:
+    fresh = Settings(data_dir=tmp_path, allow_downloads=False).models_config()
+    spec = resolve("demo-clip", fresh)
+    pull("demo-clip", fresh)
+    shipped = json.loads((model_dir(spec, fresh) / MARKER).read_text())["files"]
+    # What an earlier release left behind: other weights, recorded as pulled.
+    weights = model_dir(spec, fresh) / "open_clip" / "open_clip_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-2] + b"  ")
+    marker = json.loads((model_dir(spec, fresh) / MARKER).read_text())
+    marker["files"]["open_clip/open_clip_model.safetensors"] = "0" * 64
+    (model_dir(spec, fresh) / MARKER).write_text(json.dumps(marker))
+
+    pull("demo-clip", fresh)
+    assert json.loads((model_dir(spec, fresh) / MARKER).read_text())["files"] == shipped
+    assert verify("demo-clip", fresh)["ok"] is True
+
+
 def test_missing_hub_model_offline_names_model_and_fix(settings: Settings) -> None:
     with pytest.raises(ModelNotAvailable, match=r"'ViT-B-32'.*mmembed models pull ViT-B-32.*internet"):
         load("ViT-B-32", settings.models_config())
