@@ -19,7 +19,7 @@ import numpy as np
 
 from mmembed.config import Settings
 from mmembed.demo import world
-from mmembed.demo.metrics import SHORT_QUERIES, parse_short_query
+from mmembed.demo.metrics import SHORT_QUERIES, parse_short_query, precision_at_5
 from mmembed.demo.speech import random_voice, speak
 from mmembed.demo.train_bind import EVAL_SEED, GALLERY, recall_at
 from mmembed.encoders import Encoder, Modality, load
@@ -64,8 +64,8 @@ def evaluate(
         report[f"audio_to_image_R@{k}"] = recall_at(audio @ images.T, relevant, k)
     for k in (1, 5):
         report[f"audio_to_text_R@{k}"] = recall_at(audio @ captions.T, relevant, k)
-    report["short_query_P@5"] = _precision_at_5(
-        _encode(bind.encoder(Modality.AUDIO), short_clips) @ images.T, short_relevant
+    report["short_query_P@5"] = float(
+        precision_at_5(_encode(bind.encoder(Modality.AUDIO), short_clips) @ images.T, short_relevant).mean()
     )
 
     speech = load("whisper-base+demo-clip", settings.models_config()).encoder(Modality.AUDIO)
@@ -74,15 +74,12 @@ def evaluate(
     report["transcript_seconds_per_clip"] = (time.perf_counter() - started) / transcript_queries
     report["transcript_queries"] = transcript_queries
     report["transcript_audio_to_image_R@5"] = recall_at(via_text @ images.T, relevant[:transcript_queries], 5)
-    report["transcript_short_query_P@5"] = _precision_at_5(_encode(speech, short_clips) @ images.T, short_relevant)
+    report["transcript_short_query_P@5"] = float(
+        precision_at_5(_encode(speech, short_clips) @ images.T, short_relevant).mean()
+    )
     rng = random.Random(EVAL_SEED)
     report["random_R@5"] = float(np.mean([relevant[i, rng.sample(range(GALLERY), 5)].any() for i in range(queries)]))
     return report
-
-
-def _precision_at_5(sim: np.ndarray, relevant: np.ndarray) -> float:
-    top = np.argsort(-sim, axis=1)[:, :5]
-    return float(np.mean([relevant[i, top[i]].mean() for i in range(len(sim))]))
 
 
 def _typed_short_query_p5(out_dir: Path) -> str:

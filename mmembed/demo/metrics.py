@@ -150,10 +150,8 @@ def retrieval_report(
     report["image_to_text_R@1"] = float(np.mean([same[j, best_text[j]] for j in range(n)]))
 
     short_q = l2_normalise(encode_texts(list(SHORT_QUERIES)))
-    top5 = np.argsort(-(short_q @ img.T), axis=1)[:, :5]
-    precisions = [
-        np.mean([parse_short_query(q).matches(scenes[j]) for j in top5[i]]) for i, q in enumerate(SHORT_QUERIES)
-    ]
+    short_relevant = np.array([[parse_short_query(q).matches(s) for s in scenes] for q in SHORT_QUERIES])
+    precisions = precision_at_5(short_q @ img.T, short_relevant)
     report["short_query_P@5"] = float(np.mean(precisions))
     report["short_query_P@5_by_query"] = {q: float(p) for q, p in zip(SHORT_QUERIES, precisions, strict=True)}
     report |= typed_report([s for s, _ in big], all_img, encode_texts, seed)
