@@ -171,6 +171,7 @@ class EncodedBatch:
     results: dict[int, ItemOutcome]  # by ``Loaded.index``
     encode_s: float  # seconds spent in the encode step (cache lookups, forward passes)
     remote_usage: dict[str, Usage] = field(default_factory=dict)  # what each remote model's calls cost
+    nodes: dict[str, int] = field(default_factory=dict)  # ray engine: the batch's items by the node that encoded them
 
     def __len__(self) -> int:
         return len(self.fresh) + len(self.unchanged)

@@ -94,6 +94,9 @@ class IngestOptions:
     engine: str = "local"
     ray_encoders: int = 1  # ray engine: encoder actors, each with its own copy of the job's models
     num_gpus_per_encoder: float = 0.0  # ray engine: GPUs each encoder actor reserves (a fraction shares one GPU)
+    # ray engine: custom Ray resources each encoder actor needs, e.g. {"encoder": 0.5}: actors go only to
+    # the nodes started with them (a cluster's encoder workers)
+    encoder_resources: dict[str, float] = field(default_factory=dict)
     file_roots: tuple[str, ...] | None = None  # local files only inside these (a server's jobs); None: anywhere
     window: int = 65_536  # pending items read from the job store per pass of the engine
 
@@ -173,6 +176,7 @@ class Summary:
     index_s: float = 0.0  # building the search index, after each window (in elapsed_s)
     price_per_hour: float = 1.0
     remote_costs: dict[str, dict[str, Any]] = field(default_factory=dict)  # per remote model: this run's usage
+    nodes: dict[str, int] = field(default_factory=dict)  # ray engine: items encoded, by Ray node ID
 
     def cache_savings(self) -> dict[str, float]:
         """Forward passes the cache answered, priced at this run's own encode time per miss."""
@@ -197,6 +201,11 @@ class Summary:
             f"  stages (summed over workers): {stages}" + (f"; index {self.index_s:.1f} s" if self.index_s else ""),
             f"  cache: {cache or 'off'}",
             *(remote_summary_line(name, c) for name, c in self.remote_costs.items()),
+            *(
+                [f"  items per node: {', '.join(f'{n[:12]} {k}' for n, k in sorted(self.nodes.items()))}"]
+                if self.nodes
+                else []
+            ),
         ]
 
 
@@ -371,6 +380,8 @@ class Ingest:
                         self._write_batch(todo, batch, summary, done)
                         for name, used in batch.remote_usage.items():
                             usage[name] += used
+                        for node, items in batch.nodes.items():
+                            summary.nodes[node] = summary.nodes.get(node, 0) + items
                         bar.update(len(batch))
                         bar.set_postfix({k: f"{v:.0f}s" for k, v in summary.stages_s.items()})
                         batches_written += 1
@@ -437,6 +448,7 @@ class Ingest:
                 o.batch_size,
                 o.ray_encoders,
                 o.num_gpus_per_encoder,
+                o.encoder_resources,
                 self.loading(todo),
                 self.settings,
                 self.catalog,
@@ -477,6 +489,7 @@ class Ingest:
             "items": self.jobs.item_counts(self.job),
             "stages_s": summary.stages_s,
             "cache": self.cache.stats.as_dict() if self.cache else {},
+            "nodes": summary.nodes,
         }
 
     def loading(self, items: Sequence[SourceItem]) -> Loading:

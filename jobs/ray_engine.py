@@ -27,8 +27,10 @@ pass as in the local engine; a SQLite cache is a file per machine, so a cluster 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import pickle
+from collections import Counter
 from collections.abc import Generator, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -52,6 +54,7 @@ from mmembed.store.vectors import point_id
 # Enough blocks for every CPU of a large cluster to get decode work, few enough that per-block
 # scheduling stays negligible: a job of a million items gets blocks of about a thousand.
 MAX_BLOCKS = 1024
+log = logging.getLogger(__name__)
 CACHE_COUNTS = tuple(f.name for f in dataclasses.fields(CacheStats))
 
 
@@ -112,6 +115,7 @@ class EncodeBatches:
     def __init__(self, models: tuple[str, ...], settings: Settings, cache: CacheAddress | None) -> None:
         self.cache = cache.open() if cache is not None else None
         self.encoder = BatchEncoder(process_models(models, settings), self.cache)
+        self.node = ray.get_runtime_context().get_node_id()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         loaded: list[Loaded] = [_unpickled(row) for row in batch["loaded"]]
@@ -129,6 +133,7 @@ class EncodeBatches:
             "result": _pickled([encoded.results.get(b.index) for b in loaded]),
             "encode_s": _on_first_row(encoded.encode_s, len(loaded)),
             "remote_usage": _pickled([encoded.remote_usage] + [{}] * (len(loaded) - 1)),  # on the first row too
+            "node": np.array([self.node] * len(loaded), dtype=object),
         }
         for name in CACHE_COUNTS:
             out[f"cache_{name}"] = _on_first_row(getattr(after, name) - getattr(before, name), len(loaded))
@@ -143,6 +148,7 @@ class RayJob:
     batch_size: int
     encoders: int  # encoder actors, each with its own copy of the job's models
     num_gpus_per_encoder: float
+    encoder_resources: dict[str, float]
     loading: Loading
     settings: Settings
     catalog: Catalog
@@ -157,6 +163,8 @@ def ray_batches(job: RayJob, todo: list[SourceItem], progress: bool = True) -> I
     started_here = not ray.is_initialized()
     if started_here:
         ray.init()
+    if warning := shared_state_warning(job.cache, sum(1 for node in ray.nodes() if node["Alive"])):
+        log.warning(warning)
     batches = _batches(job, todo, progress)
     try:
         yield batches
@@ -187,6 +195,7 @@ def _batches(job: RayJob, todo: list[SourceItem], progress: bool) -> Generator[E
             batch_size=job.batch_size,
             compute=ray.data.ActorPoolStrategy(size=job.encoders),
             num_gpus=job.num_gpus_per_encoder,
+            resources=job.encoder_resources or None,
         )
     )
     dataset.context.enable_progress_bars = progress  # the driver's own bar counts written items
@@ -211,7 +220,19 @@ def _encoded(batch: dict[str, np.ndarray]) -> EncodedBatch:
         else:
             fresh.append(b)
             by_index[b.index] = result
-    return EncodedBatch(fresh, unchanged, by_index, float(batch["encode_s"].sum()), usage)
+    nodes = dict(Counter(str(node) for node in batch["node"]))
+    return EncodedBatch(fresh, unchanged, by_index, float(batch["encode_s"].sum()), usage, nodes)
+
+
+def shared_state_warning(cache: EmbeddingCache | None, nodes: int) -> str | None:
+    """A SQLite cache is a file on one machine: on a cluster each node's actors would open a file of
+    their own, so content embedded on one node is embedded again on the next. Redis is one cache for all."""
+    if isinstance(cache, SqliteCache) and nodes > 1:
+        return (
+            f"the embedding cache is a SQLite file ({cache.path}) and this Ray cluster has {nodes} nodes: each node "
+            "has its own file, so a node misses what another embedded; set MMEMBED_CACHE_URL=redis://... to share one"
+        )
+    return None
 
 
 def _encoder_settings(job: RayJob) -> Settings:

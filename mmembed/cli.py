@@ -28,6 +28,10 @@ dlq_app = typer.Typer(help="Items that failed past their retries, per job.", no_
 app.add_typer(dlq_app, name="dlq")
 cache_app = typer.Typer(help="The embedding cache.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
+cluster_app = typer.Typer(
+    help="A Ray cluster of a head and worker nodes on this machine (Linux).", no_args_is_help=True
+)
+app.add_typer(cluster_app, name="cluster")
 console = Console()
 
 # Models that provision with no network: what the quick start and CI rely on.
@@ -442,6 +446,10 @@ def ingest_command(
     ] = "local",
     ray_encoders: Annotated[int, typer.Option(help="Ray engine: encoder actors.")] = 1,
     num_gpus_per_encoder: Annotated[float, typer.Option(help="Ray engine: GPUs per encoder actor.")] = 0.0,
+    encoder_resources: Annotated[
+        str | None,
+        typer.Option(help="Ray engine: custom resources per encoder actor, as JSON (e.g. '{\"encoder\": 0.5}')."),
+    ] = None,
     server: Annotated[
         str | None, typer.Option(help="Run the job on this mmembed server (its models, its store) instead.")
     ] = None,
@@ -479,6 +487,7 @@ def ingest_command(
         engine=engine,
         ray_encoders=ray_encoders,
         num_gpus_per_encoder=num_gpus_per_encoder,
+        encoder_resources=_json_resources(encoder_resources),
     )
     if watch:
         _watch(options, WatchOptions(watch_delay, watch_settle, watch_poll))
@@ -497,6 +506,18 @@ def ingest_command(
         _fail(exc)
     for line in summary.lines():
         console.print(line)
+
+
+def _json_resources(text: str | None) -> dict[str, float]:
+    if not text:
+        return {}
+    try:
+        resources = json.loads(text)
+        if not isinstance(resources, dict):
+            raise ValueError("not an object")
+        return {str(k): float(v) for k, v in resources.items()}
+    except (ValueError, TypeError) as exc:
+        _fail(ValueError(f'--encoder-resources must be a JSON object of numbers, like {{"encoder": 0.5}}: {exc}'))
 
 
 def _watch(options: IngestOptions, watch: WatchOptions) -> None:
@@ -772,3 +793,52 @@ def _server_job(
 
 if __name__ == "__main__":
     app()
+
+
+ClusterFolder = Annotated[Path, typer.Option(help="Its sessions, logs and auth token.")]
+ClusterPort = Annotated[int, typer.Option(help="The head's GCS port; worker n takes the 100 ports from port + 100n.")]
+
+
+@cluster_app.command("up")
+def cluster_up(
+    folder: ClusterFolder = Path("/tmp/mmembed-cluster"),
+    port: ClusterPort = 6390,
+    workers: Annotated[int, typer.Option(min=1, help='Worker nodes, each declaring {"encoder": 1}.')] = 2,
+    worker_cpus: Annotated[float, typer.Option(help="Logical CPUs per worker.")] = 2,
+) -> None:
+    """Start a head and worker nodes, each a real `ray start` with its own raylet and ports, so
+    serving and bulk jobs run across nodes as on several machines."""
+    from mmembed.cluster import LocalCluster
+
+    cluster = LocalCluster(folder, port, workers, worker_cpus=worker_cpus)
+    try:
+        cluster.up()
+    except RuntimeError as exc:
+        _fail(exc)
+    exports = " ".join(f"{k}={v}" for k, v in cluster.client_env().items())
+    console.print(f"cluster up: {workers + 1} nodes, dashboard {cluster.dashboard_url}")
+    console.print(f"join it with:  export {exports}")
+    console.print(f"               mmembed serve --address {cluster.address} --config serve-cluster.yaml")
+
+
+@cluster_app.command("down")
+def cluster_down(folder: ClusterFolder = Path("/tmp/mmembed-cluster"), port: ClusterPort = 6390) -> None:
+    """Stop every process of this cluster, and nothing else (`ray stop` would stop every Ray here)."""
+    from mmembed.cluster import LocalCluster
+
+    console.print(f"cluster down: {LocalCluster(folder, port).down()} processes stopped")
+
+
+@cluster_app.command("kill")
+def cluster_kill(
+    node: Annotated[str, typer.Argument(help="worker-1, worker-2, ...")],
+    folder: ClusterFolder = Path("/tmp/mmembed-cluster"),
+    port: ClusterPort = 6390,
+) -> None:
+    """SIGKILL one worker node's processes, as a machine losing power: for failure drills."""
+    from mmembed.cluster import LocalCluster
+
+    killed = LocalCluster(folder, port).kill(node)
+    if not killed:
+        _fail(ValueError(f"no process of {node} runs in the cluster at {folder}"))
+    console.print(f"{node}: {killed} processes killed")

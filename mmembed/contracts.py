@@ -99,6 +99,18 @@ class ModelInfo:
 
 
 @dataclass(frozen=True)
+class ReplicaInfo:
+    """Where one replica of a model runs, as Serve's controller knows it: what an operator of a
+    cluster asks first after a node is lost."""
+
+    model: str
+    replica_id: str
+    state: str  # Serve's ReplicaState: STARTING, RUNNING, STOPPING, ...
+    node_id: str
+    node_ip: str
+
+
+@dataclass(frozen=True)
 class QueryPlan:
     """How a search query reaches the vector it searches."""
 

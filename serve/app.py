@@ -33,9 +33,10 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
         "max_ongoing_requests": config.ingress_max_ongoing_requests,
         "max_queued_requests": config.ingress_max_queued_requests,
         "backpressure_config": BackpressureConfig(status_code=429, retry_after_s=config.retry_after_s),
-        "ray_actor_options": {"num_cpus": share} | ({"runtime_env": {"env_vars": config.env}} if config.env else {}),
+        "ray_actor_options": {"num_cpus": share, "resources": config.ingress_resources}
+        | ({"runtime_env": {"env_vars": config.env}} if config.env else {}),
     }
-    catalog = build_catalog(settings, config.env, encoders, num_cpus=share)
+    catalog = build_catalog(settings, config.env, encoders, num_cpus=share, resources=config.ingress_resources)
     return Ingress.options(**options).bind(encoders, catalog, config.model_dump(), settings)
 
 

@@ -288,9 +288,16 @@ def _is_id(item_id: str) -> bool:
 
 
 def build_catalog(
-    settings: Settings, env: dict[str, str], encoders: dict[str, serve.Application], num_cpus: float = 1.0
+    settings: Settings,
+    env: dict[str, str],
+    encoders: dict[str, serve.Application],
+    num_cpus: float = 1.0,
+    resources: dict[str, float] | None = None,
 ) -> serve.Application:
-    """``encoders``: the encoder deployments by model name, which this replica's jobs send their items to."""
-    options: dict[str, Any] = {"num_cpus": num_cpus} | ({"runtime_env": {"env_vars": env}} if env else {})
+    """``encoders``: the encoder deployments by model name, which this replica's jobs send their items to.
+    ``resources``: custom Ray resources that place the one catalogue replica (the vector store's one writer)."""
+    options: dict[str, Any] = {"num_cpus": num_cpus, "resources": resources or {}} | (
+        {"runtime_env": {"env_vars": env}} if env else {}
+    )
     deployment = serve.deployment(CatalogDeployment, name="catalog", num_replicas=1, max_ongoing_requests=64)
     return deployment.options(ray_actor_options=options).bind(settings, encoders)

@@ -32,6 +32,11 @@ class ModelConfig(BaseModel):
         default=1.0, ge=0, description="CPUs each replica reserves (a one-node cluster short of CPUs scales them down)."
     )
     num_gpus: float = Field(default=0.0, ge=0, description="GPU share per replica; fractions pack models on one GPU.")
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description='Custom Ray resources each replica needs, e.g. {"encoder": 0.25}: replicas go only to nodes '
+        "started with them (`ray start --resources`), such as a cluster's encoder workers.",
+    )
     min_replicas: int = Field(default=1, ge=0, description="Autoscaling floor (equal to max_replicas: a fixed count).")
     max_replicas: int = Field(default=1, ge=1, description="Autoscaling ceiling.")
     target_ongoing_requests: float = Field(default=32, gt=0, description="Autoscaling target per replica.")
@@ -57,6 +62,7 @@ class ModelConfig(BaseModel):
             "ray_actor_options": {
                 "num_cpus": self.num_cpus,
                 "num_gpus": self.num_gpus,
+                "resources": self.resources,
                 # OpenMP threads sleep between torch ops instead of spinning, leaving the CPU
                 # to the request path: batched CPU forwards ran 25-35% faster under load.
                 # glibc gives each thread its own malloc arena; with the replica's preprocessing
@@ -120,6 +126,11 @@ class ServeConfig(BaseModel):
         ge=1,
         description="HTTP requests waiting for the ingress; past it Serve's proxy answers 429 with Retry-After "
         "(plain text), so overload is refused instead of queued without bound.",
+    )
+    ingress_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources the ingress and the catalogue need, to keep them off the encoder nodes "
+        '(e.g. {"node:__internal_head__": 0.01}: the head node).',
     )
     dashboard_url: str = Field(
         default="http://127.0.0.1:8265",

@@ -8,6 +8,7 @@ with the class and every replica's app holds its own backend, keys and metrics.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import numpy as np
@@ -26,11 +27,12 @@ from mmembed.contracts import (
     JobView,
     MigrationStart,
     ModelInfo,
+    ReplicaInfo,
     SearchHit,
     StoredItem,
     Switched,
 )
-from mmembed.serve.config import ServeConfig
+from mmembed.serve.config import ServeConfig, deployment_name
 from mmembed.serve.http import ApiError, create_app
 from mmembed.store.catalog import NewItem
 
@@ -61,6 +63,25 @@ class RayBackend:
 
     async def encode(self, model: str, modality: str, items: list[Any]) -> list[EncodedItem]:
         return await self._call(model, "encode", modality, items)
+
+    async def replicas(self) -> list[ReplicaInfo]:
+        # Serve's controller is the one that knows every replica's node; it is asked the way
+        # `serve status` and the dashboard's Serve page ask it (there is no public call for it).
+        from ray.serve.context import _get_global_client
+
+        details = await asyncio.to_thread(_get_global_client().get_serve_details)
+        app = details["applications"][serve.get_replica_context().app_name]["deployments"]
+        return [
+            ReplicaInfo(
+                model,
+                r["replica_id"],
+                str(getattr(r["state"], "value", r["state"])),
+                r.get("node_id") or "",
+                r.get("node_ip") or "",
+            )
+            for model in self.encoders
+            for r in app.get(deployment_name(model), {}).get("replicas", [])
+        ]
 
     async def open_catalog(self, layout: dict[str, int]) -> CatalogView:
         return await self.catalog.open.remote(layout)

@@ -88,7 +88,8 @@ def start(
     )
     # A dashboard bound to every interface is still opened on this machine's loopback.
     dashboard = "http://" + (context.dashboard_url or "127.0.0.1:8265").replace("0.0.0.0", "127.0.0.1")
-    serve.start(http_options=http)
+    # HeadOnly where several nodes share one machine's ports (serve-cluster.yaml); Serve's default else.
+    serve.start(http_options=http, **({"proxy_location": spec["proxy_location"]} if "proxy_location" in spec else {}))
     urls = {}
     for n, (application, args) in enumerate(zip(applications, apps, strict=True)):
         args.setdefault("dashboard_url", dashboard)

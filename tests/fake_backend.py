@@ -23,6 +23,7 @@ from mmembed.contracts import (
     MigrationRefused,
     MigrationStart,
     ModelInfo,
+    ReplicaInfo,
     SearchHit,
     StoredItem,
     Switched,
@@ -68,6 +69,9 @@ class FakeBackend:
     describe_error: Exception | None = None
     defaults: dict[str, str] = field(default_factory=dict)  # the collection's default vectors
     previous: dict[str, str] = field(default_factory=dict)  # what a rollback restores
+
+    async def replicas(self) -> list[ReplicaInfo]:
+        return [ReplicaInfo(model, f"{model}-r1", "RUNNING", "node-a", "127.0.0.1") for model in self.models]
 
     async def describe(self, model: str) -> ModelInfo:
         if self.describe_error is not None:

@@ -284,3 +284,26 @@ def test_a_joined_cluster_keeps_its_own_metrics_port() -> None:
     )
     assert result.exit_code == 1
     assert "--metrics-export-port applies to a cluster started here" in result.output
+
+
+@pytest.mark.parametrize("bad", ['{"encoder": "half"}', "[1]", "encoder=1"])
+def test_encoder_resources_that_are_not_a_json_object_of_numbers_are_refused(bad: str, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from mmembed.cli import app as cli
+
+    result = CliRunner().invoke(
+        cli, ["ingest", str(tmp_path), "--engine", "ray", "--encoder-resources", bad], env={"COLUMNS": "200"}
+    )
+    assert result.exit_code == 1
+    assert "--encoder-resources must be a JSON object of numbers" in result.output
+
+
+def test_cluster_kill_names_a_node_that_does_not_run(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from mmembed.cli import app as cli
+
+    result = CliRunner().invoke(cli, ["cluster", "kill", "worker-1", "--folder", str(tmp_path)], env={"COLUMNS": "200"})
+    assert result.exit_code == 1
+    assert "no process of worker-1 runs in the cluster" in result.output

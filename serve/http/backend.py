@@ -21,6 +21,7 @@ from mmembed.contracts import (
     JobView,
     MigrationStart,
     ModelInfo,
+    ReplicaInfo,
     SearchHit,
     StoredItem,
     Switched,
@@ -34,6 +35,10 @@ class Backend(Protocol):
 
     async def encode(self, model: str, modality: str, items: list[Any]) -> list[EncodedItem]:
         """Per-item results in input order; text items are strings, media items bytes."""
+        ...
+
+    async def replicas(self) -> list[ReplicaInfo]:
+        """Every replica of every served model, with the node it runs on."""
         ...
 
     # --- the catalogue ---

@@ -16,8 +16,15 @@ ApiDep = Annotated[Api, Depends(get_api)]
 
 @router.get("/models")
 async def models(api: ApiDep) -> dict[str, Any]:
+    """Each model's encoders, and where its replicas run: on a cluster, which node holds which."""
+    replicas = await api.backend.replicas()
     out = []
     for spec in api.config.models:
+        placement = [
+            {"replica": r.replica_id, "state": r.state, "node_id": r.node_id, "node_ip": r.node_ip}
+            for r in replicas
+            if r.model == spec.name
+        ]
         info = await api.describe(spec.name)
         for modality, enc in info.encoders.items():
             out.append(
@@ -30,6 +37,7 @@ async def models(api: ApiDep) -> dict[str, Any]:
                     "device": info.device,
                     "version": info.version,
                     "replicas": {"min": spec.min_replicas, "max": spec.max_replicas},
+                    "placement": placement,
                 }
             )
     return {"data": out}
