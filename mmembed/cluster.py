@@ -46,6 +46,9 @@ class LocalCluster:
     worker_cpus: float = 2
     object_store_bytes: int = 200_000_000
     head_resources: dict[str, float] = field(default_factory=dict)  # e.g. {"encoder": 2}: a cluster of one node
+    # What every node's processes need in their environment, as an operator sets it on each machine:
+    # credentials of the shared state (AWS_* for S3), which Ray would log if sent in a runtime env.
+    env: dict[str, str] = field(default_factory=dict)
 
     @property
     def address(self) -> str:
@@ -108,7 +111,12 @@ class LocalCluster:
         self._start(f"worker-{n}", args)
 
     def _start(self, node: str, args: list[str]) -> None:
-        env = os.environ | self.client_env() | {"MMEMBED_CLUSTER": str(self.folder), "MMEMBED_CLUSTER_NODE": node}
+        env = (
+            os.environ
+            | self.env
+            | self.client_env()
+            | {"MMEMBED_CLUSTER": str(self.folder), "MMEMBED_CLUSTER_NODE": node}
+        )
         ray = [str(Path(sys.executable).parent / "ray"), "start"]
         common = [
             "--node-ip-address=127.0.0.1",

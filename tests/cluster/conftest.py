@@ -14,6 +14,7 @@ import httpx
 import pytest
 import yaml
 from on_cluster import Served, cluster_env, free_port, wait_until
+from s3 import S3Server
 
 from mmembed.cluster import LocalCluster
 from mmembed.config import Settings
@@ -30,8 +31,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture(scope="session")
-def local_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    cluster = LocalCluster(tmp_path_factory.mktemp("cluster"), PORT)
+def local_cluster(tmp_path_factory: pytest.TempPathFactory, s3_server: S3Server) -> Iterator[LocalCluster]:
+    """Every node holds the S3 credentials, as each machine of a real cluster would."""
+    credentials = {"AWS_ACCESS_KEY_ID": s3_server.access_key, "AWS_SECRET_ACCESS_KEY": s3_server.secret_key}
+    cluster = LocalCluster(tmp_path_factory.mktemp("cluster"), PORT, env=credentials)
     cluster.up()
     yield cluster
     cluster.down()

@@ -1,7 +1,7 @@
 """Bulk jobs across nodes: ``mmembed ingest --engine ray`` on a head and two workers. Encoder actors
 run on both workers and the summary counts items per node; a worker or the driver killed mid-job
-still ends with exactly one point per item; the Redis cache is one for every node, and a SQLite
-cache on a cluster is warned about."""
+still ends with exactly one point per item; sources and objects in S3 and the cache in Redis are
+one for every node, and a SQLite cache on a cluster is warned about."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from on_cluster import cluster_env, wait_until
+from s3 import S3Server
 
 from mmembed.cluster import LocalCluster
 from mmembed.config import Settings
@@ -80,26 +81,56 @@ def dead_letter_uris(data: Path) -> list[str]:
     return sorted(Path(d.uri).name for d in JobStore(data / "jobs.sqlite").dead_letters())
 
 
-def test_both_workers_encode_and_the_redis_cache_answers_on_one_node_for_the_other(
-    cluster: LocalCluster, settings: Settings, manifest: Path, redis_server: str, tmp_path: Path
+def s3_catalogue(manifest: Path, s3_server: S3Server, bucket: str) -> Path:
+    """The catalogue's files in S3, behind a manifest that names them by s3:// URI: the decode tasks
+    on the workers read them from there."""
+    client = s3_server.client()
+    client.create_bucket(Bucket=bucket)
+    rows = []
+    for line in manifest.read_text().splitlines():
+        row = json.loads(line)
+        client.put_object(
+            Bucket=bucket, Key=f"catalogue/{row['uri']}", Body=(manifest.parent / row["uri"]).read_bytes()
+        )
+        rows.append(row | {"uri": f"s3://{bucket}/catalogue/{row['uri']}"})
+    remote = manifest.with_name(f"{bucket}.jsonl")
+    remote.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return remote
+
+
+def test_both_workers_encode_with_state_in_s3_and_redis_and_one_node_hits_what_the_other_embedded(
+    cluster: LocalCluster, settings: Settings, manifest: Path, redis_server: str, s3_server: S3Server, tmp_path: Path
 ) -> None:
+    """Sources and objects in S3, the cache in Redis: what every node sees. The first job runs on both
+    workers; the second, into a new collection with worker-1 gone, finds every vector in the cache."""
     nodes = cluster.nodes()
-    cache = {"MMEMBED_CACHE_URL": redis_server.rsplit("/", 1)[0] + "/7"}  # a database no other test writes
+    bucket = f"cluster-{tmp_path.name.lower().replace('_', '-')}"[:63]
+    source = s3_catalogue(manifest, s3_server, bucket)
+    shared = {
+        "MMEMBED_CACHE_URL": redis_server.rsplit("/", 1)[0] + "/7",  # a database no other test writes
+        "MMEMBED_S3_BUCKET": bucket,
+        "MMEMBED_S3_ENDPOINT_URL": s3_server.endpoint_url,
+        "MMEMBED_S3_REGION": s3_server.region,
+        "AWS_ACCESS_KEY_ID": s3_server.access_key,
+        "AWS_SECRET_ACCESS_KEY": s3_server.secret_key,
+    }
     first = tmp_path / "first"
-    out = run(ingest_command(manifest), job_env(cluster, settings, first, MMEMBED_COLLECTION="first", **cache))
+    out = run(ingest_command(source), job_env(cluster, settings, first, MMEMBED_COLLECTION="first", **shared))
     assert "each node has its own" not in out  # Redis is one cache for every node
     encoded = nodes_of(first)
     assert set(encoded) == {nodes["worker-1"], nodes["worker-2"]}, (encoded, nodes)
     assert sum(encoded.values()) == SCENES + 1  # the broken file went through an actor too
     assert len(set(points(first, "first"))) == SCENES
     assert "items per node:" in out
+    stored = s3_server.client().list_objects_v2(Bucket=bucket, Prefix=settings.s3_prefix)
+    assert stored.get("KeyCount") == SCENES  # the originals, one object per distinct content
 
     # worker-1 goes: a new collection of the same content is encoded on worker-2 alone, and what
     # worker-1 embedded the first time is a cache hit there.
     assert cluster.kill("worker-1") > 0
     wait_until(lambda: "worker-1" not in cluster.nodes(), 60, "the head to see worker-1 gone")
     second = tmp_path / "second"
-    out = run(ingest_command(manifest), job_env(cluster, settings, second, MMEMBED_COLLECTION="second", **cache))
+    out = run(ingest_command(source), job_env(cluster, settings, second, MMEMBED_COLLECTION="second", **shared))
     assert nodes_of(second) == {nodes["worker-2"]: SCENES + 1}
     [job] = JobStore(second / "jobs.sqlite").list()
     cache_counts = job.counts["cache"]  # one entry per vector: each scene's image and its caption
