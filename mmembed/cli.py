@@ -791,10 +791,6 @@ def _server_job(
     return job["counts"]
 
 
-if __name__ == "__main__":
-    app()
-
-
 ClusterFolder = Annotated[Path, typer.Option(help="Its sessions, logs and auth token.")]
 ClusterPort = Annotated[int, typer.Option(help="The head's GCS port; worker n takes the 100 ports from port + 100n.")]
 
@@ -842,3 +838,7 @@ def cluster_kill(
     if not killed:
         _fail(ValueError(f"no process of {node} runs in the cluster at {folder}"))
     console.print(f"{node}: {killed} processes killed")
+
+
+if __name__ == "__main__":
+    app()
