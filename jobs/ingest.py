@@ -362,6 +362,11 @@ class Ingest:
         summary = Summary(self.job, price_per_hour=self.options.price_per_hour)
         started = time.perf_counter()
         self.jobs.update(self.job, status="running")
+        if plan.resumed:
+            # What the stopped run wrote after its last window is indexed on its own first, as one
+            # segment: the resume's writes would otherwise join it and be built with it in one piece,
+            # larger than a window's, holding both in memory at once.
+            self._index(summary)
         if plan.gone:
             ledger = self.jobs.ledger(self.job)
             for _, ids in _chunks(plan.gone, PLAN_CHUNK):

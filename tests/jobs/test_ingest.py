@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -25,6 +26,7 @@ from mmembed.jobs.state import JobStore
 from mmembed.loaders.sources import SourceError
 from mmembed.store.cache import SqliteCache
 from mmembed.store.catalog import Catalog, NewItem
+from mmembed.store.config import IndexConfig
 from mmembed.store.objects import LocalObjects, ObjectStoreError
 from mmembed.store.vectors import EdgeStore, point_id
 from mmembed.store.warm import warm_cache
@@ -194,6 +196,32 @@ def test_transient_write_failures_are_retried_and_persistent_ones_dead_lettered(
     assert failed.written == 0 and failed.failed == SCENES + 1
     codes = {d.code for d in env["jobs"].dead_letters()}
     assert "write_failed" in codes
+
+
+def test_a_resumed_job_indexes_what_the_stopped_run_wrote_before_writing_its_own(env, tmp_path: Path):
+    """Built together, the stopped run's unindexed writes and the resume's would be one segment
+    larger than a window's, built with both in memory (the 100k-image resume's peak RSS)."""
+    store = EdgeStore(tmp_path / "indexed", IndexConfig(min_points=1))
+    env["catalog"] = Catalog(store, LocalObjects(tmp_path / "indexed-objects"))
+    first = _ingest(env)
+    write_batch = first._write_batch
+
+    def stopped_after_one_batch(*args: Any) -> None:
+        write_batch(*args)
+        raise KeyboardInterrupt  # Ctrl-C after the first batch was written and checkpointed
+
+    first._write_batch = stopped_after_one_batch  # type: ignore[method-assign]
+    with pytest.raises(KeyboardInterrupt):
+        first.run(progress=False)
+    written = store.count()
+    again = _ingest(env)
+    plan = again.plan(calibrate=False)
+    assert plan.resumed and 0 < written < SCENES
+    counted, build = [], store.build_index
+    store.build_index = lambda: (counted.append(store.count()), build())[1]  # type: ignore[method-assign]
+    again.run(plan, progress=False)
+    assert counted[0] == written and counted[-1] == SCENES, counted
+    assert store.shard.info().indexed_vectors_count > 0
 
 
 @pytest.mark.subprocess
