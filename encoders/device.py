@@ -6,6 +6,7 @@ non-blocking copy, and are scaled and normalised on the device in the model's dt
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import torch
@@ -31,6 +32,15 @@ def pick_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
     if precision == "bf16" or (precision == "auto" and torch.cuda.is_bf16_supported()):
         return torch.bfloat16
     return torch.float16
+
+
+def use_cpu_threads(threads: int | None = None) -> int:
+    """Torch's CPU threads for this process: ``threads``, or every core it may run on. Ray starts a
+    replica with OMP_NUM_THREADS set to its whole reserved CPUs (one for a 1-CPU replica), which
+    halves a batched CPU forward on two cores however idle the other core is."""
+    count = threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(count)
+    return count
 
 
 class ImageToDevice:

@@ -1,13 +1,15 @@
 """The reference parts of docs/ that the code already says: every setting (``mmembed.config.Settings``),
 every field of the Serve config (``mmembed.serve.config``) and every command and option of the
-command line (``mmembed.cli``). Each goes between ``<!-- generated: NAME -->`` and
-``<!-- end: NAME -->`` in its page; tests/test_docs.py fails when a page differs from the code.
+command line (``mmembed.cli``); and the README's comparison with infinity-emb, from the peer
+benchmark's results (``bench/results/peers.json``). Each goes between ``<!-- generated: NAME -->``
+and ``<!-- end: NAME -->`` in its page; tests/test_docs.py fails when a page differs from its source.
 
     .venv/bin/python scripts/reference.py          # rewrite the generated blocks
 """
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from pathlib import Path
@@ -16,7 +18,9 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-DOCS = Path(__file__).resolve().parents[1] / "docs"
+ROOT = Path(__file__).resolve().parents[1]
+PEERS = ROOT / "bench" / "results" / "peers.json"
+SERVERS = ("infinity", "mmembed")
 
 
 def _cell(text: object) -> str:
@@ -98,9 +102,45 @@ def cli_reference() -> str:
     return "\n\n".join(blocks)
 
 
+def peers_table() -> str:
+    """Items/s at each concurrency, mmembed's ratio to infinity's, and the ceilings, as measured."""
+    results = json.loads(PEERS.read_text())
+    peer, version = re.sub(r"\[.*\]", "", results["setup"]["peer"]).split("==")
+    kinds = {"clip_images": "CLIP ViT-B/32 images", "clip_texts": "CLIP ViT-B/32 texts", "minilm_texts": "MiniLM texts"}
+    concurrency = sorted({int(point.split("@")[1]) for point in results["mmembed"]["clip_images"]})
+    at = " / ".join(map(str, concurrency))
+    rows = [
+        f"| items/s at concurrency {at} | {peer} {version} | mmembed | mmembed ÷ infinity |",
+        "|---|---|---|---|",
+    ]
+    for key, label in kinds.items():
+        for size in ("1", str(results["setup"]["max_batch"])):
+            points = [f"{size}-per-request@{c}" for c in concurrency]
+            figures = [
+                " / ".join(f"{results[s][key][p]['items_per_s']:.1f}" for p in points) for s in ("infinity", "mmembed")
+            ]
+            ratios = " / ".join(f"{results['ratio_to_infinity'][key][p]:.2f}" for p in points)
+            rows.append(f"| {label}, {size} per request | {figures[0]} | {figures[1]} | {ratios} |")
+    ceiling = results["ceiling_items_per_s"]
+    p50 = {
+        s: " / ".join(f"{results[s][key]['1-per-request@1']['p50_ms']:.0f}" for key in kinds)
+        for s in ("infinity", "mmembed")
+    }
+    rows += [
+        "",
+        f"Raw batch-{results['setup']['max_batch']} forward in the same run: "
+        + ", ".join(f"{kinds[k]} {ceiling[k]:.1f}/s" for k in kinds)
+        + f". p50 of a single item at concurrency 1 ({', '.join(kinds.values())}): infinity {p50['infinity']} ms, "
+        f"mmembed {p50['mmembed']} ms. {results['setup']['images']} JPEGs of about 640x480 as data URIs and "
+        f"{results['setup']['texts']} captions, {results['machine']['cpus']} CPU cores.",
+    ]
+    return "\n".join(rows)
+
+
 GENERATED = {
-    "configuration.md": {"settings": settings_table, "serve-config": serve_config_tables},
-    "cli.md": {"cli": cli_reference},
+    "docs/configuration.md": {"settings": settings_table, "serve-config": serve_config_tables},
+    "docs/cli.md": {"cli": cli_reference},
+    "README.md": {"peers": peers_table},
 }
 
 
@@ -109,14 +149,14 @@ def render(page: str, text: str) -> str:
     for name, make in GENERATED[page].items():
         pattern = re.compile(rf"(<!-- generated: {name} -->\n)(?:.*?\n)?(<!-- end: {name} -->)", re.DOTALL)
         if not pattern.search(text):
-            raise ValueError(f"docs/{page} has no <!-- generated: {name} --> block")
+            raise ValueError(f"{page} has no <!-- generated: {name} --> block")
         text = pattern.sub(lambda m, block=make(): m.group(1) + block + "\n" + m.group(2), text)  # noqa: B008
     return text
 
 
 def main() -> int:
     for page in GENERATED:
-        path = DOCS / page
+        path = ROOT / page
         path.write_text(render(page, path.read_text()))
         print(f"wrote {path}")
     return 0

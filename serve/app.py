@@ -49,8 +49,8 @@ def replica_cpus(config: ServeConfig) -> float:
 def logical_cpus(apps: list[dict[str, Any]], physical: int) -> int:
     """CPUs to give a local Ray so the replicas of these apps (their ``args``) can all start:
     Serve reserves one CPU per replica by default, and five small models must not wait for a
-    bigger machine. They are logical reservations; each replica's torch threads follow its
-    ``num_cpus``."""
+    bigger machine. They are logical reservations: a model replica's forward pass uses every core
+    unless its ``cpu_threads`` says otherwise."""
     needed = sum(replica_cpus(ServeConfig.model_validate(args)) for args in apps)
     return max(physical, math.ceil(needed))
 

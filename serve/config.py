@@ -32,6 +32,12 @@ class ModelConfig(BaseModel):
         default=1.0, ge=0, description="CPUs each replica reserves (a one-node cluster short of CPUs scales them down)."
     )
     num_gpus: float = Field(default=0.0, ge=0, description="GPU share per replica; fractions pack models on one GPU.")
+    cpu_threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="Torch threads of each replica's forward pass on the CPU. None: every core of its node, as a "
+        "one-process server uses them (Ray alone would give it its num_cpus, rounded down).",
+    )
     resources: dict[str, float] = Field(
         default_factory=dict,
         description='Custom Ray resources each replica needs, e.g. {"encoder": 0.25}: replicas go only to nodes '

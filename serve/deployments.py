@@ -30,6 +30,7 @@ from mmembed.contracts import EncodedItem, ModelInfo
 from mmembed.embedding import ModelStep, encoded
 from mmembed.embedding.model import Input
 from mmembed.encoders import Modality, Prepared, load, model_version
+from mmembed.encoders.device import use_cpu_threads
 from mmembed.loaders.images import DecodeLimits
 from mmembed.serve.config import BatchConfig, ModelConfig, replica_settings
 from mmembed.store.cache import open_cache
@@ -64,6 +65,7 @@ class EncoderDeployment:
 
     def __init__(self, config: dict[str, Any], settings: Settings) -> None:
         self.config = ModelConfig.model_validate(config)
+        use_cpu_threads(self.config.cpu_threads)
         model = load(self.config.name, settings.models_config())
         # JPEGs decode at the smallest DCT scale that still covers the model's input: 4x
         # fewer pixels for a 640x480 photo and a 224 model, and half the decode time.

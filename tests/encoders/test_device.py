@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from torchvision.transforms.functional import normalize
@@ -30,3 +34,17 @@ def test_uint8_batches_are_normalised_on_the_device() -> None:
     torch.testing.assert_close(out, reference, atol=1e-5, rtol=0)
     with pytest.raises(TypeError, match="uint8"):
         ImageToDevice(torch.device("cpu"), torch.float32, OPENAI_MEAN, OPENAI_STD)(images.float())
+
+
+def test_a_process_started_with_one_omp_thread_runs_its_forward_on_every_core() -> None:
+    # What Ray does to a 1-CPU replica: OMP_NUM_THREADS=1 before torch starts.
+    code = (
+        "import os, torch; from mmembed.encoders.device import use_cpu_threads; "
+        "before = torch.get_num_threads(); n = use_cpu_threads(None); "
+        "print(before, n, torch.get_num_threads(), len(os.sched_getaffinity(0)), use_cpu_threads(1))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=os.environ | {"OMP_NUM_THREADS": "1"}, capture_output=True, text=True
+    )
+    before, chosen, now, cores, pinned = map(int, out.stdout.split())
+    assert before == 1 and chosen == now == cores and pinned == 1

@@ -6,6 +6,7 @@ import base64
 from typing import Annotated, Any
 
 import numpy as np
+import orjson
 from fastapi import APIRouter, Depends, File, UploadFile
 from fastapi.responses import JSONResponse
 
@@ -17,6 +18,16 @@ from mmembed.serve.http.schemas import EmbeddingsRequest, EncodeMediaRequest, En
 from mmembed.serve.http.service import Api, get_api, item_status
 
 router = APIRouter()
+
+
+class VectorsResponse(JSONResponse):
+    """JSON with vectors written straight from their float32 arrays by orjson: the stdlib encoder
+    turns each float into a Python object and a repr, about 4 ms per 32 vectors of 512 floats."""
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
 ApiDep = Annotated[Api, Depends(get_api)]
 
 
@@ -78,7 +89,7 @@ async def _embeddings(body: EmbeddingsRequest, api: Api) -> JSONResponse:
             if r.info.get("truncated_tokens"):  # MMEMBED_TOKEN_POLICY=truncate: said, not hidden
                 data[index]["truncated_tokens"] = r.info["truncated_tokens"]
     usage = {"prompt_tokens": tokens, "total_tokens": tokens}
-    return JSONResponse({"object": "list", "data": data, "model": body.model, "usage": usage})
+    return VectorsResponse({"object": "list", "data": data, "model": body.model, "usage": usage})
 
 
 @router.get("/v1/models")
@@ -126,9 +137,9 @@ async def encode_audio(body: EncodeMediaRequest, api: ApiDep) -> dict[str, Any]:
     return _native(api, body.model, "audio", await api.encode_media(body.model, "audio", body.items))
 
 
-def _format(vector: Any, body: EmbeddingsRequest) -> list[float] | str:
-    vec = np.asarray(vector, dtype="<f4")
-    return base64.b64encode(vec.tobytes()).decode() if body.encoding_format == "base64" else vec.tolist()
+def _format(vector: Any, body: EmbeddingsRequest) -> np.ndarray | str:
+    vec = np.ascontiguousarray(vector, dtype="<f4")
+    return base64.b64encode(vec.tobytes()).decode() if body.encoding_format == "base64" else vec
 
 
 def _public_info(r: EncodedItem) -> dict[str, Any]:
@@ -149,7 +160,7 @@ def _native(api: Api, model: str, modality: str, results: list[EncodedItem]) -> 
     out = [
         {
             "index": i,
-            "embedding": None if r.vector is None else np.asarray(r.vector).tolist(),
+            "embedding": None if r.vector is None else np.ascontiguousarray(r.vector, dtype="<f4"),
             "error": _error(r),
             "info": _public_info(r),
         }
@@ -159,4 +170,4 @@ def _native(api: Api, model: str, modality: str, results: list[EncodedItem]) -> 
         error = results[0].error
         assert error is not None
         raise ApiError(item_status(error.code), error.code, f"every item failed; items[0]: {error.message}")
-    return JSONResponse({"model": model, "modality": modality, "data": out})
+    return VectorsResponse({"model": model, "modality": modality, "data": out})

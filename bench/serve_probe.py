@@ -1,0 +1,114 @@
+"""A short serving probe for trying one change to the data plane at a time: ``mmembed serve`` with
+``bench/peers.py``'s models, client and requests, a few points only, and the CPU each process
+spent per request (where the time outside the forward pass goes).
+
+    python bench/serve_probe.py [--env '{"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}']
+                                [--model-args '{"cpu_threads": 1}']
+                                [--points minilm1,minilm32,cliptext32,img1] [--out FILE]
+
+``--env`` is the environment ``mmembed serve`` (and so the Ray cluster it starts) runs with;
+``--model-args`` go into every model's entry of the Serve config. Figures are printed and, with
+``--out``, written as JSON. Not a comparison by itself: run it before and after a change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import peers
+import psutil
+import yaml
+
+# Process labels: Serve replicas by deployment, then Ray's own processes.
+LABELS = (
+    "ServeReplica:mmembed:ingress",
+    "ServeReplica:mmembed:encoder-hf",
+    "ServeReplica:mmembed:encoder-all",
+    "ServeReplica:mmembed:catalog",
+    "ProxyActor",
+    "HAProxy",
+    "haproxy",
+    "ServeController",
+    "gcs_server",
+    "raylet",
+    "dashboard",
+    "mmembed.cli",
+)
+
+
+def cpu_seconds() -> dict[int, tuple[str, float]]:
+    out = {}
+    for process in psutil.process_iter(["pid", "cmdline", "name"]):
+        try:
+            times, command = process.cpu_times(), " ".join(process.info["cmdline"] or [])
+        except (psutil.Error, OSError):
+            continue
+        label = next((k for k in LABELS if k in command or k in (process.info["name"] or "")), None)
+        if label:
+            out[process.pid] = (label, times.user + times.system)
+    return out
+
+
+def per_request(before: dict, after: dict, requests: int) -> dict[str, float]:
+    spent: dict[str, float] = {}
+    for pid, (label, seconds) in after.items():
+        spent[label] = spent.get(label, 0.0) + seconds - before.get(pid, (label, 0.0))[1]
+    return {k: round(1000 * v / requests, 2) for k, v in sorted(spent.items(), key=lambda kv: -kv[1]) if v > 0.05}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--env", default="{}")
+    parser.add_argument("--model-args", default="{}")
+    parser.add_argument("--points", default="minilm1,minilm32,cliptext32,img1")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/mmembed-peers"))
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    os.environ.update(json.loads(args.env))
+    model_args = json.loads(args.model_args)
+    if model_args:  # into the config file peers.mmembed_server writes
+        dump = yaml.safe_dump
+
+        def with_model_args(config: Any, *a: Any, **k: Any) -> str:
+            for app in config.get("applications", []):
+                for model in app["args"]["models"]:
+                    model.update(model_args)
+            return dump(config, *a, **k)
+
+        yaml.safe_dump = with_model_args
+    clip = peers.clip_folder(args.work)
+    texts, images = peers.captions(1000), [peers.data_uri(j) for j in peers.jpegs(64)]
+    points = {
+        "minilm1": ("all-MiniLM-L6-v2", texts[:480], "text", 1, (1, 8, 32)),
+        "minilm32": ("all-MiniLM-L6-v2", texts, "text", 32, (8,)),
+        "cliptext32": (f"hf-clip:{clip}", texts[:512], "text", 32, (8,)),
+        "img1": (f"hf-clip:{clip}", images, "image", 1, (32,)),
+    }
+    results: dict[str, Any] = {"env": json.loads(args.env), "model_args": model_args}
+    port = peers.free_port()
+    with peers.mmembed_server(clip, port, args.work):
+        url = f"http://127.0.0.1:{port}"
+        for name in args.points.split(","):
+            model, inputs, modality, size, concurrency = points[name]
+            bodies = [
+                {"model": model, "input": inputs[i : i + size], "modality": modality}
+                for i in range(0, len(inputs), size)
+            ]
+            asyncio.run(peers.drive(url, bodies[:4], size, 2))  # warm up
+            for c in concurrency:
+                before = cpu_seconds()
+                point = asyncio.run(peers.drive(url, bodies, size, c))
+                point["cpu_ms_per_request"] = per_request(before, cpu_seconds(), len(bodies))
+                results[f"{name}@{c}"] = point
+                print(f"{name} c={c}: {json.dumps(point)}", flush=True)
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
