@@ -116,16 +116,11 @@ def peers_table() -> str:
     for key, label in kinds.items():
         for size in ("1", str(results["setup"]["max_batch"])):
             points = [f"{size}-per-request@{c}" for c in concurrency]
-            figures = [
-                " / ".join(f"{results[s][key][p]['items_per_s']:.1f}" for p in points) for s in ("infinity", "mmembed")
-            ]
+            figures = [" / ".join(f"{results[s][key][p]['items_per_s']:.1f}" for p in points) for s in SERVERS]
             ratios = " / ".join(f"{results['ratio_to_infinity'][key][p]:.2f}" for p in points)
             rows.append(f"| {label}, {size} per request | {figures[0]} | {figures[1]} | {ratios} |")
     ceiling = results["ceiling_items_per_s"]
-    p50 = {
-        s: " / ".join(f"{results[s][key]['1-per-request@1']['p50_ms']:.0f}" for key in kinds)
-        for s in ("infinity", "mmembed")
-    }
+    p50 = {s: " / ".join(f"{results[s][key]['1-per-request@1']['p50_ms']:.0f}" for key in kinds) for s in SERVERS}
     rows += [
         "",
         f"Raw batch-{results['setup']['max_batch']} forward in the same run: "
