@@ -21,44 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import peers
-import psutil
 import yaml
-
-# Process labels: Serve replicas by deployment, then Ray's own processes.
-LABELS = (
-    "ServeReplica:mmembed:ingress",
-    "ServeReplica:mmembed:encoder-hf",
-    "ServeReplica:mmembed:encoder-all",
-    "ServeReplica:mmembed:catalog",
-    "ProxyActor",
-    "HAProxy",
-    "haproxy",
-    "ServeController",
-    "gcs_server",
-    "raylet",
-    "dashboard",
-    "mmembed.cli",
-)
-
-
-def cpu_seconds() -> dict[int, tuple[str, float]]:
-    out = {}
-    for process in psutil.process_iter(["pid", "cmdline", "name"]):
-        try:
-            times, command = process.cpu_times(), " ".join(process.info["cmdline"] or [])
-        except (psutil.Error, OSError):
-            continue
-        label = next((k for k in LABELS if k in command or k in (process.info["name"] or "")), None)
-        if label:
-            out[process.pid] = (label, times.user + times.system)
-    return out
-
-
-def per_request(before: dict, after: dict, requests: int) -> dict[str, float]:
-    spent: dict[str, float] = {}
-    for pid, (label, seconds) in after.items():
-        spent[label] = spent.get(label, 0.0) + seconds - before.get(pid, (label, 0.0))[1]
-    return {k: round(1000 * v / requests, 2) for k, v in sorted(spent.items(), key=lambda kv: -kv[1]) if v > 0.05}
+from serve_throughput import cpu_ms_per_request, cpu_seconds
 
 
 def main() -> None:
@@ -103,7 +67,7 @@ def main() -> None:
             for c in concurrency:
                 before = cpu_seconds()
                 point = asyncio.run(peers.drive(url, bodies, size, c))
-                point["cpu_ms_per_request"] = per_request(before, cpu_seconds(), len(bodies))
+                point["cpu_ms_per_request"] = cpu_ms_per_request(before, len(bodies))
                 results[f"{name}@{c}"] = point
                 print(f"{name} c={c}: {json.dumps(point)}", flush=True)
     if args.out:

@@ -86,7 +86,7 @@ def ceiling(model: str, images: list[bytes], texts: list[str]) -> dict[str, floa
     return out
 
 
-def _cpu_seconds() -> dict[int, tuple[str, float]]:
+def cpu_seconds() -> dict[int, tuple[str, float]]:
     out = {}
     for p in psutil.process_iter(["cmdline"]):
         try:
@@ -96,10 +96,21 @@ def _cpu_seconds() -> dict[int, tuple[str, float]]:
     return out
 
 
-def _process_label(cmdline: str) -> str:
+def cpu_ms_per_request(before: dict[int, tuple[str, float]], requests: int) -> dict[str, float]:
+    """CPU milliseconds each kind of process spent per request since ``before`` (``cpu_seconds()``)."""
+    cpu_ms: dict[str, float] = {}
+    for pid, (cmdline, seconds) in cpu_seconds().items():
+        if pid in before:
+            label = process_label(cmdline)
+            cpu_ms[label] = cpu_ms.get(label, 0.0) + (seconds - before[pid][1]) * 1000 / requests
+    return {k: round(v, 1) for k, v in sorted(cpu_ms.items(), key=lambda kv: -kv[1]) if v >= 0.5}
+
+
+def process_label(cmdline: str) -> str:
     for key, label in (
         ("ServeReplica", "replica:"),
         ("ProxyActor", "proxy"),
+        ("haproxy", "haproxy"),
         ("ServeController", "controller"),
         ("serve_throughput", "client"),
         ("raylet", "raylet"),
@@ -126,16 +137,11 @@ async def load_test(url: str, path: str, bodies: list[dict], concurrency: int) -
     async with httpx.AsyncClient(timeout=600) as client:
         await one(client, bodies[0])  # warm-up
         latencies.clear(), batches.clear()
-        before = _cpu_seconds()
+        before = cpu_seconds()
         started = time.perf_counter()
         await asyncio.gather(*(one(client, b) for b in bodies))
         elapsed = time.perf_counter() - started
-    cpu_ms: dict[str, float] = {}
-    for pid, (cmdline, seconds) in _cpu_seconds().items():
-        if pid in before:
-            label = _process_label(cmdline)
-            cpu_ms[label] = cpu_ms.get(label, 0.0) + (seconds - before[pid][1]) * 1000 / len(bodies)
-    cpu_ms = {k: round(v, 1) for k, v in sorted(cpu_ms.items(), key=lambda kv: -kv[1]) if v >= 0.5}
+    cpu_ms = cpu_ms_per_request(before, len(bodies))
     return {
         "per_s": round(len(bodies) / elapsed, 2),
         "p50_ms": round(float(np.percentile(latencies, 50)), 1),
