@@ -269,7 +269,8 @@ def _start_server(
     from mmembed.serve import launch, local
 
     try:
-        running = launch.start(config, address, host, port, quiet, dashboard_host, metrics_export_port)
+        ingress = get_settings().serve_ingress
+        running = launch.start(config, address, host, port, quiet, dashboard_host, metrics_export_port, ingress)
     except Exception as exc:  # a model that fails to load, a port in use: say which and stop
         _fail(exc)
     local.note(get_settings().data_dir.expanduser(), running.url.replace("0.0.0.0", "127.0.0.1"))

@@ -42,6 +42,12 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MMEMBED_", extra="ignore")
 
     data_dir: Path = Field(default=Path("~/.mmembed"), description="Root for models, vectors and objects.")
+    serve_ingress: Literal["haproxy", "proxy"] = Field(
+        default="haproxy",
+        description="How HTTP reaches the API in a Ray cluster mmembed starts: haproxy (HAProxy in front of the "
+        "ingress replicas' own HTTP servers, with Serve's throughput-optimized mode) or proxy (Serve's Python "
+        "proxy actor). A cluster joined with --address keeps what it was started with.",
+    )
     models_dir: Path | None = Field(default=None, description="Where all model weights live; default DATA_DIR/models.")
     device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N | mps")
     precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(

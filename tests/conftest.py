@@ -71,6 +71,10 @@ def ray_cluster(settings: Settings) -> Iterator[int]:
     os.environ["MMEMBED_ALLOW_DOWNLOADS"] = "false"
     # Batching tests count forward passes; the one cache test turns it on for its own app.
     os.environ["MMEMBED_CACHE_URL"] = "off"
+    # The data plane `mmembed serve` starts, so the tests answer through the same one.
+    from mmembed.serve.launch import data_plane_env
+
+    os.environ.update(data_plane_env(settings.serve_ingress))
     # Logical CPUs, not cores: several single-CPU replicas share this machine's two cores.
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, _temp_dir="/tmp/mmembed-ray")
     with socket.socket() as s:
