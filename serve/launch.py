@@ -44,6 +44,7 @@ def data_plane_env(ingress: str) -> dict[str, str]:
         "RAY_SERVE_HAPROXY_METRICS_PORT": str(metrics_port),
     }
 
+
 # Never put into a runtime env: Ray's runtime-env agent logs its environment variables. The
 # MMEMBED_ ones reach the replicas in the Settings build_app reads here; AWS secrets come from
 # the nodes' own environment.
