@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from mmembed.config import get_settings
@@ -39,7 +40,7 @@ OFFLINE_MODELS = ("demo-clip", "all-MiniLM-L6-v2", "whisper-base", "bind")
 
 
 def _fail(exc: Exception) -> NoReturn:
-    console.print(f"[red]error:[/red] {exc}")
+    console.print("[red]error:[/red]", escape(str(exc)))  # its text may hold brackets: paths, lists
     raise typer.Exit(1)
 
 

@@ -65,20 +65,28 @@ BUSY_RETRY_S = 1.0  # a full encoder queue makes a job wait this long before ask
 
 
 class EncoderHandles:
-    """The encoder deployments, as a server job's models (``jobs.encode.Deployments``). Called from a
-    job's thread: ``describe`` waits on its answers there (``.result()``), and ``encode`` runs in the
-    thread's own event loop (``BatchEncoder`` gives each batch one)."""
+    """The encoder deployments, as a server job's models (``jobs.encode.Deployments``), called from a
+    job's thread. Every call is made on the replica's own event loop: in Serve's throughput-optimized
+    mode a handle's router runs on that loop and refuses calls from any other thread."""
 
-    def __init__(self, handles: dict[str, DeploymentHandle]) -> None:
-        self.handles = handles
+    def __init__(self, handles: dict[str, DeploymentHandle], loop: asyncio.AbstractEventLoop) -> None:
+        self.handles, self.loop = handles, loop
 
     def describe(self, models: Sequence[str]) -> dict[str, ModelInfo]:
         missing = sorted(set(models) - set(self.handles))
         if missing:
             raise ValueError(f"models not served here: {missing}; served: {sorted(self.handles)}")
-        return {m: self.handles[m].describe.remote().result() for m in models}
+        return {m: asyncio.run_coroutine_threadsafe(self._describe(m), self.loop).result() for m in models}
+
+    async def _describe(self, model: str) -> ModelInfo:
+        return await self.handles[model].describe.remote()
 
     async def encode(self, model: str, modality: str, inputs: list[Any]) -> list[EncodedItem]:
+        """Awaited in the job thread's own loop (``BatchEncoder`` gives each batch one)."""
+        call = asyncio.run_coroutine_threadsafe(self._encode(model, modality, inputs), self.loop)
+        return await asyncio.wrap_future(call)
+
+    async def _encode(self, model: str, modality: str, inputs: list[Any]) -> list[EncodedItem]:
         """A job yields to the API's requests: while the deployment's queue is full it waits and asks again."""
         while True:
             try:
@@ -90,7 +98,8 @@ class EncoderHandles:
 class CatalogDeployment:
     def __init__(self, settings: Settings, encoders: dict[str, DeploymentHandle]) -> None:
         self.settings = settings
-        self.encoders = EncoderHandles(encoders)
+        # Serve runs the constructor on the replica's event loop (its user-code loop)
+        self.encoders = EncoderHandles(encoders, asyncio.get_running_loop())
         self.catalog = Catalog(open_store(self.settings.vectors_config()), object_store(self.settings.objects_config()))
         self.layout: dict[str, int] | None = None
         self.jobs = JobStore(self.settings.data_dir.expanduser() / "jobs.sqlite")

@@ -31,18 +31,22 @@ def data_plane_env(ingress: str) -> dict[str, str]:
     HTTP server, with no Python proxy actor in between, and replicas call each other over gRPC with
     their user code on their main loop (Serve's throughput-optimized mode): 1.7x the single-text
     throughput and p50 25 ms against 41 ms on 2 cores (docs/benchmarks.md, "Serving data plane").
-    HAProxy's metrics port is the one fixed port it would otherwise share with every other cluster
-    on the machine."""
+    Ray scopes HAProxy's files by node; its stats and metrics ports are fixed, so a second cluster
+    on the machine (a test session's, a second server) would fail to start: each gets free ones."""
     if ingress == "proxy":
         return {}
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        metrics_port = s.getsockname()[1]
     return {
         "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
-        "RAY_SERVE_HAPROXY_METRICS_PORT": str(metrics_port),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
     }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
 
 
 # Never put into a runtime env: Ray's runtime-env agent logs its environment variables. The

@@ -71,12 +71,16 @@ def ray_cluster(settings: Settings) -> Iterator[int]:
     os.environ["MMEMBED_ALLOW_DOWNLOADS"] = "false"
     # Batching tests count forward passes; the one cache test turns it on for its own app.
     os.environ["MMEMBED_CACHE_URL"] = "off"
-    # The data plane `mmembed serve` starts, so the tests answer through the same one.
+    # The data plane `mmembed serve` starts, so the tests answer through the same one. Only the
+    # cluster's processes get it: a server a test starts picks its own HAProxy metrics port.
     from mmembed.serve.launch import data_plane_env
 
-    os.environ.update(data_plane_env(settings.serve_ingress))
+    data_plane = data_plane_env(settings.serve_ingress)
+    os.environ.update(data_plane)
     # Logical CPUs, not cores: several single-CPU replicas share this machine's two cores.
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, _temp_dir="/tmp/mmembed-ray")
+    for name in data_plane:
+        del os.environ[name]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
