@@ -182,7 +182,8 @@ applications:
 
 
 def test_serve_runs_every_application_and_stops_cleanly_on_ctrl_c(data_dir: Path, tmp_path: Path) -> None:
-    """Also: Ray's metrics on the port given, where the images' Prometheus scrapes Serve's series."""
+    """Behind HAProxy, beside the test session's own cluster (each picks its HAProxy ports).
+    Also: Ray's metrics on the port given, where the images' Prometheus scrapes Serve's series."""
     import signal
     import time
 
@@ -212,6 +213,10 @@ def test_serve_runs_every_application_and_stops_cleanly_on_ctrl_c(data_dir: Path
         assert f"mmembed API (images): http://127.0.0.1:{port} " in out, out
         assert f"mmembed API (texts): http://127.0.0.1:{port}/texts " in out, out
         assert "Ray dashboard: http://127.0.0.1:" in out
+        # The default data plane: HAProxy in front, started by the cluster this command started.
+        import psutil
+
+        assert "haproxy" in {p.name() for p in psutil.Process(proc.pid).children(recursive=True)}
         for prefix, model, dim in (("", "demo-clip", 128), ("/texts", "all-MiniLM-L6-v2", 384)):
             body = {"model": model, "input": "a red circle", "encoding_format": "float"}
             response = httpx.post(f"http://127.0.0.1:{port}{prefix}/v1/embeddings", json=body, timeout=60)
