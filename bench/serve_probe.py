@@ -2,7 +2,7 @@
 ``bench/peers.py``'s models, client and requests, a few points only, and the CPU each process
 spent per request (where the time outside the forward pass goes).
 
-    python bench/serve_probe.py [--env '{"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}']
+    python bench/serve_probe.py [--env '{"MMEMBED_SERVE_INGRESS": "proxy"}']
                                 [--model-args '{"cpu_threads": 1}']
                                 [--points minilm1,minilm32,cliptext32,img1] [--out FILE]
 
