@@ -18,6 +18,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("MPLCONFIGDIR", "/tmp/mmembed-mpl")
+# fp32 so that vectors from different paths (batch and single, HTTP and bulk, cached and fresh)
+# compare exactly; the default, bf16 on CPUs with native bf16, is held to its cosine by
+# tests/encoders/test_precision.py. Servers and replicas the tests start inherit it.
+os.environ.setdefault("MMEMBED_PRECISION", "fp32")
 # cl100k_base for tiktoken (OpenAI clients' token ids), from the wheel scripts/setup.sh reads it from.
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(Path(sys.prefix) / "share" / "tiktoken"))
 

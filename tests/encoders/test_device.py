@@ -1,22 +1,31 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from torchvision.transforms.functional import normalize
 
 from mmembed.encoders.clip import OPENAI_MEAN, OPENAI_STD
-from mmembed.encoders.device import ImageToDevice, pick_device, pick_dtype
+from mmembed.encoders.device import ImageToDevice, cpu_has_native_bf16, pick_device, pick_dtype
 
 
 def test_device_is_chosen_at_run_time() -> None:
     expected = "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")
     assert pick_device("auto").type == expected
     assert pick_device("cpu").type == "cpu"
-    assert pick_dtype(torch.device("cpu")) == torch.float32
+    assert pick_dtype(torch.device("cpu"), "fp32") == torch.float32
     assert pick_dtype(torch.device("cpu"), "bf16") == torch.bfloat16
     assert pick_dtype(torch.device("cuda"), "fp16") == torch.float16
+    assert pick_dtype(torch.device("mps")) == torch.float32
+
+
+def test_auto_precision_on_cpu_is_bf16_exactly_where_the_cpu_has_bf16_instructions() -> None:
+    flags = set(Path("/proc/cpuinfo").read_text().split())
+    native = bool(flags & {"avx512_bf16", "amx_bf16"})
+    assert cpu_has_native_bf16() == native
+    assert pick_dtype(torch.device("cpu")) == (torch.bfloat16 if native else torch.float32)
 
 
 def test_asking_for_cuda_gives_cuda_or_a_clear_error() -> None:
