@@ -23,6 +23,12 @@ class BatchConfig(BaseModel):
     # Caps by cost, besides the count: a batch of 32 long texts or long clips is not a batch of 32 short ones.
     max_batch_tokens: int | None = Field(default=4096, ge=1, description="Text: tokens in one batch.")
     max_batch_audio_seconds: float | None = Field(default=240.0, gt=0, description="Audio: seconds in one batch.")
+    text_sort_batches: int = Field(
+        default=4,
+        ge=1,
+        description="Text: up to this many batches' worth of queued texts are sorted by length and run as batches "
+        "of similar lengths, each answered as it finishes: less padding (1: first come, first batched).",
+    )
 
 
 class ModelConfig(BaseModel):
