@@ -9,7 +9,7 @@ from ray import serve
 
 from mmembed.encoders import LoadedModel, Modality, Prepared
 from mmembed.serve.config import BatchConfig, ModelConfig
-from mmembed.serve.deployments import Queued, batch_slots, build_encoder, item_cost, sorted_batches
+from mmembed.serve.deployments import Pace, Queued, batch_slots, build_encoder, item_cost, sorted_batches
 
 
 def test_concurrent_requests_are_grouped_into_batches(ray_cluster, demo_clip: LoadedModel):
@@ -95,6 +95,18 @@ def test_a_queue_of_mixed_texts_runs_each_length_in_batches_of_its_own(ray_clust
     local = minilm.encoder(Modality.TEXT).encode_items(texts)
     for remote, mine in zip(results, local, strict=True):  # each answer is its own text's
         assert np.allclose(remote.vector, mine.vector, atol=1e-5)
+
+
+def test_the_next_batch_waits_about_as_long_as_the_running_one_takes():
+    pace = Pace()
+    assert pace.expected(32) == 0.0  # nothing measured yet: no wait
+    pace.record(0.025, 1)  # one text alone: 25 ms, mostly the pass's fixed cost
+    pace.record(0.060, 31)  # 31 texts: 60 ms
+    # 21 texts would take under the 60 ms of 31; the last pass's 25 ms per item would say 525 ms.
+    assert 0.03 < pace.expected(21) < 0.06
+    for _ in range(10):  # the pace follows what the model does now
+        pace.record(0.3, 30)
+    assert pace.expected(30) == pytest.approx(0.3, rel=0.01)
 
 
 def test_deployment_options_follow_the_config():
