@@ -40,6 +40,7 @@ from mmembed.config import Settings
 from mmembed.demo import world
 from mmembed.encoders import Modality, load
 from mmembed.serve.app import build_app
+from mmembed.serve.launch import data_plane_env
 
 N_ITEMS = 256
 CONCURRENCY = (1, 8, 32)
@@ -113,6 +114,8 @@ def process_label(cmdline: str) -> str:
         ("haproxy", "haproxy"),
         ("ServeController", "controller"),
         ("serve_throughput", "client"),
+        ("serve_probe", "client"),
+        ("mmembed.cli", "driver"),
         ("raylet", "raylet"),
         ("gcs_server", "gcs"),
     ):
@@ -174,6 +177,7 @@ def main() -> None:
         port = s.getsockname()[1]
     # Every concurrency level sends the same items: the embedding cache would answer them all.
     os.environ["MMEMBED_CACHE_URL"] = "off"
+    os.environ.update(data_plane_env(Settings().serve_ingress))  # the data plane `mmembed serve` runs
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     url = f"http://127.0.0.1:{port}"
