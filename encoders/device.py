@@ -26,7 +26,7 @@ def pick_device(preference: str = "auto") -> torch.device:
 
 
 def cpu_has_native_bf16() -> bool:
-    """AVX-512 BF16 or AMX: oneDNN runs bf16 matmuls in hardware there, 1.8-2.7x fp32 at a cosine
+    """AVX-512 BF16 or AMX: oneDNN runs bf16 matmuls in hardware there, 2-4.6x fp32 at a cosine
     to fp32 of 0.9999 (bench/results/cpu_forward.json). Without them bf16 is emulated and slower
     than fp32. Torch exposes the check only privately, hence the guarded lookups."""
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")

@@ -53,7 +53,7 @@ class Settings(BaseSettings):
     precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
         default="auto",
         description="auto: bf16 on CUDA where supported, else fp16 on CUDA; on CPU bf16 where it has native bf16 "
-        "(AVX-512 BF16 or AMX: 1.8-2.7x fp32, cosine to fp32 >= 0.9999), else fp32. fp32 gives exact vectors.",
+        "(AVX-512 BF16 or AMX: 2-4.6x fp32, cosine to fp32 >= 0.9999), else fp32. fp32 gives exact vectors.",
     )
     allow_downloads: bool = Field(
         default=True, description="Fetch hub weights on first use. Off: a missing model is an error naming the fix."
