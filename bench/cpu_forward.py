@@ -13,6 +13,7 @@ text queue does (``text_sort_batches``).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import io
 import json
@@ -26,21 +27,33 @@ import peers
 from mmembed.config import Settings
 from mmembed.encoders import Modality, load
 from mmembed.encoders.base import Prepared
+from mmembed.serve.config import BatchConfig
+from mmembed.serve.deployments import Queued, item_cost, sorted_batches
 
-BATCH, SORT_BATCHES = 32, 4
+BATCH = 32
 RESULTS = Path(__file__).parent / "results" / "cpu_forward.json"
 
 
 def batches(items: list[Prepared], by_length: bool) -> list[list[int]]:
-    """Indices of each forward pass."""
-    order = list(range(len(items)))
+    """Indices of each forward pass: first come, or grouped by the server's own text queue
+    (``sorted_batches`` over each take of ``text_sort_batches`` batches' worth)."""
     if not by_length:
-        return [order[i : i + BATCH] for i in range(0, len(order), BATCH)]
-    out = []
-    window = BATCH * SORT_BATCHES
-    for start in range(0, len(order), window):
-        part = sorted(order[start : start + window], key=lambda i: len(items[i].data))
-        out += [part[i : i + BATCH] for i in range(0, len(part), BATCH)]
+        return [list(range(i, min(i + BATCH, len(items)))) for i in range(0, len(items), BATCH)]
+    return asyncio.run(_as_the_server_sorts(items))
+
+
+async def _as_the_server_sorts(items: list[Prepared]) -> list[list[int]]:
+    """In a loop because a ``Queued`` item carries a future of the running one."""
+    config = BatchConfig(max_batch_size=BATCH)
+    take = BATCH * config.text_sort_batches
+    out: list[list[int]] = []
+    for start in range(0, len(items), take):
+        queued = {
+            start + n: Queued(p, item_cost(Modality.TEXT, p, config), 0.0)
+            for n, p in enumerate(items[start : start + take])
+        }
+        index = {id(q): i for i, q in queued.items()}
+        out += [[index[id(q)] for q in part] for part in sorted_batches(list(queued.values()), BATCH)]
     return out
 
 
@@ -67,7 +80,12 @@ def main() -> None:
     texts = peers.captions(1000)
     images = [Image.open(io.BytesIO(j)).convert("RGB") for j in peers.jpegs(128)]
     config = Settings().models_config()
-    result: dict[str, Any] = {"batch": BATCH, "sort_batches": SORT_BATCHES, "texts": len(texts), "images": len(images)}
+    result: dict[str, Any] = {
+        "batch": BATCH,
+        "sort_batches": BatchConfig().text_sort_batches,
+        "texts": len(texts),
+        "images": len(images),
+    }
     for name, modalities in (
         (f"hf-clip:{clip}", (Modality.IMAGE, Modality.TEXT)),
         ("all-MiniLM-L6-v2", (Modality.TEXT,)),

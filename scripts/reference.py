@@ -20,7 +20,8 @@ from pydantic_core import PydanticUndefined
 
 ROOT = Path(__file__).resolve().parents[1]
 PEERS = ROOT / "bench" / "results" / "peers.json"
-SERVERS = ("infinity", "infinity_bf16", "mmembed")
+SERVERS = ("infinity", "infinity_bf16", "mmembed")  # the columns of peers.json
+RUNS = {"infinity": SERVERS[:2], "mmembed": SERVERS[2:]}  # a server at each of its precisions
 
 
 def _cell(text: object) -> str:
@@ -129,10 +130,7 @@ def peers_table() -> str:
     def p50(servers: tuple[str, ...], key: str) -> float:  # the best of a server's precisions
         return min(results[s][key]["1-per-request@1"]["p50_ms"] for s in servers if key in results[s])
 
-    p50s = {
-        s: " / ".join(f"{p50(servers, k):.0f}" for k in kinds)
-        for s, servers in (("infinity", SERVERS[:2]), ("mmembed", SERVERS[2:]))
-    }
+    p50s = {s: " / ".join(f"{p50(servers, k):.0f}" for k in kinds) for s, servers in RUNS.items()}
     rows += [
         "",
         f"Raw batch-{results['setup']['max_batch']} forward in the same run, fp32 / bf16: "
