@@ -49,7 +49,6 @@ from mmembed.jobs.encode import (
     unchanged_content,
 )
 from mmembed.jobs.state import DONE, PENDING, JobStore, job_id
-from mmembed.loaders.images import DecodeLimits
 from mmembed.loaders.sources import SourceItem, iter_source, s3_client
 from mmembed.store.cache import EmbeddingCache, open_cache
 from mmembed.store.catalog import Catalog, NewItem
@@ -348,9 +347,9 @@ class Ingest:
         lookups, not forward passes) and no remote model (it would pay for them)."""
         started = time.perf_counter()
         loader = make_loader(self._dataset(sample), batch_size=len(sample), workers=0)
-        encoder = BatchEncoder(self.models, None, remote=False)
-        for batch in loader:
-            encoder.encode(batch, {b.index: sample[b.index] for b in batch})
+        with BatchEncoder(self.models, None, remote=False) as encoder:
+            for batch in loader:
+                encoder.encode(batch, {b.index: sample[b.index] for b in batch})
         return (time.perf_counter() - started) / len(sample)
 
     # --- run -------------------------------------------------------------------------------
@@ -464,13 +463,13 @@ class Ingest:
 
     def _local_batches(self, todo: list[SourceItem]) -> Iterator[EncodedBatch]:
         loader = make_loader(self._dataset(todo), self.options.batch_size, self.options.workers, self.settings.device)
-        encoder = self.encoder
-        for batch in loader:
-            known = self.catalog.payloads([point_id(b.uri) for b in batch])
-            stored = {b.index: known.get(point_id(b.uri), {}).get("content_hash") for b in batch}
-            unchanged = [b for b in batch if unchanged_content(b, stored[b.index])]
-            fresh = [b for b in batch if not unchanged_content(b, stored[b.index])]
-            yield encoder.encode_batch(fresh, unchanged, {b.index: todo[b.index] for b in fresh})
+        with self.encoder as encoder:
+            for batch in loader:
+                known = self.catalog.payloads([point_id(b.uri) for b in batch])
+                stored = {b.index: known.get(point_id(b.uri), {}).get("content_hash") for b in batch}
+                unchanged = [b for b in batch if unchanged_content(b, stored[b.index])]
+                fresh = [b for b in batch if not unchanged_content(b, stored[b.index])]
+                yield encoder.encode_batch(fresh, unchanged, {b.index: todo[b.index] for b in fresh})
 
     def _estimate_remote(self, plan: Plan, captions: list[str], audio: int) -> None:
         """Adds one chunk to the tokens and dollars the remote models will cost: captions are counted
@@ -500,7 +499,8 @@ class Ingest:
     def loading(self, items: Sequence[SourceItem]) -> Loading:
         from mmembed.encoders.provision import audio_limits
 
-        limits = DecodeLimits(max_bytes=self.settings.max_image_bytes, max_pixels=self.settings.max_image_pixels)
+        image_towers = [m.encoders["image"] for m in self.models.described.values() if "image" in m.encoders]
+        limits = self.settings.decode_limits(e.limits.get("image_size") for e in image_towers)
         s3 = None
         if any((i.location or i.uri).startswith("s3://") for i in items):
             s3 = {"endpoint_url": self.settings.s3_endpoint_url, "region_name": self.settings.s3_region}

@@ -185,9 +185,9 @@ class Migration(Ingest):
     def _local_batches(self, todo: list[SourceItem]) -> Iterator[EncodedBatch]:
         """Every item is encoded: the content is the collection's own, only the model is new."""
         loader = make_loader(self._dataset(todo), self.options.batch_size, self.options.workers, self.settings.device)
-        encoder = self.encoder
-        for batch in loader:
-            yield encoder.encode_batch(batch, [], {b.index: todo[b.index] for b in batch})
+        with self.encoder as encoder:
+            for batch in loader:
+                yield encoder.encode_batch(batch, [], {b.index: todo[b.index] for b in batch})
 
     def _write_batch(self, todo: Any, batch: EncodedBatch, summary: Summary, done: list[str]) -> None:
         """The new vectors and the version that made them, merged into each point of the target; copying,

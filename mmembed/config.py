@@ -13,6 +13,7 @@ can be used, and tested, without this module.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
@@ -30,6 +31,7 @@ from mmembed.encoders.config import (
     RemoteModelConfig,
     TokenPolicy,
 )
+from mmembed.loaders.images import DecodeLimits
 from mmembed.store.config import CacheConfig, IndexConfig, ObjectsConfig, VectorsConfig
 
 if TYPE_CHECKING:
@@ -198,6 +200,16 @@ class Settings(BaseSettings):
     def remote_price(self, model: str) -> float | None:
         """USD per million tokens for a provider's model name, or None when no table names it."""
         return {**DEFAULT_PRICES, **self.remote_prices}.get(model)
+
+    def decode_limits(self, image_sizes: Iterable[int | None] = ()) -> DecodeLimits:
+        """How images are decoded for models with these input sides, on every path (an encoder
+        deployment, a bulk job's workers): JPEGs at the smallest DCT scale that still covers the
+        largest side, so a 640x480 photo for a 224 px model decodes at 320x240, half the time. One
+        rule for both paths, so a one-model job computes the vector the server would, and the cache
+        they share holds it."""
+        sides = [s for s in image_sizes if s]
+        draft = max(sides) if sides else DecodeLimits.draft_size
+        return DecodeLimits(max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels, draft_size=draft)
 
     def models_config(self) -> ModelsConfig:
         """What the encoders need, resolved now: the remote models file is read and the API keys

@@ -33,7 +33,6 @@ from mmembed.embedding import ModelStep, encoded
 from mmembed.embedding.model import Input
 from mmembed.encoders import Modality, Prepared, load, model_version
 from mmembed.encoders.device import use_cpu_threads
-from mmembed.loaders.images import DecodeLimits
 from mmembed.serve.config import BatchConfig, ModelConfig, replica_settings
 from mmembed.store.cache import open_cache
 
@@ -105,14 +104,8 @@ class EncoderDeployment:
         self.config = ModelConfig.model_validate(config)
         use_cpu_threads(self.config.cpu_threads)
         model = load(self.config.name, settings.models_config())
-        # JPEGs decode at the smallest DCT scale that still covers the model's input: 4x
-        # fewer pixels for a 640x480 photo and a 224 model, and half the decode time.
         image = model.encoders.get(Modality.IMAGE)
-        image_limits = DecodeLimits(
-            max_bytes=settings.max_image_bytes,
-            max_pixels=settings.max_image_pixels,
-            draft_size=image.limits.image_size if image and image.limits.image_size else DecodeLimits.draft_size,
-        )
+        image_limits = settings.decode_limits([image.limits.image_size] if image else [])
         # The same embedding cache bulk jobs use; the step decides what it may answer.
         version = model_version(model.spec, settings.models_config())
         self.step = ModelStep(model, version, open_cache(settings.cache_config()), image_limits)

@@ -7,11 +7,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import signal
 import sqlite3
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +23,10 @@ from catalogue_files import SCENES, job_settings, write_catalogue
 
 from mmembed.config import Settings
 from mmembed.demo import world
+from mmembed.encoders import load
 from mmembed.jobs.ingest import Ingest, IngestOptions
 from mmembed.jobs.state import JobStore
+from mmembed.loaders.images import DecodeLimits, decode_image
 from mmembed.loaders.sources import SourceError
 from mmembed.store.cache import SqliteCache
 from mmembed.store.catalog import Catalog, NewItem
@@ -411,3 +415,28 @@ def test_a_source_listing_one_item_twice_is_refused_when_planned(env, tmp_path: 
     with pytest.raises(SourceError) as info:
         job.plan(calibrate=False)
     assert info.value.code == "bad_manifest" and "doc-7" in str(info.value)
+
+
+def test_a_photo_ingested_in_bulk_gets_the_vector_an_encoder_deployment_computes(tmp_path: Path, settings: Settings):
+    """Both paths decode a JPEG at the DCT scale that covers the model's input (``Settings.decode_limits``):
+    a job that decoded at full size would store, and share through the cache, a vector the server would
+    not compute for the same file."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = random.Random(5)
+    photo = folder / "photo.jpg"
+    world.render(world.random_scene(rng), rng, size=640).resize((640, 480)).save(photo, quality=90)
+    job_settings_ = job_settings(settings, tmp_path / "data", "photos")
+    catalog = Catalog(EdgeStore(tmp_path / "vectors"), LocalObjects(tmp_path / "objects"))
+    options = IngestOptions(str(folder), ("demo-clip",), batch_size=4, workers=0)
+    Ingest(options, job_settings_, catalog=catalog, jobs=JobStore(tmp_path / "jobs.sqlite")).run(progress=False)
+    stored = catalog.get(point_id("file://" + str(photo)), with_vectors=True).vectors["demo-clip.image"]
+
+    encoder = load("demo-clip", settings.models_config()).encoder("image")
+    served_limits = settings.decode_limits([encoder.limits.image_size])  # what EncoderDeployment decodes with
+
+    def vector(limits: DecodeLimits) -> np.ndarray:
+        return encoder.encode([encoder.preprocess(decode_image(photo.read_bytes(), limits))])[0]
+
+    np.testing.assert_allclose(stored, vector(served_limits), atol=1e-6)
+    assert not np.allclose(stored, vector(replace(served_limits, draft_size=None)), atol=1e-6)  # full size differs
