@@ -29,7 +29,8 @@ Parts, each written to ``--out`` as soon as it ends (a long run that is cut off 
   real demo-clip queries (image embeddings of rendered scenes and unseen captions), for HNSW ``ef``
   values after building the index, with and without int8 scalar quantization.
 - **ceiling**: end-to-end bulk ingest of 1,024 JPEGs with ViT-B-32 (random weights, the published
-  compute) against its raw batch-32 forward on pre-decoded tensors, measured in the same run.
+  compute) against its raw batch-32 forward on pre-decoded tensors, measured in the same run: the
+  fastest of three jobs against the fastest of the four raw forwards before, between and after them.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ RESULTS = Path(__file__).parent / "results" / "bulk_scale.json"
 TEXT_MODEL = IMAGE_MODEL = "demo-clip"
 CEILING_MODEL = "ViT-B-32@random"
 CEILING_IMAGES = 1024
+CEILING_RUNS = 3
 
 
 # --- the measured process ---------------------------------------------------------------------------
@@ -401,7 +403,8 @@ def search_part(data: Path, int8_variant: bool, queries: int = 200) -> dict[str,
 
 
 def ceiling_part(work: Path) -> dict[str, Any]:
-    """Bulk ingest of 1,024 JPEGs against the raw batch-32 forward of the same model, same run."""
+    """Bulk ingest of 1,024 JPEGs against the raw batch-32 forward of the same model, same run: the
+    fastest of ``CEILING_RUNS`` jobs against the fastest of the raw forwards around them."""
     from mmembed.config import Settings
     from mmembed.demo import world
     from mmembed.encoders import load
@@ -426,18 +429,25 @@ def ceiling_part(work: Path) -> dict[str, Any]:
             encoder.encode(batch)
         return images // 32 * 32 / (time.perf_counter() - started)
 
-    before = raw_forward(CEILING_IMAGES // 2)
+    # Best of several on both sides: this shared 2-core machine's speed wanders by 2x within minutes
+    # (the raw forward alone has measured 51 to 134/s in one stop), and a best-of-N against a
+    # best-of-N compares the two when each had the machine to itself.
+    raws, jobs = [raw_forward(CEILING_IMAGES // 2)], []
     data = work / "data-ceiling"
-    shutil.rmtree(data, ignore_errors=True)
-    job = child([str(folder), str(data), "--model", CEILING_MODEL, "--batch-size", "32"])
-    assert job is not None
-    after = raw_forward(CEILING_IMAGES // 2)
-    ceiling = max(before, after)  # the faster of the two, on either side of the ingest: the stricter ratio
+    for _ in range(CEILING_RUNS):
+        shutil.rmtree(data, ignore_errors=True)
+        job = child([str(folder), str(data), "--model", CEILING_MODEL, "--batch-size", "32"])
+        assert job is not None
+        jobs.append(job)
+        raws.append(raw_forward(CEILING_IMAGES // 2))
+    ceiling = max(raws)
+    job = min(jobs, key=lambda j: j["run_s"])
     return {
         "model": CEILING_MODEL,
         "images": CEILING_IMAGES,
         "raw_forward_b32_per_s": ceiling,
-        "raw_forward_b32_per_s_before_after": [before, after],
+        "raw_forward_b32_per_s_runs": raws,
+        "ingest_per_s_runs": [CEILING_IMAGES / j["run_s"] for j in jobs],
         "ingest_per_s_run": CEILING_IMAGES / job["run_s"],
         "ingest_per_s_total": CEILING_IMAGES / job["total_s"],
         "ratio_run": CEILING_IMAGES / job["run_s"] / ceiling,
