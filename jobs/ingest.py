@@ -246,8 +246,8 @@ class Ingest:
     def _open_collection(self, layout: dict[str, int]) -> None:
         self.catalog.open(layout)
 
-    @property
-    def encoder(self) -> BatchEncoder:
+    def batch_encoder(self) -> BatchEncoder:
+        """A new one per engine pass, closed with it (it holds an event loop)."""
         return BatchEncoder(self.models, self.cache)
 
     def _s3_client(self) -> Any:
@@ -463,7 +463,7 @@ class Ingest:
 
     def _local_batches(self, todo: list[SourceItem]) -> Iterator[EncodedBatch]:
         loader = make_loader(self._dataset(todo), self.options.batch_size, self.options.workers, self.settings.device)
-        with self.encoder as encoder:
+        with self.batch_encoder() as encoder:
             for batch in loader:
                 known = self.catalog.payloads([point_id(b.uri) for b in batch])
                 stored = {b.index: known.get(point_id(b.uri), {}).get("content_hash") for b in batch}

@@ -185,7 +185,7 @@ class Migration(Ingest):
     def _local_batches(self, todo: list[SourceItem]) -> Iterator[EncodedBatch]:
         """Every item is encoded: the content is the collection's own, only the model is new."""
         loader = make_loader(self._dataset(todo), self.options.batch_size, self.options.workers, self.settings.device)
-        with self.encoder as encoder:
+        with self.batch_encoder() as encoder:
             for batch in loader:
                 yield encoder.encode_batch(batch, [], {b.index: todo[b.index] for b in batch})
 

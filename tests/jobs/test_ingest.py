@@ -4,6 +4,7 @@ reruns, sync deletes, dead letters, retries, and a run killed with SIGKILL that 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
@@ -23,6 +24,7 @@ from catalogue_files import SCENES, job_settings, write_catalogue
 
 from mmembed.config import Settings
 from mmembed.demo import world
+from mmembed.embedding import ItemEmbedder
 from mmembed.encoders import load
 from mmembed.jobs.ingest import Ingest, IngestOptions
 from mmembed.jobs.state import JobStore
@@ -440,3 +442,19 @@ def test_a_photo_ingested_in_bulk_gets_the_vector_an_encoder_deployment_computes
 
     np.testing.assert_allclose(stored, vector(served_limits), atol=1e-6)
     assert not np.allclose(stored, vector(replace(served_limits, draft_size=None)), atol=1e-6)  # full size differs
+
+
+def test_a_job_encodes_every_batch_on_one_event_loop_and_closes_it(env, monkeypatch):
+    """Not ``asyncio.run`` per batch: in the main thread that formats each finished batch's vectors
+    as text to restore the SIGINT handler (6% of a bf16 ViT-B/32 batch, docs/benchmarks.md)."""
+    loops: list[asyncio.AbstractEventLoop] = []
+    embed = ItemEmbedder.embed
+
+    async def watched(self: ItemEmbedder, items: Any) -> Any:
+        loops.append(asyncio.get_running_loop())
+        return await embed(self, items)
+
+    monkeypatch.setattr(ItemEmbedder, "embed", watched)
+    summary = _ingest(env).run(progress=False)
+    assert summary.written == SCENES and len(loops) == math.ceil((SCENES + 1) / 4)  # batches of 4, the bad one too
+    assert len(set(map(id, loops))) == 1 and loops[0].is_closed()
