@@ -390,14 +390,12 @@ class Ingest:
                         bar.set_postfix({k: f"{v:.0f}s" for k, v in summary.stages_s.items()})
                         batches_written += 1
                         if batches_written % self.options.checkpoint_every == 0:
-                            self.jobs.mark(self.job, done, DONE)
-                            done.clear()
+                            self._checkpoint(done)
                             self.jobs.update(self.job, counts=self._counts(summary, plan))
-                self.jobs.mark(self.job, done, DONE)
-                done.clear()
+                self._checkpoint(done)
                 self._index(summary)
         except BaseException as exc:
-            self.jobs.mark(self.job, done, DONE)
+            self._checkpoint(done)
             self.jobs.update(self.job, status="interrupted", counts=self._counts(summary, plan), error=repr(exc))
             raise
         finally:
@@ -412,6 +410,15 @@ class Ingest:
         }
         self._finish(summary, plan)
         return summary
+
+    def _checkpoint(self, done: list[str]) -> None:
+        """Marks ``done`` written, after flushing the store: batches are written without a flush of their
+        own (``durable=False``), so what the job state calls done is always on disk, and a job killed
+        between checkpoints redoes only what it had not yet marked."""
+        if done:
+            self._written_to().flush()
+            self.jobs.mark(self.job, done, DONE)
+            done.clear()
 
     def _finish(self, summary: Summary, plan: Plan) -> None:
         self.jobs.update(self.job, status="done", counts=self._counts(summary, plan))
@@ -550,7 +557,7 @@ class Ingest:
         if items:
             started = time.perf_counter()
             try:
-                retrying(self.options.attempts)(self.catalog.add_many)(items)
+                retrying(self.options.attempts)(self.catalog.add_many)(items, durable=False)
             except (StoreError, ObjectStoreError, OSError) as exc:  # past its retries: the items wait in the DLQ
                 for uri in written:
                     self.jobs.dead_letter(self.job, uri, "write_failed", str(exc), attempts=self.options.attempts)

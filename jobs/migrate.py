@@ -218,7 +218,7 @@ class Migration(Ingest):
             payload = (old.payload if self.copying else {}) | {"model_versions": versions}
             points.append(Point(pid, (old.vectors if self.copying else {}) | vectors, payload))
         if points:
-            retrying(self.options.attempts)(self.target.upsert)(points)
+            retrying(self.options.attempts)(self.target.upsert)(points, durable=False)
         summary.written += len(written)
         done.extend(written)
 

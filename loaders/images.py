@@ -67,7 +67,8 @@ def decode_image(data: bytes, limits: DecodeLimits = DecodeLimits()) -> Image.Im
         raise ImageDecodeError(f"cannot decode image: {exc}", "too_many_pixels") from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:  # Pillow's ways of saying "truncated/corrupt"
         raise ImageDecodeError(f"corrupt or truncated image: {exc}", "truncated_image") from exc
-    return to_rgb(ImageOps.exif_transpose(image))
+    ImageOps.exif_transpose(image, in_place=True)  # not a copy of every upright image
+    return to_rgb(image)
 
 
 def is_image(data: bytes) -> bool:

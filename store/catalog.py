@@ -68,9 +68,9 @@ class Catalog:
     def add(self, item: NewItem) -> str:
         return self.add_many([item])[0]
 
-    def add_many(self, items: list[NewItem]) -> list[str]:
+    def add_many(self, items: list[NewItem], durable: bool = True) -> list[str]:
         """Objects first, then one batched upsert of the points, then a read-back check: a point
-        never names an object that is not stored."""
+        never names an object that is not stored. ``durable``: as ``VectorStore.upsert``."""
         points = []
         for item in items:
             content_hash = hashlib.sha256(item.data).hexdigest()
@@ -106,7 +106,7 @@ class Catalog:
                 models = {name.rpartition(".")[0] for name in held}
                 payload["model_versions"] = {m: v for m, v in item.model_versions.items() if m in models}
             points.append(Point(point_id(payload["source_uri"]), held, payload))
-        self.vectors.upsert(points)
+        self.vectors.upsert(points, durable=durable)
         self.vectors.verify(points)
         return [p.id for p in points]
 

@@ -256,10 +256,11 @@ class VectorStore(ABC):
         self.open(existing)
         return existing
 
-    def upsert(self, points: Sequence[Point], batch_size: int = 256) -> None:
+    def upsert(self, points: Sequence[Point], batch_size: int = 256, durable: bool = True) -> None:
         """Validate every point before writing any, so a bad item never leaves half a batch behind.
         Existing points are merged into (their other vectors and payload keys stay), so the image and
-        the text of one item can be written by different jobs."""
+        the text of one item can be written by different jobs. ``durable=False``: the backend may keep
+        the write in its log until ``flush`` (a bulk job flushes before each checkpoint, not per batch)."""
         self._require_open()
         if batch_size < 1:
             raise StoreError(f"batch_size must be at least 1; got {batch_size}")
@@ -440,6 +441,10 @@ class VectorStore(ABC):
     def _drop_vectors(self, names: list[str]) -> None: ...
 
     @abstractmethod
+    def flush(self) -> None:
+        """Writes made with ``durable=False`` on disk."""
+
+    @abstractmethod
     def close(self) -> None: ...
 
     def _require_open(self) -> None:
@@ -583,7 +588,7 @@ def _edge_condition(c: _Condition) -> edge.FieldCondition:
 
 class EdgeStore(VectorStore):
     """Qdrant Edge in this process: one shard folder, reopened with its data. Every write is flushed
-    before it returns, so a crash never loses a write that was acknowledged."""
+    before it returns (unless asked not to be), so a crash never loses a write that was acknowledged."""
 
     def __init__(self, path: Path, index: IndexConfig | None = None) -> None:
         """``path``: the collection's folder. After a model migration the live shard is a sibling
@@ -606,8 +611,16 @@ class EdgeStore(VectorStore):
             raise StoreError("the store is not open: call open(vectors) first")
         return self._shard
 
-    def upsert(self, points: Sequence[Point], batch_size: int = 256) -> None:
+    def upsert(self, points: Sequence[Point], batch_size: int = 256, durable: bool = True) -> None:
+        """A write not flushed is still in the shard's write-ahead log, which the next ``load`` replays
+        (a process killed with SIGKILL loses none of it, ``tests/store/test_vectors.py``); the flush
+        writes the segments, as long again as the upsert itself for a batch of 32 (0.23 against 0.22 s
+        per 1,024 ViT-B/32 points), so a bulk job pays it once per checkpoint instead."""
         super().upsert(points, batch_size)
+        if durable:
+            self.flush()
+
+    def flush(self) -> None:
         self.shard.flush()
 
     def delete(self, ids: Sequence[str]) -> None:
@@ -959,6 +972,9 @@ class ClientStore(VectorStore):
 
     def _create_index(self, field_name: str, kind: str) -> None:
         self.client.create_payload_index(self.collection, field_name, _CLIENT_INDEX[kind], wait=True)
+
+    def flush(self) -> None:
+        """Nothing to do: every write waits for the server (``wait=True``), which keeps it in its own log."""
 
     def _insert(self, points: list[Point]) -> None:
         structs = [models.PointStruct(id=p.id, vector=_wired(p.vectors), payload=p.payload) for p in points]

@@ -265,8 +265,8 @@ class CatalogThatKillsRedis(Catalog):
         super().__init__(catalog.vectors, catalog.objects)
         self.redis_process = redis_process
 
-    def add_many(self, items: list[NewItem]) -> list[str]:
-        ids = super().add_many(items)
+    def add_many(self, items: list[NewItem], durable: bool = True) -> list[str]:
+        ids = super().add_many(items, durable)
         self.redis_process.stop(kill=True)
         return ids
 

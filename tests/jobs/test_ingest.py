@@ -444,6 +444,30 @@ def test_a_photo_ingested_in_bulk_gets_the_vector_an_encoder_deployment_computes
     assert not np.allclose(stored, vector(replace(served_limits, draft_size=None)), atol=1e-6)  # full size differs
 
 
+def test_a_job_flushes_the_store_once_per_checkpoint_and_before_marking_items_done(env, monkeypatch):
+    """Batches are written to the shard's log without a flush each (as long again as the upsert); the
+    checkpoint flushes, then marks, so what the job state calls done is on disk."""
+    events: list[str] = []
+    flush, mark = EdgeStore.flush, JobStore.mark
+
+    def flushed(self: EdgeStore) -> None:
+        events.append("flush")
+        flush(self)
+
+    def marked(self: JobStore, job: str, uris: list[str], status: str) -> None:
+        events.append(f"mark {status} {len(uris)}")
+        mark(self, job, uris, status)
+
+    monkeypatch.setattr(EdgeStore, "flush", flushed)
+    monkeypatch.setattr(JobStore, "mark", marked)
+    summary = _ingest(env, checkpoint_every=2).run(progress=False)
+    assert summary.written == SCENES  # in 3 batches of 4 (the bad item among them): 2 checkpoints
+    done = [i for i, e in enumerate(events) if e.startswith("mark done")]
+    assert events.count("flush") == len(done) == 2
+    assert all(events[i - 1] == "flush" for i in done)
+    assert sum(int(events[i].rsplit(" ", 1)[1]) for i in done) == SCENES
+
+
 def test_a_job_encodes_every_batch_on_one_event_loop_and_closes_it(env, monkeypatch):
     """Not ``asyncio.run`` per batch: in the main thread that formats each finished batch's vectors
     as text to restore the SIGINT handler (6% of a bf16 ViT-B/32 batch, docs/benchmarks.md)."""

@@ -415,19 +415,23 @@ def test_edge_shard_is_held_by_one_store_at_a_time(tmp_path: Path) -> None:
     second.close()
 
 
-def test_edge_keeps_acknowledged_writes_through_a_crash(tmp_path: Path) -> None:
-    """The writer process dies without close() right after upsert() returns."""
+@pytest.mark.parametrize("durable", [True, False])
+def test_edge_keeps_acknowledged_writes_through_a_crash(tmp_path: Path, durable: bool) -> None:
+    """The writer process is SIGKILLed without close() right after upsert() returns. A write left
+    unflushed (``durable=False``, as a bulk job writes between checkpoints) is replayed from the
+    shard's write-ahead log."""
     script = f"""
-import os
+import os, signal
 import numpy as np
 from pathlib import Path
 from mmembed.store.vectors import EdgeStore, Point, point_id
 s = EdgeStore(Path({str(tmp_path / "catalog")!r}))
 s.open({DIMS!r})
-s.upsert([Point(point_id(f"c-{{i}}"), {{"{IMAGE}": np.ones(8) + i}}, {{"n": i}}) for i in range(50)])
-os._exit(0)
+s.upsert([Point(point_id(f"c-{{i}}"), {{"{IMAGE}": np.ones(8) + i}}, {{"n": i}}) for i in range(50)], durable={durable})
+os.kill(os.getpid(), signal.SIGKILL)
 """
-    subprocess.run([sys.executable, "-c", script], cwd=REPO, check=True, timeout=120)
+    killed = subprocess.run([sys.executable, "-c", script], cwd=REPO, timeout=120)
+    assert killed.returncode == -9
     after = EdgeStore(tmp_path / "catalog")
     after.open(DIMS)
     assert after.count() == 50
