@@ -3,7 +3,7 @@ million points, and bulk ingest against the raw forward ceiling.
 
     python bench/bulk_scale.py [--texts 1000000] [--images 100000] [--work /tmp/mmembed-scale]
                                [--parts ceiling,texts,search,images] [--kill-up-to N] [--no-int8]
-                               [--redo rerun,sync]
+                               [--redo rerun,sync] [--small-runs 3]
                                [--out bench/results/bulk_scale.json]
 
 A run cut off is taken up where it stopped: steps already in ``--out`` whose data is still under
@@ -22,7 +22,9 @@ Parts, each written to ``--out`` as soon as it ends (a long run that is cut off 
   second copy killed with SIGKILL half-way, then resumed; and ``--sync`` after deleting 1% of the
   source. Reported: plan seconds, items/s, peak RSS (and its anonymous part: the process's own
   memory, without the vector store's memory-mapped files), job-state and vector-store size on disk,
-  and the ratios of the large size to the small one (per-item time ≤ 1.2, peak RSS ≤ 1.5). Each
+  and the ratios of the large size to the small one (per-item time ≤ 1.2, peak RSS ≤ 1.5), each
+  against the median of ``--small-runs`` runs of the small size (a small run lasts seconds, too
+  short to average out this host's wandering speed). Each
   source is flushed to disk before its first run, so that run does not share the disk with the
   writeback of the files just written.
 - **search**: over the large text collection, p50/p95 latency and recall@10 against exact search for
@@ -231,6 +233,24 @@ def _points(data: Path) -> int:
         return shard.count(edge.CountRequest(exact=True))
     finally:
         shard.close()
+
+
+def median_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per step, the run of the small size that took the median time. A small run lasts seconds, and
+    this host's speed wanders by up to 2x over minutes: one sample of it against a large run, which
+    averages over minutes, made the ratios swing by as much (10k first runs of 11.1 and 18.6 s, ten
+    minutes apart, same code)."""
+
+    def median(seconds: Any) -> dict[str, Any]:
+        return sorted(runs, key=seconds)[len(runs) // 2]
+
+    out: dict[str, Any] = {"items": runs[0]["items"]}
+    for step, key in (("first", "run_s"), ("rerun", "total_s"), ("sync", "total_s")):
+        out[step] = median(lambda r, step=step, key=key: r[step][key])[step]
+    if all("resumed" in r for r in runs):
+        chosen = median(lambda r: r["killed"]["elapsed_s"] + r["resumed"]["total_s"])
+        out["killed"], out["resumed"] = chosen["killed"], chosen["resumed"]
+    return out
 
 
 def ratios(small: dict[str, Any], large: dict[str, Any]) -> dict[str, float]:
@@ -497,6 +517,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--kill-up-to", type=int, default=10**9, help="run the SIGKILL-and-resume step up to this size")
     parser.add_argument("--redo", default="", help="steps to measure again on the data kept from a run: rerun,sync")
+    parser.add_argument("--small-runs", type=int, default=3, help="runs of the small size; ratios use the median")
     parser.add_argument("--no-int8", action="store_true", help="search: measure the shipped index only")
     args = parser.parse_args()
     _OUT = args.out
@@ -507,20 +528,30 @@ def main() -> None:
     earlier = json.loads(_OUT.read_text()) if _OUT.exists() else {}
 
     def sizes_of(part: str, large: int, source: Any, shrink: Any, model: str, batch: int) -> None:
-        """The part's two sizes (a tenth, then ``large``), each through every step, then their ratios."""
+        """The part's two sizes (a tenth, then ``large``), each through every step, then the small size
+        again ``--small-runs`` times in all, then the ratios against the small size's median runs."""
         sizes = earlier.get(part, {})
-        for count in (large // 10, large):
+        small = large // 10
+        save = lambda: save_part(part, sizes)  # noqa: E731
+        for count in (small, large):
             measured = sizes.setdefault(str(count), {})
             if not (args.work / f"data-{part}-{count}").exists():  # nothing kept to take up: measure it all
                 measured.clear()
             for step in args.redo.split(",") if args.redo else ():
                 measured.pop(step, None)
-            save = lambda: save_part(part, sizes)  # noqa: E731
+                measured.pop("repeats", None)
             kill = count <= args.kill_up_to
             scenario(
                 f"{part}-{count}", source(count, measured), shrink, count, model, args.work, batch, measured, save, kill
             )
-        sizes["ratios"] = ratios(sizes[str(large // 10)], sizes[str(large)])
+        repeats = sizes[str(small)].setdefault("repeats", [])
+        while len(repeats) < args.small_runs - 1:
+            # A fresh source (the last --sync shrank it) and collection: the whole scenario again.
+            repeats.append({})
+            again = source(small, repeats[-1])
+            kill = small <= args.kill_up_to
+            scenario(f"{part}-{small}", again, shrink, small, model, args.work, batch, repeats[-1], save, kill)
+        sizes["ratios"] = ratios(median_runs([sizes[str(small)], *repeats]), sizes[str(large)])
         save_part(part, sizes)
         print(json.dumps(sizes["ratios"], indent=2), flush=True)
 
