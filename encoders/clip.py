@@ -29,9 +29,9 @@ def square_uint8(image: Image.Image, size: int) -> torch.Tensor:
     """Resize the short side to ``size`` (bicubic) and centre-crop: CLIP's standard view.
     Returns uint8 CHW so the host-to-device copy stays small.
 
-    The resize is torch's antialiased bicubic on uint8, Pillow's filter (a = -0.5, the same
-    support) to within one level per channel, in 0.6-0.7 of Pillow's time: on 2 cores the
-    workers' preprocessing competes with the forward pass for the CPU (``docs/benchmarks.md``)."""
+    The resize is torch's antialiased bicubic on uint8: Pillow's filter (a = -0.5, the same
+    support) to within 2 levels per channel, in 0.6-0.7 of Pillow's time, because on a few cores
+    preprocessing competes with the forward pass for the CPU (``bench/preprocess_cpu.py``)."""
     if not isinstance(image, Image.Image):
         raise InputError(f"expected a decoded PIL image, got {type(image).__name__}")
     if image.mode != "RGB":
