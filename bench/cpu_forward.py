@@ -1,23 +1,30 @@
 """What the forward pass itself can gain on this CPU, outside any server: bf16 against fp32 (this
-CPU has AVX-512 BF16), and texts batched by length against first come, first batched. Same
-models, images and captions as ``bench/peers.py``, loaded through mmembed's own encoders.
+CPU has AVX-512 BF16), texts batched by length against first come, first batched, and text towers
+traced into graphs (``trace_text``) against their eager forward. Same models, images and captions
+as ``bench/peers.py``, loaded through mmembed's own encoders.
 
     python bench/cpu_forward.py [--work /tmp/mmembed-peers] [--out bench/results/cpu_forward.json]
 
 Per model and modality: items/s of batch-32 forward passes over every item, and for bf16 the
 cosine of each vector with its fp32 one (mean and minimum). Texts are tokenised before the
 timing; ``sorted`` takes four batches' worth at a time and runs them by length, as the server's
-text queue does (``text_sort_batches``).
+text queue does (``text_sort_batches``). Text runs marked ``busy`` have a Python thread beside the
+forward holding the GIL a quarter of each 2 ms, as a replica's event loop does while it handles
+requests; the eager forward needs the GIL between its ops, a traced graph does not.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import io
 import json
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +76,34 @@ def run(encoder: Any, items: list[Prepared], by_length: bool) -> tuple[float, np
     return len(items) / best, vectors
 
 
+def variants(modality: Modality, precision: str) -> list[tuple[bool, bool]]:
+    """(by length, GIL held beside) per run: texts both ways; bf16's sorted texts also beside a busy loop."""
+    if modality != Modality.TEXT:
+        return [(False, False)]
+    return [(False, False), (True, False)] + ([(True, True)] if precision == "bf16" else [])
+
+
+@contextmanager
+def gil_held(share: float) -> Iterator[None]:
+    """A thread running Python (holding the GIL) for ``share`` of every 2 ms, sleeping the rest."""
+    stop = threading.Event()
+
+    def hold() -> None:
+        while not stop.is_set():
+            until = time.perf_counter() + 0.002 * share
+            while time.perf_counter() < until:
+                json.dumps({"request": list(range(50))})
+            time.sleep(0.002 * (1 - share))
+
+    thread = threading.Thread(target=hold, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/mmembed-peers"))
@@ -92,14 +127,18 @@ def main() -> None:
     ):
         label = "clip-vit-b-32" if name.startswith("hf-clip") else name
         reference: dict[str, np.ndarray] = {}
-        for precision in ("fp32", "bf16"):
-            model = load(name, dataclasses.replace(config, device="cpu", precision=precision))
-            for modality in modalities:
+        # fp32 and bf16 eager, then bf16 with the text tower traced (texts only): what the server runs.
+        for precision, traced in (("fp32", False), ("bf16", False), ("bf16", True)):
+            options = dataclasses.replace(config, device="cpu", precision=precision, trace_text=traced)
+            model = load(name, options)
+            for modality in modalities if not traced else (Modality.TEXT,):
                 encoder = model.encoder(modality)
                 items = [encoder.preprocess(x) for x in (images if modality == Modality.IMAGE else texts)]
-                for by_length in (False, True) if modality == Modality.TEXT else (False,):
+                for by_length, busy in variants(modality, precision):
                     key = f"{label} {modality.value} {precision}" + (" sorted" if by_length else "")
-                    rate, vectors = run(encoder, items, by_length)
+                    key += (" traced" if traced else "") + (" busy" if busy else "")
+                    with gil_held(0.25) if busy else contextlib.nullcontext():
+                        rate, vectors = run(encoder, items, by_length)
                     point: dict[str, float] = {"items_per_s": round(rate, 1)}
                     ref = reference.setdefault(f"{modality.value}", vectors)
                     if ref is not vectors:
@@ -111,6 +150,13 @@ def main() -> None:
                         }
                     result[key] = point
                     print(f"{key}: {json.dumps(point)}", flush=True)
+        rate = {k: v["items_per_s"] for k, v in result.items() if isinstance(v, dict) and "items_per_s" in v}
+        ratios = {
+            when: round(rate[f"{label} text bf16 sorted traced{tail}"] / rate[f"{label} text bf16 sorted{tail}"], 2)
+            for when, tail in (("alone", ""), ("busy", " busy"))
+        }
+        result[f"{label} text traced / eager"] = ratios
+        print(f"{label} text traced / eager: {json.dumps(ratios)}", flush=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 
 

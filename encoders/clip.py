@@ -17,12 +17,11 @@ from PIL import Image
 
 from mmembed.encoders.base import Encoder, InputError, Limits, Modality, Prepared, TooManyTokens
 from mmembed.encoders.device import ImageToDevice, tokens_to_device
+from mmembed.encoders.graph import CHECK_TEXTS, TRACE_TEXTS, Forward, as_graph
 from mmembed.encoders.tokens import check_text
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-
-Forward = Callable[[torch.Tensor], torch.Tensor]
 
 
 def square_uint8(image: Image.Image, size: int) -> torch.Tensor:
@@ -93,14 +92,25 @@ class ClipTextEncoder(Encoder[str]):
         device: torch.device,
         policy: str,
         pad_to_longest: bool = False,
+        graph_of: torch.nn.Module | None = None,
     ) -> None:
         """``pad_to_longest``: the forward accepts any length up to the context and pools at
         the end token under a causal mask, so trailing padding changes nothing and a batch
-        is cut to its longest text instead of the full context (77 tokens for CLIP)."""
+        is cut to its longest text instead of the full context (77 tokens for CLIP).
+        ``graph_of``: the model whose weights ``forward`` reads, to run it as a traced graph on CPU
+        (``encoders.graph``); None keeps it eager."""
         self.model, self.dim = model, dim
         self.limits = Limits(max_tokens=tokens.context_length)
         self._tokens, self._forward, self._device, self.policy = tokens, forward, device, policy
         self.pad_to_longest = pad_to_longest
+        if graph_of is not None and device.type == "cpu":
+            self._forward = self._traced(graph_of) or forward
+
+    def _traced(self, model: torch.nn.Module) -> Forward | None:
+        def ids(texts: list[str]) -> tuple[torch.Tensor]:
+            return (self._ids([self._tokens.full(t)[: self._tokens.context_length] for t in texts]),)
+
+        return as_graph(self.model, model, self._forward, ids(TRACE_TEXTS), [ids(t) for t in CHECK_TEXTS])
 
     def preprocess(self, item: str) -> Prepared:
         text = check_text(item)
@@ -114,9 +124,12 @@ class ClipTextEncoder(Encoder[str]):
 
     @torch.inference_mode()
     def encode(self, batch: Sequence[Prepared]) -> np.ndarray:
-        width = max(len(p.data) for p in batch) if self.pad_to_longest else self._tokens.context_length
-        ids = torch.full((len(batch), width), self._tokens.pad, dtype=torch.long)
-        for row, p in enumerate(batch):
-            ids[row, : len(p.data)] = torch.tensor(p.data)
-        out = self._forward(tokens_to_device(ids, self._device))
+        out = self._forward(self._ids([p.data for p in batch]))
         return F.normalize(out.float(), dim=-1).cpu().numpy()
+
+    def _ids(self, rows: Sequence[list[int]]) -> torch.Tensor:
+        width = max(len(r) for r in rows) if self.pad_to_longest else self._tokens.context_length
+        ids = torch.full((len(rows), width), self._tokens.pad, dtype=torch.long)
+        for row, data in enumerate(rows):
+            ids[row, : len(data)] = torch.tensor(data)
+        return tokens_to_device(ids, self._device)

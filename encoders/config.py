@@ -100,6 +100,7 @@ class ModelsConfig:
     precision: Precision = "auto"
     allow_downloads: bool = False
     token_policy: TokenPolicy = "truncate"
+    trace_text: bool = True
     max_image_pixels: int = 64_000_000
     max_audio_seconds: float = 600.0
     max_audio_bytes: int = 100_000_000

@@ -24,7 +24,13 @@ def _pooled(out: object) -> torch.Tensor:
 
 
 def load(
-    spec: ModelSpec, weights: Path | None, device: torch.device, dtype: torch.dtype, policy: str, max_pixels: int
+    spec: ModelSpec,
+    weights: Path | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    policy: str,
+    max_pixels: int,
+    trace: bool = False,
 ) -> dict[Modality, Encoder]:
     path = str(weights)
     model = CLIPModel.from_pretrained(path).to(device=device, dtype=dtype).eval()
@@ -60,6 +66,7 @@ def load(
             device,
             policy,
             pad_to_longest=True,  # position ids follow the input length; causal mask, end-token pooling
+            graph_of=model if trace else None,
         ),
     }
 
@@ -74,4 +81,4 @@ def fetch(spec: ModelSpec, target: Path) -> str:
 def load_model(
     spec: ModelSpec, weights: Path | None, device: torch.device, dtype: torch.dtype, config: ModelsConfig
 ) -> dict[Modality, Encoder]:
-    return load(spec, weights, device, dtype, config.token_policy, config.max_image_pixels)
+    return load(spec, weights, device, dtype, config.token_policy, config.max_image_pixels, config.trace_text)

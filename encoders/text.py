@@ -16,6 +16,7 @@ from sentence_transformers import SentenceTransformer
 
 from mmembed.contracts import Query
 from mmembed.encoders.base import Encoder, Limits, Modality, Prepared, TooManyTokens
+from mmembed.encoders.graph import CHECK_TEXTS, TRACE_TEXTS, Forward, as_graph
 from mmembed.encoders.tokens import check_text
 
 if TYPE_CHECKING:
@@ -57,7 +58,9 @@ class SentenceEncoder(Encoder[str]):
 
     modality = Modality.TEXT
 
-    def __init__(self, name: str, model: SentenceTransformer, device: torch.device, policy: str) -> None:
+    def __init__(
+        self, name: str, model: SentenceTransformer, device: torch.device, policy: str, trace: bool = False
+    ) -> None:
         self.model, self._st, self._device, self.policy = name, model, device, policy
         self._tok = model.tokenizer
         self.dim = int(model.get_embedding_dimension())
@@ -66,6 +69,7 @@ class SentenceEncoder(Encoder[str]):
         # Pooling that leaves the prompt out needs its length in tokens, per prompt name.
         self._prompt_lengths = {n: _prompt_length(model, model.prompts[n]) for n in model.prompts if model.prompts[n]}
         self._types = "token_type_ids" in self._tok.model_input_names
+        self._graph = traced_transformer(self) if trace else None
 
     def preprocess(self, item: str) -> Prepared:
         text = check_text(item)
@@ -94,6 +98,19 @@ class SentenceEncoder(Encoder[str]):
         return out
 
     def _forward(self, rows: list[list[int]], prompt_length: int | None) -> np.ndarray:
+        """Through the traced transformer and then the model's other modules (pooling, normalising)
+        where there is a graph, else through the whole eager model."""
+        features = self._features(rows)
+        if self._graph is not None:
+            features[self._st[0].module_output_name] = self._graph(*features.values())
+        if prompt_length is not None:
+            features["prompt_length"] = prompt_length
+        for module in list(self._st)[1:] if self._graph is not None else [self._st]:
+            features = module(features)
+        return F.normalize(features["sentence_embedding"].float(), dim=-1).cpu().numpy()
+
+    def _features(self, rows: list[list[int]]) -> dict[str, Any]:
+        """The transformer's inputs, padded to the longest row, on the device (the graph takes them in this order)."""
         width = max(len(ids) for ids in rows)
         ids = torch.full((len(rows), width), self._tok.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -105,11 +122,27 @@ class SentenceEncoder(Encoder[str]):
         features: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
         if self._types:
             features["token_type_ids"] = torch.zeros_like(ids)
-        features = {k: v.to(self._device, non_blocking=True) for k, v in features.items()}
-        if prompt_length is not None:
-            features["prompt_length"] = prompt_length
-        out = self._st(features)["sentence_embedding"]
-        return F.normalize(out.float(), dim=-1).cpu().numpy()
+        return {k: v.to(self._device, non_blocking=True) for k, v in features.items()}
+
+
+def traced_transformer(encoder: SentenceEncoder) -> Forward | None:
+    """The model's transformer (its first module) as a graph from the padded inputs to the token
+    embeddings (``encoders.graph``); pooling and normalising stay the model's own modules. None
+    off the CPU, for a first module that is not a transformer, or where the graph disagrees."""
+    first = encoder._st[0]
+    if encoder._device.type != "cpu" or not hasattr(first, "module_output_name") or not hasattr(first, "model"):
+        return None
+
+    def inputs(texts: list[str]) -> tuple[torch.Tensor, ...]:
+        rows = [encoder._tok(t, add_special_tokens=True, verbose=False)["input_ids"] for t in texts]
+        return tuple(encoder._features(rows).values())
+
+    names = list(encoder._features([[0]]))
+
+    def hidden(*tensors: torch.Tensor) -> torch.Tensor:
+        return first.model(**dict(zip(names, tensors, strict=True)), return_dict=True).last_hidden_state
+
+    return as_graph(encoder.model, first.model, hidden, inputs(TRACE_TEXTS), [inputs(t) for t in CHECK_TEXTS])
 
 
 def _prompt_length(model: SentenceTransformer, prompt: str) -> int | None:
@@ -123,12 +156,12 @@ def _prompt_length(model: SentenceTransformer, prompt: str) -> int | None:
 
 
 def load(
-    spec_name: str, weights: Path, device: torch.device, dtype: torch.dtype, policy: str
+    spec_name: str, weights: Path, device: torch.device, dtype: torch.dtype, policy: str, trace: bool = False
 ) -> dict[Modality, Encoder]:
     model = SentenceTransformer(str(weights), device=str(device), local_files_only=True)
     if dtype != torch.float32:
         model = model.to(dtype)
-    return {Modality.TEXT: SentenceEncoder(spec_name, model.eval(), device, policy)}
+    return {Modality.TEXT: SentenceEncoder(spec_name, model.eval(), device, policy, trace)}
 
 
 def fetch(spec: ModelSpec, target: Path) -> str:
@@ -145,4 +178,4 @@ def fetch(spec: ModelSpec, target: Path) -> str:
 def load_model(
     spec: ModelSpec, weights: Path | None, device: torch.device, dtype: torch.dtype, config: ModelsConfig
 ) -> dict[Modality, Encoder]:
-    return load(spec.name, weights, device, dtype, config.token_policy)  # type: ignore[arg-type]
+    return load(spec.name, weights, device, dtype, config.token_policy, config.trace_text)  # type: ignore[arg-type]

@@ -61,6 +61,12 @@ class Settings(BaseSettings):
         default=True, description="Fetch hub weights on first use. Off: a missing model is an error naming the fix."
     )
     token_policy: TokenPolicy = Field(default="truncate", description="Over-long text: truncate (reported) or error.")
+    trace_text: bool = Field(
+        default=True,
+        description="On CPU, run text towers (sentence-transformers, transformers' CLIP) as frozen TorchScript "
+        "graphs: no GIL per op, 1.26x the eager forward for MiniLM (1.06x CLIP texts), the same vectors (cosine "
+        ">= 0.99999). A model that does not trace, or whose graph disagrees with eager, stays eager.",
+    )
     max_image_pixels: int = Field(default=64_000_000, description="Decompression-bomb guard for decoded images.")
     max_image_bytes: int = Field(default=50_000_000, description="Largest encoded image accepted.")
     max_audio_seconds: float = Field(default=600.0, description="Longest audio clip accepted (decoding stops there).")
@@ -225,6 +231,7 @@ class Settings(BaseSettings):
             precision=self.precision,
             allow_downloads=self.allow_downloads,
             token_policy=self.token_policy,
+            trace_text=self.trace_text,
             max_image_pixels=self.max_image_pixels,
             max_audio_seconds=self.max_audio_seconds,
             max_audio_bytes=self.max_audio_bytes,

@@ -54,3 +54,23 @@ def test_vectors_match_the_transformers_reference(hf_clip: LoadedModel, hf_folde
     [ours_image] = hf_clip.encoder("image").encode_items([image])
     np.testing.assert_allclose(ours_text, ref_text, atol=1e-5)
     assert float(ours_image.vector @ ref_image[0]) > 0.99  # same view; resampling differs by rounding only
+
+
+def test_the_traced_text_tower_matches_the_reference_at_every_batch_shape(
+    hf_clip: LoadedModel, hf_folder: Path
+) -> None:
+    """On CPU the text tower runs as a traced graph (``trace_text``); a trace bakes in the shapes it
+    ran on, so batches of one text, of very different lengths and at the context must still match
+    transformers' own forward."""
+    encoder = hf_clip.encoder("text")
+    assert isinstance(encoder._forward, torch.jit.ScriptModule)
+    model = CLIPModel.from_pretrained(hf_folder).eval()
+    tokenizer = CLIPTokenizer.from_pretrained(hf_folder)
+    texts = ["red", "a large blue square in the top left of a small green triangle", "circle " * 90, "two"]
+    for batch in (texts, texts[:1], texts[1:3], texts[3:]):
+        with torch.inference_mode():
+            ids = tokenizer(batch, padding="max_length", truncation=True, max_length=77, return_tensors="pt")
+            reference = model.get_text_features(input_ids=ids["input_ids"]).pooler_output
+        reference = torch.nn.functional.normalize(reference, dim=-1).numpy()
+        ours = np.stack([r.vector for r in encoder.encode_items(batch)])
+        np.testing.assert_allclose(ours, reference, atol=1e-5)

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -104,3 +105,34 @@ def test_a_model_without_prompts_embeds_queries_as_it_embeds_documents(minilm: L
     query, document = text.encode_items([Query("a cat sits on the mat"), "a cat sits on the mat"])
     np.testing.assert_array_equal(query.vector, document.vector)
     assert "prompt" not in query.info and "prompt" not in document.info
+
+
+def test_the_traced_forward_agrees_with_the_eager_one_at_every_batch_shape(
+    minilm: LoadedModel, settings: Settings
+) -> None:
+    """On CPU the transformer runs as a frozen TorchScript graph (``trace_text``, on by default); a
+    trace bakes in whatever shape checks it passed through, so batches of other sizes, lengths and
+    padding, queries with their prompt and a text at the token limit must embed as eagerly."""
+    traced = minilm.encoder("text")
+    eager = load("all-MiniLM-L6-v2", replace(settings.models_config(), trace_text=False)).encoder("text")
+    assert traced._graph is not None and eager._graph is None
+    texts = ["a", "a red circle left of a blue square", Query("small green triangles"), "word " * 400, "two cats"]
+    for batch in (texts, texts[:1], texts[1:3], texts[3:]):
+        ours = np.stack([r.vector for r in traced.encode_items(batch)])
+        reference = np.stack([r.vector for r in eager.encode_items(batch)])
+        assert (ours * reference).sum(axis=1).min() > 0.99999
+
+
+@pytest.mark.parametrize("failure", ["disagrees", "fails to trace"])
+def test_a_model_whose_graph_would_differ_keeps_the_eager_forward(
+    minilm: LoadedModel, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, failure: str
+) -> None:
+    """The check against the eager forward is what decides: a graph answering other vectors (here a
+    constant) or a model the tracer cannot take leaves the eager forward, with a warning."""
+    if failure == "disagrees":
+        monkeypatch.setattr(torch.jit, "freeze", lambda graph: lambda *inputs: torch.ones_like(graph(*inputs)))
+    else:
+        monkeypatch.setattr(torch.jit, "trace", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("untraceable")))
+    with caplog.at_level("WARNING"):
+        assert text_family.traced_transformer(minilm.encoder("text")) is None
+    assert "keeps its eager forward" in caplog.text
