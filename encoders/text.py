@@ -102,7 +102,7 @@ class SentenceEncoder(Encoder[str]):
         where there is a graph, else through the whole eager model."""
         features = self._features(rows)
         if self._graph is not None:
-            features[self._st[0].module_output_name] = self._graph(*features.values())
+            features[self._st[0].module_output_name] = self._graph(*features.values())  # as the module writes it
         if prompt_length is not None:
             features["prompt_length"] = prompt_length
         for module in list(self._st)[1:] if self._graph is not None else [self._st]:
@@ -126,12 +126,15 @@ class SentenceEncoder(Encoder[str]):
 
 
 def traced_transformer(encoder: SentenceEncoder) -> Forward | None:
-    """The model's transformer (its first module) as a graph from the padded inputs to the token
-    embeddings (``encoders.graph``); pooling and normalising stay the model's own modules. None
-    off the CPU, for a first module that is not a transformer, or where the graph disagrees."""
+    """The model's first module (its transformer, as sentence-transformers calls it) as a graph from
+    the padded inputs to the token embeddings (``encoders.graph``), checked against that module
+    itself; pooling and normalising stay the model's own modules. None off the CPU, for a first
+    module that is not a transformer or that gives more than the token embeddings, or where the
+    graph disagrees."""
     first = encoder._st[0]
     if encoder._device.type != "cpu" or not hasattr(first, "module_output_name") or not hasattr(first, "model"):
         return None
+    output = first.module_output_name
 
     def inputs(texts: list[str]) -> tuple[torch.Tensor, ...]:
         rows = [encoder._tok(t, add_special_tokens=True, verbose=False)["input_ids"] for t in texts]
@@ -140,9 +143,14 @@ def traced_transformer(encoder: SentenceEncoder) -> Forward | None:
     names = list(encoder._features([[0]]))
 
     def hidden(*tensors: torch.Tensor) -> torch.Tensor:
-        return first.model(**dict(zip(names, tensors, strict=True)), return_dict=True).last_hidden_state
+        return first(dict(zip(names, tensors, strict=True)))[output]
 
-    return as_graph(encoder.model, first.model, hidden, inputs(TRACE_TEXTS), [inputs(t) for t in CHECK_TEXTS])
+    example = inputs(TRACE_TEXTS)
+    with torch.inference_mode():
+        added = set(first(dict(zip(names, example, strict=True)))) - set(names)
+    if added != {output}:  # later modules would read more of its output (all layers, say) than the graph gives
+        return None
+    return as_graph(encoder.model, first, hidden, example, [inputs(t) for t in CHECK_TEXTS])
 
 
 def _prompt_length(model: SentenceTransformer, prompt: str) -> int | None:

@@ -136,3 +136,13 @@ def test_a_model_whose_graph_would_differ_keeps_the_eager_forward(
     with caplog.at_level("WARNING"):
         assert text_family.traced_transformer(minilm.encoder("text")) is None
     assert "keeps its eager forward" in caplog.text
+
+
+def test_a_model_whose_later_modules_read_more_than_the_token_embeddings_stays_eager(
+    minilm: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The graph gives only the token embeddings; a first module that also hands later modules its
+    hidden states (``output_hidden_states``, which WeightedLayerPooling reads) is left eager."""
+    encoder = minilm.encoder("text")
+    monkeypatch.setattr(encoder._st[0].model.config, "output_hidden_states", True)
+    assert text_family.traced_transformer(encoder) is None
