@@ -75,11 +75,14 @@ class ModelConfig(BaseModel):
                 "num_cpus": self.num_cpus,
                 "num_gpus": self.num_gpus,
                 "resources": self.resources,
-                # OpenMP threads sleep between torch ops instead of spinning, leaving the CPU
-                # to the request path: batched CPU forwards ran 25-35% faster under load.
+                # OpenMP threads spin for 3,000 turns (a few µs) between torch ops, then sleep:
+                # a traced forward's ops follow each other closer than that, while under load the
+                # idle threads leave the CPU to the request path. Against OMP_WAIT_POLICY=PASSIVE
+                # (no spin): 1.2x single texts at concurrency 1 (p50 19 -> 14 ms), 1.1x CLIP texts
+                # and images under load (docs/benchmarks.md, "One model thread").
                 # glibc gives each thread its own malloc arena; with the replica's preprocessing
                 # threads that grew RSS by ~250 MB/min under load (bench/load_test.py). Two cap it.
-                "runtime_env": {"env_vars": {"OMP_WAIT_POLICY": "PASSIVE", "MALLOC_ARENA_MAX": "2", **(env or {})}},
+                "runtime_env": {"env_vars": {"GOMP_SPINCOUNT": "3000", "MALLOC_ARENA_MAX": "2", **(env or {})}},
             },
         }
         if self.min_replicas == self.max_replicas:

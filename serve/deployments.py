@@ -22,6 +22,7 @@ import asyncio
 import math
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +32,7 @@ from mmembed.config import Settings
 from mmembed.contracts import EncodedItem, ModelInfo
 from mmembed.embedding import ModelStep, encoded
 from mmembed.embedding.model import Input
-from mmembed.encoders import Modality, Prepared, load, model_version
+from mmembed.encoders import LoadedModel, Modality, Prepared, load, model_version
 from mmembed.encoders.device import use_cpu_threads
 from mmembed.serve.config import BatchConfig, ModelConfig, replica_settings
 from mmembed.store.cache import open_cache
@@ -102,8 +103,12 @@ class EncoderDeployment:
 
     def __init__(self, config: dict[str, Any], settings: Settings) -> None:
         self.config = ModelConfig.model_validate(config)
-        use_cpu_threads(self.config.cpu_threads)
-        model = load(self.config.name, settings.models_config())
+        # Every forward pass runs on this one thread, the load's (a traced text tower runs some) too.
+        # libgomp keeps a team of OpenMP threads per thread that starts parallel work; a second team
+        # leaves the process more OpenMP threads than cores, and libgomp then stops spinning between
+        # ops: a single text's forward took 8-9 ms on a pool thread beside the loader's team, 3.4 here.
+        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="model")
+        model = self._model_thread.submit(self._load, settings).result()
         image = model.encoders.get(Modality.IMAGE)
         image_limits = settings.decode_limits([image.limits.image_size] if image else [])
         # The same embedding cache bulk jobs use; the step decides what it may answer.
@@ -120,6 +125,10 @@ class EncoderDeployment:
             Modality.IMAGE: self._batch_image,
             Modality.AUDIO: self._batch_audio,
         }
+
+    def _load(self, settings: Settings) -> LoadedModel:
+        use_cpu_threads(self.config.cpu_threads)
+        return load(self.config.name, settings.models_config())
 
     def describe(self) -> ModelInfo:
         return self.step.info
@@ -155,7 +164,9 @@ class EncoderDeployment:
         try:
             for part in batches:
                 started = time.perf_counter()
-                results = await asyncio.to_thread(encoder.encode_prepared, [q.prepared for q in part])
+                results = await asyncio.get_running_loop().run_in_executor(
+                    self._model_thread, encoder.encode_prepared, [q.prepared for q in part]
+                )
                 encode_ms = (time.perf_counter() - started) * 1000
                 for q, r in zip(part, results, strict=True):
                     q.answer.set_result(
