@@ -136,21 +136,21 @@ def traced_transformer(encoder: SentenceEncoder) -> Forward | None:
         return None
     output = first.module_output_name
 
-    def inputs(texts: list[str]) -> tuple[torch.Tensor, ...]:
-        rows = [encoder._tok(t, add_special_tokens=True, verbose=False)["input_ids"] for t in texts]
-        return tuple(encoder._features(rows).values())
+    def inputs(texts: list[str]) -> dict[str, Any]:
+        return encoder._features([encoder._tok(t, add_special_tokens=True, verbose=False)["input_ids"] for t in texts])
 
-    names = list(encoder._features([[0]]))
+    example = inputs(TRACE_TEXTS)
+    names = list(example)
+    with torch.inference_mode():
+        added = set(first(dict(example))) - set(names)
+    if added != {output}:  # later modules would read more of its output (all layers, say) than the graph gives
+        return None
 
     def hidden(*tensors: torch.Tensor) -> torch.Tensor:
         return first(dict(zip(names, tensors, strict=True)))[output]
 
-    example = inputs(TRACE_TEXTS)
-    with torch.inference_mode():
-        added = set(first(dict(zip(names, example, strict=True)))) - set(names)
-    if added != {output}:  # later modules would read more of its output (all layers, say) than the graph gives
-        return None
-    return as_graph(encoder.model, first, hidden, example, [inputs(t) for t in CHECK_TEXTS])
+    checks = [tuple(inputs(texts).values()) for texts in CHECK_TEXTS]
+    return as_graph(encoder.model, first, hidden, tuple(example.values()), checks)
 
 
 def _prompt_length(model: SentenceTransformer, prompt: str) -> int | None:
