@@ -4,9 +4,9 @@ Why: an eager transformers or open_clip forward runs Python for every op and tak
 each, so in a serving replica, whose event loop holds the GIL while it handles requests, the
 forward waits on it between ops and the cores sit idle. A traced graph runs in C++ without it,
 and freezing lets oneDNN fuse its ops. Measured on 2 cores, sorted batches of 32 captions, bf16
-(``bench/cpu_forward.py``, docs/models.md "Traced text towers"): MiniLM 1.26x the eager forward
-alone and 1.18x beside a Python thread holding the GIL a quarter of the time; transformers' CLIP
-ViT-B/32 text tower 1.06x and 1.15x. Left eager: image towers (a few large matmuls; the graph
+(``bench/cpu_forward.py``, docs/models.md "Traced text towers"): MiniLM 1.16x the eager forward
+alone and 1.23x beside a Python thread holding the GIL a quarter of the time; transformers' CLIP
+ViT-B/32 text tower 1.09x and 1.17x. Left eager: image towers (a few large matmuls; the graph
 measured 1.05x) and open_clip's text towers, whose ``nn.MultiheadAttention`` loses its fused
 inference path in a trace (0.45x).
 

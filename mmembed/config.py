@@ -64,7 +64,7 @@ class Settings(BaseSettings):
     trace_text: bool = Field(
         default=True,
         description="On CPU, run text towers (sentence-transformers, transformers' CLIP) as frozen TorchScript "
-        "graphs: no GIL per op, 1.26x the eager forward for MiniLM (1.06x CLIP texts), the same vectors (cosine "
+        "graphs: no GIL per op, 1.16x the eager forward for MiniLM (1.09x CLIP texts), the same vectors (cosine "
         ">= 0.99999). A model that does not trace, or whose graph disagrees with eager, stays eager.",
     )
     max_image_pixels: int = Field(default=64_000_000, description="Decompression-bomb guard for decoded images.")
