@@ -103,7 +103,7 @@ class ClipTextEncoder(Encoder[str]):
         self.limits = Limits(max_tokens=tokens.context_length)
         self._tokens, self._forward, self._device, self.policy = tokens, forward, device, policy
         self.pad_to_longest = pad_to_longest
-        if graph_of is not None and device.type == "cpu":
+        if graph_of is not None:
             self._forward = self._traced(graph_of) or forward
 
     def _traced(self, model: torch.nn.Module) -> Forward | None:

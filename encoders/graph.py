@@ -53,8 +53,11 @@ def as_graph(
     example: Sequence[torch.Tensor],
     checks: Sequence[Sequence[torch.Tensor]],
 ) -> Forward | None:
-    """``forward`` (which reads ``model``'s weights) traced on ``example`` and frozen, or None where
-    it does not trace or any of ``checks`` gives other outputs than eager (cosine < MIN_COSINE)."""
+    """``forward`` (which reads ``model``'s weights) traced on ``example`` and frozen, or None for
+    inputs off the CPU (measured there only), or where it does not trace or any of ``checks`` gives
+    other outputs than eager (cosine < MIN_COSINE)."""
+    if any(t.device.type != "cpu" for t in example):
+        return None
     log = logging.getLogger(__name__)
     try:
         with torch.inference_mode(), warnings.catch_warnings():

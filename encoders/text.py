@@ -132,7 +132,7 @@ def traced_transformer(encoder: SentenceEncoder) -> Forward | None:
     module that is not a transformer or that gives more than the token embeddings, or where the
     graph disagrees."""
     first = encoder._st[0]
-    if encoder._device.type != "cpu" or not hasattr(first, "module_output_name") or not hasattr(first, "model"):
+    if not hasattr(first, "module_output_name") or not hasattr(first, "model"):
         return None
     output = first.module_output_name
 
