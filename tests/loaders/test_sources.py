@@ -535,6 +535,60 @@ def test_unreadable_preprocessor_failures_are_recorded_not_raised(tmp_path: Path
     assert "ZeroDivisionError" in loaded[0].error[1]  # type: ignore[index]
 
 
+def test_a_batch_from_a_worker_crosses_as_one_storage_per_dtype(tmp_path: Path) -> None:
+    """Each storage a worker sends costs the job's process a connection to that worker, so a batch's
+    tensors travel as views of one buffer per dtype, with the same values and failures kept."""
+    for i in range(7):
+        write(tmp_path / f"{i}.png", png((i * 30, 10, 200), size=(3 + i, 5 + 2 * i)))
+    write(tmp_path / "7.png", b"not a png")
+
+    def two_models(image: Image.Image) -> dict[str, Prepared]:
+        pixels = torch.from_numpy(np.asarray(image).copy())
+        where = {"pid": os.getpid(), "policy": os.sched_getscheduler(0), "nice": os.nice(0)}
+        return {"a": Prepared(pixels, where), "b": Prepared(pixels.float() / 255, where), "c": Prepared([1, 2], where)}
+
+    dataset = SourceDataset(list_source(str(tmp_path)), {"image": two_models})  # type: ignore[dict-item]
+    in_process = {x.uri: x for b in make_loader(dataset, batch_size=4, workers=0) for x in b}
+    batches = list(make_loader(dataset, batch_size=4, workers=2))
+    assert len(batches) == 2
+    for batch in batches:
+        good = [x.prepared for x in batch if x.prepared is not None]
+        assert len(good) >= 3 and all(p["a"].info["pid"] != os.getpid() for p in good)  # type: ignore[index]
+        for key in ("a", "b"):
+            storages = {p[key].data.untyped_storage().data_ptr() for p in good}  # type: ignore[index]
+            assert len(storages) == 1, f"{key}: {len(storages)} storages in one batch"
+        assert {p["a"].data.untyped_storage().data_ptr() for p in good} != {  # type: ignore[index]
+            p["b"].data.untyped_storage().data_ptr()  # type: ignore[index]
+            for p in good
+        }
+        for x in batch:
+            expected = in_process[x.uri]
+            assert x.error == expected.error
+            if x.prepared is None:
+                continue
+            for key in ("a", "b"):
+                got, want = x.prepared[key].data, expected.prepared[key].data  # type: ignore[index]
+                assert got.shape == want.shape and got.dtype == want.dtype and torch.equal(got, want)
+            assert x.prepared["c"].data == [1, 2]  # type: ignore[index]
+    errors = [x.error[0] for b in batches for x in b if x.error]
+    assert errors == ["not_an_image"]
+
+
+@pytest.mark.parametrize(("device", "policy", "niceness"), [("cpu", os.SCHED_IDLE, 0), ("mps", os.SCHED_OTHER, 10)])
+def test_workers_yield_the_cpu_to_the_model(tmp_path: Path, device: str, policy: int, niceness: int) -> None:
+    """Beside a forward pass on the CPU, workers take only idle cores; beside an accelerator, a lower
+    priority that other busy processes cannot starve."""
+    write(tmp_path / "a.png", png((1, 2, 3)))
+
+    def where(image: Image.Image) -> Prepared:
+        return Prepared(None, {"policy": os.sched_getscheduler(0), "nice": os.nice(0)})
+
+    dataset = SourceDataset(list_source(str(tmp_path)), {"image": where})
+    [[loaded]] = list(make_loader(dataset, batch_size=1, workers=1, device=device))
+    assert loaded.prepared is not None
+    assert loaded.prepared.info == {"policy": policy, "nice": os.nice(0) + niceness}
+
+
 def test_make_loader_settings() -> None:
     dataset = SourceDataset([], {})
     cpu = make_loader(dataset, batch_size=8, workers=2)

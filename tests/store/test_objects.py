@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
 import socket
 import uuid
 from collections.abc import Callable
@@ -148,6 +149,12 @@ def test_local_symlink_out_of_the_folder_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ObjectStoreError, match="outside the object folder"):
         store.put("ab/x.png", IMAGE, "image/png")
     assert list((tmp_path / "outside").iterdir()) == []
+    (tmp_path / "objects" / "cd").mkdir()
+    (tmp_path / "objects" / "cd" / "y.png").symlink_to(tmp_path / "outside" / "y.png")
+    with pytest.raises(ObjectStoreError, match="outside the object folder"):
+        store.get(store.put("cd/y.png", IMAGE, "image/png"))
+    (tmp_path / "objects" / "ef").symlink_to(tmp_path / "objects" / "cd")  # a link that stays inside is fine
+    assert store.get(store.put("ef/z.png", IMAGE, "image/png")) == IMAGE
 
 
 def test_local_uris_outside_the_folder_are_refused(tmp_path: Path) -> None:
@@ -184,6 +191,15 @@ def test_local_put_leaves_no_partial_files(tmp_path: Path) -> None:
     store.put(key, IMAGE, "image/png")
     files = [p.relative_to(tmp_path / "objects").as_posix() for p in (tmp_path / "objects").rglob("*") if p.is_file()]
     assert files == [key]
+
+
+def test_local_put_makes_a_folder_removed_behind_the_store_again(tmp_path: Path) -> None:
+    store = LocalObjects(tmp_path / "objects")
+    key = key_for(IMAGE)
+    store.put(key, IMAGE, "image/png")
+    shutil.rmtree(tmp_path / "objects")
+    uri = store.put(key, IMAGE, "image/png")
+    assert store.get(uri) == IMAGE
 
 
 # --- S3 ------------------------------------------------------------------------------------------
