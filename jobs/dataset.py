@@ -25,6 +25,7 @@ from tenacity import retry, retry_if_exception, stop_after_attempt, wait_random_
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from mmembed.encoders.base import Prepared
+from mmembed.encoders.device import pick_device
 from mmembed.loaders.audio import SUPPORTED_FORMATS, AudioLimits, sniff_format
 from mmembed.loaders.images import DecodeLimits, decode_image
 from mmembed.loaders.sources import SourceError, SourceItem, read_item
@@ -228,17 +229,18 @@ def make_loader(
     context = None
     if workers > 0 and "fork" in multiprocessing.get_all_start_methods():
         context = multiprocessing.get_context("fork")
+    kind = pick_device().type if device == "auto" else torch.device(device).type
     return DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,
         collate_fn=_as_list,
-        pin_memory=str(device).startswith("cuda"),
+        pin_memory=kind == "cuda",
         prefetch_factor=prefetch if workers > 0 else None,
         persistent_workers=False,
         multiprocessing_context=context,
-        worker_init_fn=partial(_yield_to_the_model, forward_on_cpu=not str(device).startswith(("cuda", "mps"))),
+        worker_init_fn=partial(_yield_to_the_model, forward_on_cpu=kind == "cpu"),
     )
 
 

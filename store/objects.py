@@ -86,8 +86,8 @@ class LocalObjects(ObjectStore):
 
     def _through_a_link(self, key: str) -> bool:
         """Whether a part of ``key`` below the (resolved) root is a symlink: the key's plain names can
-        lead nowhere else. One ``lstat`` per part, where resolving the whole path takes one per part of
-        the root as well (half the cost of a bulk job's object write)."""
+        lead nowhere else. One ``lstat`` per part of the key, where resolving the whole path, done for
+        every object a bulk job writes, also takes one per part of the root."""
         current = str(self.root)
         for part in key.split("/"):
             current = os.path.join(current, part)

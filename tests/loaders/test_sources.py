@@ -544,7 +544,7 @@ def test_a_batch_from_a_worker_crosses_as_one_storage_per_dtype(tmp_path: Path) 
 
     def two_models(image: Image.Image) -> dict[str, Prepared]:
         pixels = torch.from_numpy(np.asarray(image).copy())
-        where = {"pid": os.getpid(), "policy": os.sched_getscheduler(0), "nice": os.nice(0)}
+        where = {"pid": os.getpid()}
         return {"a": Prepared(pixels, where), "b": Prepared(pixels.float() / 255, where), "c": Prepared([1, 2], where)}
 
     dataset = SourceDataset(list_source(str(tmp_path)), {"image": two_models})  # type: ignore[dict-item]
@@ -599,6 +599,14 @@ def test_make_loader_settings() -> None:
     assert (in_process.num_workers, in_process.prefetch_factor, in_process.multiprocessing_context) == (0, None, None)
     assert make_loader(dataset, batch_size=8, workers=1, device="cuda:0", prefetch=3).pin_memory is True
     assert make_loader(dataset, batch_size=8, workers=1, device="cuda:0", prefetch=3).prefetch_factor == 3
+    assert make_loader(dataset, batch_size=8, workers=1, device="auto").pin_memory is torch.cuda.is_available()
+
+
+def test_auto_means_the_device_the_models_run_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``device: auto`` (the default setting) is resolved as the models resolve it: on a CUDA machine
+    the loader pins memory. No GPU here, so CUDA's presence is what is stubbed."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert make_loader(SourceDataset([], {}), batch_size=8, workers=1, device="auto").pin_memory is True
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="pinning host memory needs CUDA")
