@@ -229,7 +229,9 @@ def make_loader(
     context = None
     if workers > 0 and "fork" in multiprocessing.get_all_start_methods():
         context = multiprocessing.get_context("fork")
-    kind = pick_device().type if device == "auto" else torch.device(device).type
+    # The device's kind, as the models resolve it; a server job's catalogue replica runs no model, so
+    # its setting is not parsed here (a device it does not have must not fail a job).
+    kind = pick_device().type if device == "auto" else str(device).split(":", 1)[0]
     return DataLoader(
         dataset,
         batch_size=batch_size,
