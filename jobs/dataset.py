@@ -45,11 +45,21 @@ class Loaded:
 
     def pin_memory(self) -> Loaded:
         """Called by the DataLoader's pin thread (``pin_memory=True``); without it the loader would
-        pass this object through untouched and nothing would be pinned. ``prepared`` may also be
-        one Prepared per model (a job with several models of one modality)."""
+        pass this object through untouched and nothing would be pinned."""
+        return self.replaced(_pinned)
+
+    def inputs(self) -> list[Prepared]:
+        """Its prepared inputs: none (a failure, or read only), one, or one per model (a job with
+        several models of one modality)."""
         if isinstance(self.prepared, dict):
-            return dataclasses.replace(self, prepared={k: _pinned(p) for k, p in self.prepared.items()})
-        return self if self.prepared is None else dataclasses.replace(self, prepared=_pinned(self.prepared))
+            return list(self.prepared.values())
+        return [] if self.prepared is None else [self.prepared]
+
+    def replaced(self, change: Callable[[Prepared], Prepared]) -> Loaded:
+        """This item with ``change`` applied to each of its prepared inputs."""
+        if isinstance(self.prepared, dict):
+            return dataclasses.replace(self, prepared={k: change(p) for k, p in self.prepared.items()})
+        return self if self.prepared is None else dataclasses.replace(self, prepared=change(self.prepared))
 
 
 def _pinned(prepared: Prepared) -> Prepared:
@@ -188,7 +198,7 @@ def _one_storage(batch: list[Loaded]) -> list[Loaded]:
     buffer per dtype, a batch crosses as one storage (``bench/bulk_scale.py``'s ceiling part)."""
     tensors: dict[torch.dtype, list[torch.Tensor]] = {}
     for loaded in batch:
-        for prepared in _prepared_of(loaded):
+        for prepared in loaded.inputs():
             if isinstance(prepared.data, torch.Tensor):
                 tensors.setdefault(prepared.data.dtype, []).append(prepared.data)
     views: dict[int, torch.Tensor] = {}
@@ -204,20 +214,7 @@ def _one_storage(batch: list[Loaded]) -> list[Loaded]:
     def moved(p: Prepared) -> Prepared:
         return Prepared(views[id(p.data)], p.info) if id(p.data) in views else p
 
-    out = []
-    for loaded in batch:
-        if isinstance(loaded.prepared, dict):
-            loaded = dataclasses.replace(loaded, prepared={k: moved(p) for k, p in loaded.prepared.items()})
-        elif loaded.prepared is not None:
-            loaded = dataclasses.replace(loaded, prepared=moved(loaded.prepared))
-        out.append(loaded)
-    return out
-
-
-def _prepared_of(loaded: Loaded) -> list[Prepared]:
-    if isinstance(loaded.prepared, dict):
-        return list(loaded.prepared.values())
-    return [] if loaded.prepared is None else [loaded.prepared]
+    return [loaded.replaced(moved) for loaded in batch]
 
 
 def make_loader(
