@@ -6,6 +6,9 @@ spent per request (where the time outside the forward pass goes).
                                 [--model-args '{"cpu_threads": 1}']
                                 [--points minilm1,minilm32,cliptext32,img1] [--out FILE]
 
+Points: ``minilm1`` (single MiniLM texts at concurrency 1, 8 and 32), ``cliptext1`` (single CLIP
+texts at 1), ``minilm32`` and ``cliptext32`` (32 texts per request at 8), ``img1`` (single images at 32).
+
 ``--env`` is the environment ``mmembed serve`` (and so the Ray cluster it starts) runs with;
 ``--model-args`` go into every model's entry of the Serve config. Figures are printed and, with
 ``--out``, written as JSON. Not a comparison by itself: run it before and after a change.
@@ -49,6 +52,7 @@ def main() -> None:
     texts, images = peers.captions(1000), [peers.data_uri(j) for j in peers.jpegs(64)]
     points = {
         "minilm1": ("all-MiniLM-L6-v2", texts[:480], "text", 1, (1, 8, 32)),
+        "cliptext1": (f"hf-clip:{clip}", texts[:240], "text", 1, (1,)),
         "minilm32": ("all-MiniLM-L6-v2", texts, "text", 32, (8,)),
         "cliptext32": (f"hf-clip:{clip}", texts[:512], "text", 32, (8,)),
         "img1": (f"hf-clip:{clip}", images, "image", 1, (32,)),

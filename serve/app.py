@@ -33,6 +33,7 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
         "max_ongoing_requests": config.ingress_max_ongoing_requests,
         "max_queued_requests": config.ingress_max_queued_requests,
         "backpressure_config": BackpressureConfig(status_code=429, retry_after_s=config.retry_after_s),
+        **config.ingress_replicas(),
         "ray_actor_options": {"num_cpus": share, "resources": config.ingress_resources}
         | ({"runtime_env": {"env_vars": config.env}} if config.env else {}),
     }
@@ -41,9 +42,9 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
 
 
 def replica_cpus(config: ServeConfig) -> float:
-    """The CPUs the app's replicas reserve as configured: one each for the ingress and the
-    catalogue, and each model's ``num_cpus`` per replica it starts with."""
-    return 2 + sum(m.num_cpus * max(m.min_replicas, 1) for m in config.models)
+    """The CPUs the app's replicas reserve as configured: one for the catalogue, one per ingress
+    replica it starts with, and each model's ``num_cpus`` per replica it starts with."""
+    return 1 + config.ingress_min_replicas + sum(m.num_cpus * max(m.min_replicas, 1) for m in config.models)
 
 
 def logical_cpus(apps: list[dict[str, Any]], physical: int) -> int:

@@ -53,6 +53,7 @@ from mmembed.jobs.migrate import MigrateOptions, Migration
 from mmembed.jobs.state import JobStore, job_id
 from mmembed.jobs.watch import Watch
 from mmembed.loaders.sources import SourceError, check_inside_roots
+from mmembed.serve.handles import by_reference
 from mmembed.store.catalog import Catalog, NewItem
 from mmembed.store.objects import object_store
 from mmembed.store.switching import MigrationRunning, drop_old, rollback
@@ -67,10 +68,11 @@ BUSY_RETRY_S = 1.0  # a full encoder queue makes a job wait this long before ask
 class EncoderHandles:
     """The encoder deployments, as a server job's models (``jobs.encode.Deployments``), called from a
     job's thread. Every call is made on the replica's own event loop: in Serve's throughput-optimized
-    mode a handle's router runs on that loop and refuses calls from any other thread."""
+    mode a handle's router runs on that loop and refuses calls from any other thread. A job's batches
+    carry pixels, so its calls go by reference (``serve.handles``)."""
 
     def __init__(self, handles: dict[str, DeploymentHandle], loop: asyncio.AbstractEventLoop) -> None:
-        self.handles, self.loop = handles, loop
+        self.handles, self.loop = {name: by_reference(h) for name, h in handles.items()}, loop
 
     def describe(self, models: Sequence[str]) -> dict[str, ModelInfo]:
         missing = sorted(set(models) - set(self.handles))

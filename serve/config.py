@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from typing import Any
 
 from pydantic import BaseModel, Field, model_validator
 
@@ -85,15 +86,20 @@ class ModelConfig(BaseModel):
                 "runtime_env": {"env_vars": {"GOMP_SPINCOUNT": "3000", "MALLOC_ARENA_MAX": "2", **(env or {})}},
             },
         }
-        if self.min_replicas == self.max_replicas:
-            options["num_replicas"] = self.max_replicas
-        else:
-            options["autoscaling_config"] = {
-                "min_replicas": self.min_replicas,
-                "max_replicas": self.max_replicas,
-                "target_ongoing_requests": self.target_ongoing_requests,
-            }
-        return options
+        return options | replica_options(self.min_replicas, self.max_replicas, self.target_ongoing_requests)
+
+
+def replica_options(min_replicas: int, max_replicas: int, target_ongoing_requests: float) -> dict[str, Any]:
+    """A fixed count when the floor is the ceiling, Serve's autoscaling between them otherwise."""
+    if min_replicas == max_replicas:
+        return {"num_replicas": max_replicas}
+    return {
+        "autoscaling_config": {
+            "min_replicas": min_replicas,
+            "max_replicas": max_replicas,
+            "target_ongoing_requests": target_ongoing_requests,
+        }
+    }
 
 
 def deployment_name(model: str) -> str:
@@ -142,6 +148,21 @@ class ServeConfig(BaseModel):
         description="HTTP requests waiting for the ingress; past it Serve's proxy answers 429 with Retry-After "
         "(plain text), so overload is refused instead of queued without bound.",
     )
+    ingress_min_replicas: int = Field(
+        default=1,
+        ge=1,
+        description="Autoscaling floor of the ingress, which parses every HTTP request (equal to the ceiling: a "
+        "fixed count).",
+    )
+    ingress_max_replicas: int = Field(
+        default=1,
+        ge=1,
+        description="Autoscaling ceiling of the ingress. One ingress spends 1.5-3 ms of CPU per request, so it "
+        "caps a server at a few hundred requests/s however many cores and GPUs the encoders have.",
+    )
+    ingress_target_ongoing_requests: float = Field(
+        default=64, gt=0, description="Autoscaling target of HTTP requests in the works per ingress replica."
+    )
     ingress_resources: dict[str, float] = Field(
         default_factory=dict,
         description="Custom Ray resources the ingress and the catalogue need, to keep them off the encoder nodes "
@@ -157,7 +178,16 @@ class ServeConfig(BaseModel):
         names = [m.name for m in self.models]
         if len(set(names)) != len(names):
             raise ValueError(f"a model is listed twice: {names}")
+        if self.ingress_min_replicas > self.ingress_max_replicas:
+            raise ValueError(
+                f"ingress_min_replicas {self.ingress_min_replicas} > ingress_max_replicas {self.ingress_max_replicas}"
+            )
         return self
+
+    def ingress_replicas(self) -> dict[str, Any]:
+        return replica_options(
+            self.ingress_min_replicas, self.ingress_max_replicas, self.ingress_target_ongoing_requests
+        )
 
 
 def replica_settings(env: Mapping[str, str]) -> Settings:

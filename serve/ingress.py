@@ -33,6 +33,7 @@ from mmembed.contracts import (
     Switched,
 )
 from mmembed.serve.config import ServeConfig, deployment_name
+from mmembed.serve.handles import Route, by_reference
 from mmembed.serve.http import ApiError, create_app
 from mmembed.store.catalog import NewItem
 
@@ -41,17 +42,20 @@ class RayBackend:
     """The ``Backend`` of the HTTP app over Serve deployment handles: one per model, one catalogue."""
 
     def __init__(self, encoders: dict[str, DeploymentHandle], catalog: DeploymentHandle, retry_after_s: int) -> None:
-        self.encoders, self.catalog, self.retry_after_s = encoders, catalog, retry_after_s
+        """Small calls into a model go over gRPC (``serve.handles``); the catalogue's carry items'
+        images and job requests, so they go by reference."""
+        self.encoders = {name: Route.to(handle) for name, handle in encoders.items()}
+        self.catalog, self.retry_after_s = by_reference(catalog), retry_after_s
 
-    async def _call(self, model: str, method: str, *args: Any) -> Any:
-        """Every call into a model deployment: a full queue there is a 429, a replica that died
-        under the request (Serve starts another) a 503; both say when to retry."""
+    async def _call(self, model: str, method: str, items: list[Any], *args: Any) -> Any:
+        """Every call into a model deployment, over the route its items fit: a full queue there is a
+        429, a replica that died under the request (Serve starts another) a 503; both say when to retry."""
         if model not in self.encoders:
             message = f"model {model!r} is not served here; served: {sorted(self.encoders)}"
             raise ApiError(404, "model_not_found", message)
         retry = {"Retry-After": str(self.retry_after_s)}
         try:
-            return await getattr(self.encoders[model], method).remote(*args)
+            return await getattr(self.encoders[model].for_items(items), method).remote(*args)
         except BackPressureError as exc:
             raise ApiError(429, "overloaded", f"model {model!r} is at capacity; retry", retry) from exc
         except RayActorError as exc:
@@ -59,10 +63,10 @@ class RayBackend:
             raise ApiError(503, "replica_unavailable", message, retry) from exc
 
     async def describe(self, model: str) -> ModelInfo:
-        return await self._call(model, "describe")
+        return await self._call(model, "describe", [])
 
     async def encode(self, model: str, modality: str, items: list[Any]) -> list[EncodedItem]:
-        return await self._call(model, "encode", modality, items)
+        return await self._call(model, "encode", items, modality, items)
 
     async def replicas(self) -> list[ReplicaInfo]:
         # Serve's controller is the one that knows every replica's node; it is asked the way

@@ -28,8 +28,9 @@ IMPORT_PATH = "mmembed.serve.app:build_app"
 def data_plane_env(ingress: str) -> dict[str, str]:
     """What a cluster must start with for ``ingress``: Serve reads these once, in each process it
     starts. ``haproxy``: HAProxy answers HTTP and hands each request to an ingress replica's own
-    HTTP server, with no Python proxy actor in between, and replicas call each other over gRPC with
-    their user code on their main loop (Serve's throughput-optimized mode): 1.7x the single-text
+    HTTP server, with no Python proxy actor in between, and replicas run their user code on their
+    main loop (Serve's throughput-optimized mode; small calls between them go over gRPC whatever
+    the mode, ``serve.handles``): 1.7x the single-text
     throughput and p50 25 ms against 41 ms on 2 cores (docs/benchmarks.md, "Serving data plane").
     Ray scopes HAProxy's files by node; its stats and metrics ports are fixed, so a second cluster
     on the machine (a test session's, a second server) would fail to start: each gets free ones."""

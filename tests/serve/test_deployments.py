@@ -9,12 +9,14 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 from ray import serve
 
 from mmembed.config import Settings
 from mmembed.encoders import LoadedModel, Modality, Prepared
 from mmembed.serve import deployments
-from mmembed.serve.config import BatchConfig, ModelConfig
+from mmembed.serve.app import replica_cpus
+from mmembed.serve.config import BatchConfig, ModelConfig, ServeConfig
 from mmembed.serve.deployments import Pace, Queued, batch_slots, build_encoder, item_cost, sorted_batches
 
 
@@ -122,6 +124,19 @@ def test_deployment_options_follow_the_config():
     assert fixed["max_ongoing_requests"] == 64  # twice the batch: a full batch can wait while one runs
     scaling = ModelConfig(name="demo-clip", min_replicas=1, max_replicas=4).deployment_options()
     assert scaling["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 32}
+
+
+def test_the_ingress_replicas_follow_the_config():
+    assert ServeConfig().ingress_replicas() == {"num_replicas": 1}
+    scaling = ServeConfig(ingress_min_replicas=1, ingress_max_replicas=4, ingress_target_ongoing_requests=128)
+    assert scaling.ingress_replicas() == {
+        "autoscaling_config": {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 128}
+    }
+    # Each ingress replica it starts with reserves its CPU, as each model replica does.
+    three = ServeConfig(ingress_min_replicas=3, ingress_max_replicas=3, models=[])
+    assert replica_cpus(three) == replica_cpus(ServeConfig(models=[])) + 2
+    with pytest.raises(ValidationError, match="ingress_min_replicas 2 > ingress_max_replicas 1"):
+        ServeConfig(ingress_min_replicas=2)
 
 
 @pytest.mark.asyncio

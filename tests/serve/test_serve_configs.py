@@ -42,3 +42,6 @@ def test_the_gpu_config_shares_one_card_and_autoscales() -> None:
         options = model.deployment_options()
         assert options["autoscaling_config"]["max_replicas"] == model.max_replicas
         assert options["ray_actor_options"]["num_gpus"] == model.num_gpus
+    # One ingress parses every request: it scales too, or it caps the GPUs' throughput.
+    assert config.ingress_max_replicas > config.ingress_min_replicas
+    assert config.ingress_replicas()["autoscaling_config"]["max_replicas"] == config.ingress_max_replicas
