@@ -19,7 +19,8 @@ class BatchConfig(BaseModel):
         default=0.0,
         ge=0,
         description="How long a batch waits to fill when the model is idle. While a batch runs the next one "
-        "fills anyway, so under load batches are large without any wait.",
+        "fills anyway, and after a run of several items an idle model waits about as long as they took, so under "
+        "load batches are large without any wait set here.",
     )
     # Caps by cost, besides the count: a batch of 32 long texts or long clips is not a batch of 32 short ones.
     max_batch_tokens: int | None = Field(default=4096, ge=1, description="Text: tokens in one batch.")

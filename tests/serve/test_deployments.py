@@ -17,7 +17,15 @@ from mmembed.encoders import LoadedModel, Modality, Prepared
 from mmembed.serve import deployments
 from mmembed.serve.app import replica_cpus
 from mmembed.serve.config import BatchConfig, ModelConfig, ServeConfig
-from mmembed.serve.deployments import Pace, Queued, batch_slots, build_encoder, item_cost, sorted_batches
+from mmembed.serve.deployments import (
+    Pace,
+    Queued,
+    batch_slots,
+    build_encoder,
+    idle_wait,
+    item_cost,
+    sorted_batches,
+)
 
 
 def test_concurrent_requests_are_grouped_into_batches(ray_cluster, demo_clip: LoadedModel):
@@ -115,6 +123,16 @@ def test_the_next_batch_waits_about_as_long_as_the_running_one_takes():
     for _ in range(10):  # the pace follows what the model does now
         pace.record(0.3, 30)
     assert pace.expected(30) == pytest.approx(0.3, rel=0.01)
+
+
+def test_after_a_run_of_several_items_an_idle_model_waits_for_the_next_ones():
+    pace = Pace()
+    pace.record(0.040, 20)  # 2 ms an item
+    assert idle_wait(pace, 1, 0.0) == 0.0  # one request at a time: a lone request runs at once
+    assert idle_wait(pace, 1, 0.005) == 0.005  # the configured wait still holds
+    assert idle_wait(pace, 8, 0.0) == pytest.approx(0.016)  # about as long as the last run's items took
+    assert idle_wait(pace, 8, 0.05) == 0.05  # never below the configured wait
+    assert idle_wait(Pace(), 8, 0.0) == 0.0  # nothing measured yet
 
 
 def test_deployment_options_follow_the_config():
