@@ -125,14 +125,19 @@ def test_the_next_batch_waits_about_as_long_as_the_running_one_takes():
     assert pace.expected(30) == pytest.approx(0.3, rel=0.01)
 
 
-def test_after_a_run_of_several_items_an_idle_model_waits_for_the_next_ones():
+@pytest.mark.asyncio  # a queued item's answer is a future of the running loop
+async def test_after_a_run_for_several_calls_an_idle_model_waits_for_the_next_ones():
     pace = Pace()
     pace.record(0.040, 20)  # 2 ms an item
-    assert idle_wait(pace, 1, 0.0) == 0.0  # one request at a time: a lone request runs at once
-    assert idle_wait(pace, 1, 0.005) == 0.005  # the configured wait still holds
-    assert idle_wait(pace, 8, 0.0) == pytest.approx(0.016)  # about as long as the last run's items took
-    assert idle_wait(pace, 8, 0.05) == 0.05  # never below the configured wait
-    assert idle_wait(Pace(), 8, 0.0) == 0.0  # nothing measured yet
+    item = Prepared([1, 2, 3])
+    one_call = [Queued(item, 1.0, 0, call=7) for _ in range(8)]  # one client's 8-text request
+    eight_calls = [Queued(item, 1.0, 0, call=n) for n in range(8)]  # 8 clients' single texts
+    assert idle_wait(pace, one_call[:1], 0.0) == 0.0  # one request at a time: the next runs at once
+    assert idle_wait(pace, one_call, 0.0) == 0.0  # whatever its size: no one else is coming
+    assert idle_wait(pace, one_call, 0.005) == 0.005  # the configured wait still holds
+    assert idle_wait(pace, eight_calls, 0.0) == pytest.approx(0.016)  # about as long as those items took
+    assert idle_wait(pace, eight_calls, 0.05) == 0.05  # never below the configured wait
+    assert idle_wait(Pace(), eight_calls, 0.0) == 0.0  # nothing measured yet
 
 
 def test_deployment_options_follow_the_config():
