@@ -158,8 +158,8 @@ class EncoderDeployment:
         """The step's forward pass: each item joins its modality's batch queue, weighed by its cost, and
         is answered when its own forward pass ends (a sorted text batch runs as several)."""
         handler, now = self._handlers[modality], time.perf_counter()
-        call = next(self._calls)
-        queued = [Queued(p, item_cost(modality, p, self.config.batch), now, call) for p in prepared]
+        call_id = next(self._calls)
+        queued = [Queued(p, item_cost(modality, p, self.config.batch), now, call_id) for p in prepared]
         calls = [asyncio.ensure_future(handler(q)) for q in queued]
         for call in calls:  # its answer went through the item's future; a failure is raised below
             call.add_done_callback(lambda c: c.cancelled() or c.exception())
