@@ -8,7 +8,7 @@ throughput-optimized mode whose point is gRPC between replicas. ``serve deploy``
 cluster, where those defaults may say gRPC for every call, and gRPC refuses a message over 4 MiB
 (``RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH``): a large image would fail there. So the caller
 chooses per call. Single MiniLM texts over gRPC, against actor calls (``bench/serve_probe.py``):
-1.6x at concurrency 1 (p50 14 to 9 ms) and 1.2-1.3x at 8 and 32 (docs/benchmarks.md).
+1.4x at concurrency 1 (p50 12.7 to 9.0 ms) and 1.3x at 8 and 32 (docs/benchmarks.md).
 """
 
 from __future__ import annotations
