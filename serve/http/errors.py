@@ -1,5 +1,5 @@
 """The API's one error shape, OpenAI's: ``{"error": {"message", "type", "param", "code"}}`` with
-stable codes, for our own refusals, FastAPI's validation errors and Starlette's, so OpenAI
+stable codes, for our own refusals, FastAPI's validation errors, Starlette's and unexpected failures, so OpenAI
 clients raise their own error classes with our message; and the body limit, which answers 413
 before a request body is read."""
 
@@ -64,7 +64,17 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     return error_response(status, "invalid_request", f"{where}: {first.get('msg', exc)}", param)
 
 
+async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    """Anything else (a bug, a call into a replica that failed in a way no backend names) is still a 500
+    in the API's shape, so a client's error handling sees ``server_error`` rather than a bare text body.
+    Its text stays in the server's log, where Starlette sends the exception after this answer: it may
+    name internals."""
+    message = f"internal error ({type(exc).__name__}); the server log has the details"
+    return error_response(500, "internal_error", message)
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(Exception, _unexpected)
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)

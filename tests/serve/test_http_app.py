@@ -97,6 +97,23 @@ def test_unknown_paths_and_methods_answer_in_the_error_shape(client: TestClient)
     api_error(client.get("/v1/embeddings"), 405, "method_not_allowed")
 
 
+def test_an_unexpected_failure_is_a_500_in_the_error_shape_without_its_text(tmp_path: Path) -> None:
+    """A call into a replica can fail in ways no backend names (a gRPC message over its cap, say):
+    clients still get the API's shape, and the exception's text, which may name internals, stays out."""
+
+    class Failing(FakeBackend):
+        async def encode(self, model: str, modality: str, items: list) -> list:
+            raise RuntimeError("grpc: message larger than max (secret internals)")
+
+    client = TestClient(client_for(tmp_path, Failing()).app, raise_server_exceptions=False)
+    for path, body in (
+        ("/encode/text", {"model": "all-MiniLM-L6-v2", "texts": ["a"]}),
+        ("/v1/embeddings", {"model": "all-MiniLM-L6-v2", "input": "a"}),
+    ):
+        message = api_error(client.post(path, json=body), 500, "internal_error")
+        assert "RuntimeError" in message and "secret" not in message
+
+
 def test_invalid_bodies_say_where(client: TestClient) -> None:
     missing = client.post("/v1/embeddings", json={"model": "x"})  # OpenAI's status under /v1/
     assert api_error(missing, 400, "invalid_request", param="input").startswith("body.input")
