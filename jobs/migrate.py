@@ -58,6 +58,7 @@ class MigrateOptions:
     switch: bool = True  # switch at the end of the run (False: the caller calls ``Migration.switch``)
     price_per_hour: float = 1.0
     checkpoint_every: int = 4
+    checkpoint_seconds: float = 5.0
     attempts: int = 5
 
     def __post_init__(self) -> None:
@@ -87,6 +88,7 @@ class Migration(Ingest):
             options.checkpoint_every,
             price_per_hour=options.price_per_hour,
             attempts=options.attempts,
+            checkpoint_seconds=options.checkpoint_seconds,
             engine=options.engine,
         )
         super().__init__(ingest, settings, catalog, cache, jobs, deployments)
@@ -207,7 +209,7 @@ class Migration(Ingest):
             versions = dict(old.payload.get("model_versions") or {})
             vectors: dict[str, Any] = {}
             if isinstance(result, ItemError) and result.code != UNSUPPORTED:
-                self.jobs.dead_letter(self.job, b.uri, result.code, result.message, attempts=1)
+                self._dead_letter(b.uri, result.code, result.message, attempts=1)
                 summary.failed += 1
                 if not self.copying:
                     continue

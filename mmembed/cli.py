@@ -443,6 +443,9 @@ def ingest_command(
     workers: Annotated[int, typer.Option(help="DataLoader worker processes for read/decode.")] = 2,
     price_per_hour: Annotated[float, typer.Option(help="USD per hour of this machine, for the estimate.")] = 1.0,
     checkpoint_every: Annotated[int, typer.Option(help="Batches between saved progress.")] = 4,
+    checkpoint_seconds: Annotated[
+        float, typer.Option(help="And at least this many seconds: each save flushes the vector store.")
+    ] = 5.0,
     engine: Annotated[
         str, typer.Option(help="local (DataLoader workers) or ray (Ray Data; RAY_ADDRESS names a cluster).")
     ] = "local",
@@ -486,6 +489,7 @@ def ingest_command(
         sync=sync,
         price_per_hour=price_per_hour,
         checkpoint_every=checkpoint_every,
+        checkpoint_seconds=checkpoint_seconds,
         engine=engine,
         ray_encoders=ray_encoders,
         num_gpus_per_encoder=num_gpus_per_encoder,

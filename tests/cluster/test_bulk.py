@@ -47,7 +47,7 @@ def ingest_command(manifest: Path, batch_size: int = 4) -> list[str]:
     return [
         sys.executable, "-m", "mmembed.cli", "ingest", str(manifest), "--model", "demo-clip",
         "--engine", "ray", "--ray-encoders", "2", "--encoder-resources", '{"encoder": 0.5}',
-        "--batch-size", str(batch_size), "--checkpoint-every", "1",
+        "--batch-size", str(batch_size), "--checkpoint-every", "1", "--checkpoint-seconds", "0",
     ]  # fmt: skip
 
 

@@ -250,6 +250,8 @@ def test_a_run_killed_with_sigkill_resumes_and_ends_with_exactly_one_point_per_i
         "1",
         "--checkpoint-every",
         "1",
+        "--checkpoint-seconds",
+        "0",
         "--workers",
         "0",
         *models,
@@ -460,7 +462,7 @@ def test_a_job_flushes_the_store_once_per_checkpoint_and_before_marking_items_do
 
     monkeypatch.setattr(EdgeStore, "flush", flushed)
     monkeypatch.setattr(JobStore, "mark", marked)
-    summary = _ingest(env, checkpoint_every=2).run(progress=False)
+    summary = _ingest(env, checkpoint_every=2, checkpoint_seconds=0).run(progress=False)
     assert summary.written == SCENES  # in 3 batches of 4 (the bad item among them): 2 checkpoints
     done = [i for i, e in enumerate(events) if e.startswith("mark done")]
     assert events.count("flush") == len(done) == 2
@@ -482,3 +484,42 @@ def test_a_job_encodes_every_batch_on_one_event_loop_and_closes_it(env, monkeypa
     summary = _ingest(env).run(progress=False)
     assert summary.written == SCENES and len(loops) == math.ceil((SCENES + 1) / 4)  # batches of 4, the bad one too
     assert len(set(map(id, loops))) == 1 and loops[0].is_closed()
+
+
+def test_a_job_counts_its_items_as_it_marks_them_not_by_counting_the_job_store(env, monkeypatch):
+    """The counts saved at each checkpoint (what ``GET /jobs/{id}`` shows as it runs) follow the run's own
+    marks: counting the job store's rows per checkpoint made a job quadratic in its size. One count, at the
+    start, and the saved counts agree with the store's at every checkpoint and at the end."""
+    scans: list[dict[str, int]] = []
+    counts, update = JobStore.item_counts, JobStore.update
+    saved: list[tuple[dict[str, int], dict[str, int]]] = []
+
+    def counted(self: JobStore, job: str) -> dict[str, int]:
+        scans.append(result := counts(self, job))
+        return result
+
+    def updated(self: JobStore, job: str, **fields: Any) -> None:
+        if "items" in (fields.get("counts") or {}):
+            saved.append((fields["counts"]["items"], counts(self, job)))
+        update(self, job, **fields)
+
+    monkeypatch.setattr(JobStore, "item_counts", counted)
+    monkeypatch.setattr(JobStore, "update", updated)
+    summary = _ingest(env, checkpoint_every=1, checkpoint_seconds=0).run(progress=False)
+    assert (summary.written, summary.failed) == (SCENES, 1)
+    assert scans == [{"pending": SCENES + 1}]  # the one count, before anything ran
+    assert len(saved) >= 3 and all(ours == theirs for ours, theirs in saved), saved
+    assert saved[-1][0] == {"done": SCENES, "failed": 1}
+
+
+def test_checkpoints_wait_their_seconds_as_well_as_their_batches(env, monkeypatch):
+    """Each checkpoint flushes the store: on an accelerator's hundreds of batches a second, a count of
+    batches alone would flush it tens of times a second. With an hour between them, a short run saves its
+    progress once, at its end, and still marks every item."""
+    flushes: list[int] = []
+    flush = EdgeStore.flush
+    monkeypatch.setattr(EdgeStore, "flush", lambda self: (flushes.append(1), flush(self))[1])
+    summary = _ingest(env, checkpoint_every=1, checkpoint_seconds=3600).run(progress=False)
+    assert (summary.written, summary.failed) == (SCENES, 1)
+    assert len(flushes) == 1
+    assert env["jobs"].item_counts(summary.job_id) == {"done": SCENES, "failed": 1}
