@@ -99,8 +99,8 @@ class IngestOptions:
     encoder_resources: dict[str, float] = field(default_factory=dict)
     file_roots: tuple[str, ...] | None = None  # local files only inside these (a server's jobs); None: anywhere
     window: int = 65_536  # pending items read from the job store per pass of the engine
-    # ... and at least this long between checkpoints: each flushes the store (30 ms for 128 ViT-B/32 points
-    # here), which a GPU's 220 batches of 32 a second would otherwise do 55 times a second.
+    # Checkpoints also wait at least this long after the last: each flushes the store (30 ms for 128 ViT-B/32
+    # points here), which every 4 of a GPU's 220 batches of 32 a second would do 55 times a second.
     checkpoint_seconds: float = 5.0
 
     def __post_init__(self) -> None:
