@@ -574,6 +574,10 @@ def migrate_command(
     batch_size: Annotated[int, typer.Option(help="Items per forward pass.")] = 32,
     workers: Annotated[int, typer.Option(help="DataLoader worker processes for read/decode.")] = 2,
     price_per_hour: Annotated[float, typer.Option(help="USD per hour of this machine, for the estimate.")] = 1.0,
+    checkpoint_every: Annotated[int, typer.Option(help="Batches between saved progress.")] = 4,
+    checkpoint_seconds: Annotated[
+        float, typer.Option(help="And at least this many seconds: each save flushes the vector store.")
+    ] = 5.0,
     server: Annotated[
         str | None, typer.Option(help="Run it on this mmembed server (its models, its store) instead.")
     ] = None,
@@ -606,8 +610,16 @@ def migrate_command(
                 lines = [f"dropped {', '.join(drop(store))}; rollback is no longer possible"]
             store.close()
         else:
-            options = MigrateOptions(to, from_, batch_size, workers, accept_failed=accept_failed)
-            options.price_per_hour = price_per_hour
+            options = MigrateOptions(
+                to,
+                from_,
+                batch_size,
+                workers,
+                accept_failed=accept_failed,
+                price_per_hour=price_per_hour,
+                checkpoint_every=checkpoint_every,
+                checkpoint_seconds=checkpoint_seconds,
+            )
             job = Migration(options, settings)
             plan = job.plan()
             for line in [f"migrating {settings.collection} from {job.old} to {to}", *plan.lines()]:

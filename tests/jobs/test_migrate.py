@@ -186,7 +186,7 @@ def test_a_migration_killed_with_sigkill_resumes_from_the_command_line(tmp_path:
     cli = [sys.executable, "-m", "mmembed.cli"]
     ingest = [*cli, "ingest", str(folder), "--workers", "0", "--model", OLD]
     assert subprocess.run(ingest, env=environment, capture_output=True, timeout=600).returncode == 0
-    command = [*cli, "migrate", "--to", new_model, "--batch-size", "1", "--workers", "0"]
+    command = [*cli, "migrate", "--to", new_model, "--batch-size", "1", "--workers", "0", "--checkpoint-seconds", "0"]
     process = subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
     done = 0
