@@ -10,7 +10,9 @@ cosine of each vector with its fp32 one (mean and minimum). Texts are tokenised 
 timing; ``sorted`` takes four batches' worth at a time and runs them by length, as the server's
 text queue does (``text_sort_batches``). Text runs marked ``busy`` have a Python thread beside the
 forward holding the GIL a quarter of each 2 ms, as a replica's event loop does while it handles
-requests; the eager forward needs the GIL between its ops, a traced graph does not.
+requests; the eager forward needs the GIL between its ops, a traced graph does not. Runs marked
+``two at once`` run two forward passes at the same time, each on its own thread with half the
+cores, as a replica with ``concurrent_batches: 2`` does.
 """
 
 from __future__ import annotations
@@ -24,16 +26,19 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import peers
+import torch
 
 from mmembed.config import Settings
 from mmembed.encoders import Modality, load
 from mmembed.encoders.base import Prepared
+from mmembed.encoders.device import use_cpu_threads
 from mmembed.serve.config import BatchConfig
 from mmembed.serve.deployments import Queued, item_cost, sorted_batches
 
@@ -64,23 +69,36 @@ async def _as_the_server_sorts(items: list[Prepared]) -> list[list[int]]:
     return out
 
 
-def run(encoder: Any, items: list[Prepared], by_length: bool) -> tuple[float, np.ndarray]:
-    """Items/s (best of two passes over every item, the first also warming up) and the vectors."""
+def run(encoder: Any, items: list[Prepared], by_length: bool, at_once: int = 1) -> tuple[float, np.ndarray]:
+    """Items/s (best of two passes over every item, the first also warming up) and the vectors.
+    ``at_once``: forward passes run at the same time, each on its own thread with its share of the
+    cores, as a replica with ``concurrent_batches`` runs them."""
     vectors = np.empty((len(items), encoder.dim), dtype=np.float32)
     best = float("inf")
-    for _ in range(2):
-        started = time.perf_counter()
-        for rows in batches(items, by_length):
-            vectors[rows] = encoder.encode([items[i] for i in rows])
-        best = min(best, time.perf_counter() - started)
+    threads = torch.get_num_threads()
+    use_cpu_threads(None, share=at_once)
+
+    def forward(rows: list[int]) -> None:
+        vectors[rows] = encoder.encode([items[i] for i in rows])
+
+    try:
+        with ThreadPoolExecutor(at_once) as pool:
+            for _ in range(2):
+                started = time.perf_counter()
+                list(pool.map(forward, batches(items, by_length)))
+                best = min(best, time.perf_counter() - started)
+    finally:
+        torch.set_num_threads(threads)
     return len(items) / best, vectors
 
 
-def variants(modality: Modality, precision: str) -> list[tuple[bool, bool]]:
-    """(by length, GIL held beside) per run: texts both ways; bf16's sorted texts also beside a busy loop."""
+def variants(modality: Modality, precision: str, traced: bool) -> list[tuple[bool, bool, int]]:
+    """(by length, GIL held beside, passes at once) per run: texts both ways; bf16's sorted texts
+    also beside a busy loop; what the server runs (bf16, texts sorted and traced) also two at once."""
     if modality != Modality.TEXT:
-        return [(False, False)]
-    return [(False, False), (True, False)] + ([(True, True)] if precision == "bf16" else [])
+        return [(False, False, 1)] + ([(False, False, 2)] if precision == "bf16" else [])
+    runs = [(False, False, 1), (True, False, 1)] + ([(True, True, 1)] if precision == "bf16" else [])
+    return runs + ([(True, False, 2)] if traced else [])
 
 
 @contextmanager
@@ -134,11 +152,12 @@ def main() -> None:
             for modality in modalities if not traced else (Modality.TEXT,):
                 encoder = model.encoder(modality)
                 items = [encoder.preprocess(x) for x in (images if modality == Modality.IMAGE else texts)]
-                for by_length, busy in variants(modality, precision):
+                for by_length, busy, at_once in variants(modality, precision, traced):
                     key = f"{label} {modality.value} {precision}" + (" sorted" if by_length else "")
                     key += (" traced" if traced else "") + (" busy" if busy else "")
+                    key += " two at once" if at_once == 2 else ""
                     with gil_held(0.25) if busy else contextlib.nullcontext():
-                        rate, vectors = run(encoder, items, by_length)
+                        rate, vectors = run(encoder, items, by_length, at_once)
                     point: dict[str, float] = {"items_per_s": round(rate, 1)}
                     ref = reference.setdefault(f"{modality.value}", vectors)
                     if ref is not vectors:

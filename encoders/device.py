@@ -42,11 +42,12 @@ def pick_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def use_cpu_threads(threads: int | None = None) -> int:
-    """Torch's CPU threads for this process: ``threads``, or every core it may run on. Ray starts a
-    replica with OMP_NUM_THREADS set to its whole reserved CPUs (one for a 1-CPU replica), which
+def use_cpu_threads(threads: int | None = None, share: int = 1) -> int:
+    """Torch's CPU threads for each thread of this process that runs forward passes: ``threads``, or
+    the cores it may run on split ``share`` ways (one share per forward pass run at once). Ray starts
+    a replica with OMP_NUM_THREADS set to its whole reserved CPUs (one for a 1-CPU replica), which
     halves a batched CPU forward on two cores however idle the other core is."""
-    count = threads or len(os.sched_getaffinity(0))
+    count = threads or max(1, len(os.sched_getaffinity(0)) // share)
     torch.set_num_threads(count)
     return count
 

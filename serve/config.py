@@ -46,6 +46,12 @@ class ModelConfig(BaseModel):
         description="Torch threads of each replica's forward pass on the CPU. None: every core of its node, as a "
         "one-process server uses them (Ray alone would give it its num_cpus, rounded down).",
     )
+    concurrent_batches: int = Field(
+        default=1,
+        ge=1,
+        description="Forward passes each replica runs at once, each on its own thread; on the CPU each gets "
+        "cpu_threads, by default its share of the cores.",
+    )
     resources: dict[str, float] = Field(
         default_factory=dict,
         description='Custom Ray resources each replica needs, e.g. {"encoder": 0.25}: replicas go only to nodes '

@@ -119,12 +119,14 @@ class EncoderDeployment:
 
     def __init__(self, config: dict[str, Any], settings: Settings) -> None:
         self.config = ModelConfig.model_validate(config)
-        # Every forward pass runs on this one thread, the load's (a traced text tower runs some) too.
-        # libgomp keeps a team of OpenMP threads per thread that starts parallel work; a second team
-        # leaves the process more OpenMP threads than cores, and libgomp then stops spinning between
-        # ops: a single text's forward took 8-9 ms on a pool thread beside the loader's team, 3.4 here.
-        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="model")
-        model = self._model_thread.submit(self._load, settings).result()
+        workers = self.config.concurrent_batches
+        # Every forward pass runs on one of these threads, the load's (a traced text tower runs some) too.
+        # libgomp keeps a team of OpenMP threads per thread that starts parallel work; teams that add up
+        # to more OpenMP threads than cores make libgomp stop spinning between ops: a single text's
+        # forward took 8-9 ms on a pool thread beside the loader's team, 3.4 on the loader's own. So
+        # each worker's team gets its share of the cores (``use_cpu_threads``).
+        self._model_threads = ThreadPoolExecutor(workers, thread_name_prefix="model")
+        model = self._model_threads.submit(self._load, settings).result()
         image = model.encoders.get(Modality.IMAGE)
         image_limits = settings.decode_limits([image.limits.image_size] if image else [])
         # The same embedding cache bulk jobs use; the step decides what it may answer.
@@ -133,18 +135,28 @@ class EncoderDeployment:
         batch = self.config.batch
         self._pace = {modality: Pace() for modality in Modality}
         self._calls = itertools.count()
-        for handler in (self._batch_text, self._batch_image, self._batch_audio):
-            handler.set_max_batch_size(batch.max_batch_size)
-            handler.set_batch_wait_timeout_s(batch.batch_wait_timeout_s)
-        self._batch_text.set_max_batch_size(batch.max_batch_size * batch.text_sort_batches)
-        self._handlers = {
-            Modality.TEXT: self._batch_text,
-            Modality.IMAGE: self._batch_image,
-            Modality.AUDIO: self._batch_audio,
-        }
+        self._handlers = {modality: self._batch_handler(modality, workers) for modality in Modality}
+        self._handlers[Modality.TEXT].set_max_batch_size(batch.max_batch_size * batch.text_sort_batches)
+
+    def _batch_handler(self, modality: Modality, workers: int) -> Any:
+        """A ``@serve.batch`` queue per modality, made per replica because how many batches run at once
+        (``concurrent_batches``) is the config's; named as Serve's batch metrics label it."""
+
+        async def run(batch: list[Queued]) -> list[EncodedItem]:
+            return await self._run(modality, batch)
+
+        run.__name__ = run.__qualname__ = f"_batch_{modality.value}"
+        batch = self.config.batch
+        return serve.batch(
+            run,
+            max_batch_size=batch.max_batch_size,
+            batch_wait_timeout_s=batch.batch_wait_timeout_s,
+            max_concurrent_batches=workers,
+            batch_size_fn=batch_slots,
+        )
 
     def _load(self, settings: Settings) -> LoadedModel:
-        use_cpu_threads(self.config.cpu_threads)
+        use_cpu_threads(self.config.cpu_threads, share=self.config.concurrent_batches)
         return load(self.config.name, settings.models_config())
 
     def describe(self) -> ModelInfo:
@@ -177,14 +189,15 @@ class EncoderDeployment:
         once it ends, a batch that starts while the model idles waits as ``idle_wait`` says."""
         encoder, handler = self.step.model.encoder(modality), self._handlers[modality]
         base_wait = self.config.batch.batch_wait_timeout_s
-        handler.set_batch_wait_timeout_s(max(base_wait, self._pace[modality].expected(len(batch))))
+        running = self._pace[modality].expected(len(batch)) / self.config.concurrent_batches
+        handler.set_batch_wait_timeout_s(max(base_wait, running))
         batches = sorted_batches(batch, self.config.batch.max_batch_size) if modality == Modality.TEXT else [batch]
         run_started = time.perf_counter()
         try:
             for part in batches:
                 started = time.perf_counter()
                 results = await asyncio.get_running_loop().run_in_executor(
-                    self._model_thread, encoder.encode_prepared, [q.prepared for q in part]
+                    self._model_threads, encoder.encode_prepared, [q.prepared for q in part]
                 )
                 encode_ms = (time.perf_counter() - started) * 1000
                 for q, r in zip(part, results, strict=True):
@@ -196,18 +209,6 @@ class EncoderDeployment:
         self._pace[modality].record(time.perf_counter() - run_started, len(batch))
         handler.set_batch_wait_timeout_s(idle_wait(self._pace[modality], batch, base_wait))
         return [q.answer.result() for q in batch]
-
-    @serve.batch(batch_size_fn=batch_slots)
-    async def _batch_text(self, batch: list[Queued]) -> list[EncodedItem]:
-        return await self._run(Modality.TEXT, batch)
-
-    @serve.batch(batch_size_fn=batch_slots)
-    async def _batch_image(self, batch: list[Queued]) -> list[EncodedItem]:
-        return await self._run(Modality.IMAGE, batch)
-
-    @serve.batch(batch_size_fn=batch_slots)
-    async def _batch_audio(self, batch: list[Queued]) -> list[EncodedItem]:
-        return await self._run(Modality.AUDIO, batch)
 
 
 def build_encoder(

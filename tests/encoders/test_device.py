@@ -50,10 +50,13 @@ def test_a_process_started_with_one_omp_thread_runs_its_forward_on_every_core() 
     code = (
         "import os, torch; from mmembed.encoders.device import use_cpu_threads; "
         "before = torch.get_num_threads(); n = use_cpu_threads(None); "
-        "print(before, n, torch.get_num_threads(), len(os.sched_getaffinity(0)), use_cpu_threads(1))"
+        "print(before, n, torch.get_num_threads(), len(os.sched_getaffinity(0)), use_cpu_threads(1), "
+        "use_cpu_threads(None, share=2), use_cpu_threads(None, share=1000))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], env=os.environ | {"OMP_NUM_THREADS": "1"}, capture_output=True, text=True
     )
-    before, chosen, now, cores, pinned = map(int, out.stdout.split())
+    before, chosen, now, cores, pinned, halves, many = map(int, out.stdout.split())
     assert before == 1 and chosen == now == cores and pinned == 1
+    # Two forward passes at once (concurrent_batches): half the cores each, never none.
+    assert halves == max(1, cores // 2) and many == 1

@@ -4,11 +4,13 @@ batches respect their caps, and bad items fail alone (each result an ``EncodedIt
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from pydantic import ValidationError
 from ray import serve
 
@@ -58,6 +60,20 @@ def test_bad_items_fail_alone_in_a_request(ray_cluster):
         serve.delete("bad-items")
     assert [r.error.code if r.error else "ok" for r in results] == ["ok", "empty_input", "ok"]
     assert results[0].vector.shape == (384,)
+
+
+def test_a_replica_with_two_passes_at_once_answers_every_item_with_its_own_vector(ray_cluster, minilm):
+    config = ModelConfig(name="all-MiniLM-L6-v2", concurrent_batches=2, batch=BatchConfig(max_batch_size=4))
+    handle = serve.run(build_encoder(config), name="two-passes", route_prefix=None)
+    try:
+        texts = [f"caption number {i} of a longer or shorter length" * (1 + i % 3) for i in range(24)]
+        results = [r.result()[0] for r in [handle.encode.remote("text", [t]) for t in texts]]
+    finally:
+        serve.delete("two-passes")
+    local = minilm.encoder(Modality.TEXT).encode_items(texts)
+    for remote, mine in zip(results, local, strict=True):
+        assert np.allclose(remote.vector, mine.vector, atol=1e-5)
+    assert max(r.batch_size for r in results) > 1  # still batched
 
 
 @pytest.mark.asyncio  # a queued item's answer is a future of the running loop
@@ -195,3 +211,42 @@ async def test_every_forward_pass_runs_on_the_thread_that_loaded_the_model(
     results = await asyncio.gather(*requests)
     assert all(item.vector is not None for result in results for item in result)
     assert seen["forward"] == seen["load"] and threading.get_ident() not in seen["load"]
+
+
+@pytest.mark.asyncio
+async def test_a_replica_runs_as_many_forward_passes_at_once_as_its_concurrent_batches(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two batches in flight, each on its own model thread with its share of the cores: the second
+    request's forward must start while the first's is still running, or the barrier breaks."""
+    started, both = threading.Event(), threading.Barrier(2, timeout=20)
+    threads: dict[int, int] = {}
+    real_load = deployments.load
+
+    def load(name: str, config: object) -> LoadedModel:
+        model = real_load(name, config)
+        encoder = model.encoder(Modality.TEXT)
+        forward = encoder.encode_prepared
+
+        def together(batch: list[Prepared]) -> object:
+            threads[threading.get_ident()] = torch.get_num_threads()
+            started.set()
+            both.wait()  # BrokenBarrierError (and an error result) unless the other pass runs meanwhile
+            return forward(batch)
+
+        monkeypatch.setattr(encoder, "encode_prepared", together)
+        return model
+
+    monkeypatch.setattr(deployments, "load", load)
+    context = SimpleNamespace(_deployment_config=SimpleNamespace(max_ongoing_requests=64))
+    monkeypatch.setattr(serve, "get_replica_context", lambda: context)
+    config = ModelConfig(name="all-MiniLM-L6-v2", concurrent_batches=2)
+    replica = deployments.EncoderDeployment(config.model_dump(), settings)
+    first = asyncio.ensure_future(replica.encode("text", ["the first request"]))
+    await asyncio.to_thread(started.wait, 20)  # its pass holds one model thread: this one needs the other
+    second = await replica.encode("text", ["a second request, in a batch of its own"])
+    results = [*(await first), *second]
+    assert all(item.error is None and item.vector is not None for item in results), results
+    assert all(item.batch_size == 1 for item in results)  # two passes, not one batch of two
+    cores = len(os.sched_getaffinity(0))
+    assert len(threads) == 2 and set(threads.values()) == {max(1, cores // 2)}, threads
