@@ -70,9 +70,9 @@ class ModelConfig(BaseModel):
 
     @property
     def max_ongoing_requests(self) -> int:
-        """Twice the batch size: a full batch can form while the previous one runs.
+        """A batch for each pass run at once and one more: a full batch can form while they run.
         Fewer than ``max_batch_size`` would silently cap every batch below its setting."""
-        return 2 * self.batch.max_batch_size
+        return (self.concurrent_batches + 1) * self.batch.max_batch_size
 
     def deployment_options(self, env: dict[str, str] | None = None) -> dict:
         options: dict = {

@@ -185,7 +185,8 @@ class EncoderDeployment:
     async def _run(self, modality: Modality, batch: list[Queued]) -> list[EncodedItem]:
         """Serve forms the next batch while this one runs and closes it after the short wait,
         so under load it would queue small batches behind the model. While the forward pass
-        runs, the next batch may fill for as long as this one is expected to take (``Pace``);
+        runs, the next batch may fill for as long as this one is expected to take (``Pace``) over the
+        passes run at once (``concurrent_batches``);
         once it ends, a batch that starts while the model idles waits as ``idle_wait`` says."""
         encoder, handler = self.step.model.encoder(modality), self._handlers[modality]
         base_wait = self.config.batch.batch_wait_timeout_s

@@ -161,6 +161,8 @@ def test_deployment_options_follow_the_config():
     assert fixed["name"] == "encoder-openai_clip-vit-base-patch32"
     assert fixed["num_replicas"] == 1 and fixed["ray_actor_options"]["num_gpus"] == 0.25
     assert fixed["max_ongoing_requests"] == 64  # twice the batch: a full batch can wait while one runs
+    two = ModelConfig(name="all-MiniLM-L6-v2", concurrent_batches=2).deployment_options()
+    assert two["max_ongoing_requests"] == 96  # and with two passes at once, a batch for each
     scaling = ModelConfig(name="demo-clip", min_replicas=1, max_replicas=4).deployment_options()
     assert scaling["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 32}
 
