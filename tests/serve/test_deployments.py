@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+from collections.abc import Callable
 from types import SimpleNamespace
 
 import numpy as np
@@ -180,6 +181,33 @@ def test_the_ingress_replicas_follow_the_config():
         ServeConfig(ingress_min_replicas=2)
 
 
+def replica_outside_ray(
+    monkeypatch: pytest.MonkeyPatch,
+    settings: Settings,
+    config: ModelConfig,
+    around: Callable[[Callable[[list[Prepared]], object], list[Prepared]], object],
+) -> tuple[deployments.EncoderDeployment, int]:
+    """The deployment class itself, outside Ray, so a test can see its threads, each text forward
+    pass going through ``around(forward, batch)``; and the thread that loaded the model. @serve.batch
+    only asks the replica's context for max_ongoing_requests, to warn when a batch could never fill."""
+    loaded_on: list[int] = []
+    real_load = deployments.load
+
+    def load(name: str, models: object) -> LoadedModel:
+        loaded_on.append(threading.get_ident())
+        model = real_load(name, models)
+        encoder = model.encoder(Modality.TEXT)
+        forward = encoder.encode_prepared
+        monkeypatch.setattr(encoder, "encode_prepared", lambda batch: around(forward, batch))
+        return model
+
+    monkeypatch.setattr(deployments, "load", load)
+    context = SimpleNamespace(_deployment_config=SimpleNamespace(max_ongoing_requests=64))
+    monkeypatch.setattr(serve, "get_replica_context", lambda: context)
+    replica = deployments.EncoderDeployment(config.model_dump(), settings)
+    return replica, loaded_on[0]
+
+
 @pytest.mark.asyncio
 async def test_every_forward_pass_runs_on_the_thread_that_loaded_the_model(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
@@ -187,32 +215,17 @@ async def test_every_forward_pass_runs_on_the_thread_that_loaded_the_model(
     """libgomp keeps a team of OpenMP threads per thread that starts parallel work. Forward passes
     on pool threads, beside the team the load's traced forward started, left 2 cores with more
     OpenMP threads than cores, where libgomp stops spinning: 8-9 ms for one text instead of 3.4."""
-    seen: dict[str, set[int]] = {"load": set(), "forward": set()}
-    real_load = deployments.load
+    forwards: set[int] = set()
 
-    def load(name: str, config: object) -> LoadedModel:
-        seen["load"].add(threading.get_ident())
-        model = real_load(name, config)
-        encoder = model.encoder(Modality.TEXT)
-        forward = encoder.encode_prepared
+    def recorded(forward: Callable[[list[Prepared]], object], batch: list[Prepared]) -> object:
+        forwards.add(threading.get_ident())
+        return forward(batch)
 
-        def recorded(batch: list[Prepared]) -> object:
-            seen["forward"].add(threading.get_ident())
-            return forward(batch)
-
-        monkeypatch.setattr(encoder, "encode_prepared", recorded)
-        return model
-
-    monkeypatch.setattr(deployments, "load", load)
-    # The class itself, outside Ray, so the test can see its threads: @serve.batch only asks the
-    # replica's context for max_ongoing_requests, to warn when a batch could never fill.
-    context = SimpleNamespace(_deployment_config=SimpleNamespace(max_ongoing_requests=64))
-    monkeypatch.setattr(serve, "get_replica_context", lambda: context)
-    replica = deployments.EncoderDeployment(ModelConfig(name="all-MiniLM-L6-v2").model_dump(), settings)
+    replica, loader = replica_outside_ray(monkeypatch, settings, ModelConfig(name="all-MiniLM-L6-v2"), recorded)
     requests = [replica.encode("text", [f"caption {i}"]) for i in range(6)] + [replica.encode("text", ["a", "b"])]
     results = await asyncio.gather(*requests)
     assert all(item.vector is not None for result in results for item in result)
-    assert seen["forward"] == seen["load"] and threading.get_ident() not in seen["load"]
+    assert forwards == {loader} and threading.get_ident() != loader
 
 
 @pytest.mark.asyncio
@@ -223,27 +236,15 @@ async def test_a_replica_runs_as_many_forward_passes_at_once_as_its_concurrent_b
     request's forward must start while the first's is still running, or the barrier breaks."""
     started, both = threading.Event(), threading.Barrier(2, timeout=20)
     threads: dict[int, int] = {}
-    real_load = deployments.load
 
-    def load(name: str, config: object) -> LoadedModel:
-        model = real_load(name, config)
-        encoder = model.encoder(Modality.TEXT)
-        forward = encoder.encode_prepared
+    def together(forward: Callable[[list[Prepared]], object], batch: list[Prepared]) -> object:
+        threads[threading.get_ident()] = torch.get_num_threads()
+        started.set()
+        both.wait()  # BrokenBarrierError (and an error result) unless the other pass runs meanwhile
+        return forward(batch)
 
-        def together(batch: list[Prepared]) -> object:
-            threads[threading.get_ident()] = torch.get_num_threads()
-            started.set()
-            both.wait()  # BrokenBarrierError (and an error result) unless the other pass runs meanwhile
-            return forward(batch)
-
-        monkeypatch.setattr(encoder, "encode_prepared", together)
-        return model
-
-    monkeypatch.setattr(deployments, "load", load)
-    context = SimpleNamespace(_deployment_config=SimpleNamespace(max_ongoing_requests=64))
-    monkeypatch.setattr(serve, "get_replica_context", lambda: context)
     config = ModelConfig(name="all-MiniLM-L6-v2", concurrent_batches=2)
-    replica = deployments.EncoderDeployment(config.model_dump(), settings)
+    replica, _ = replica_outside_ray(monkeypatch, settings, config, together)
     first = asyncio.ensure_future(replica.encode("text", ["the first request"]))
     await asyncio.to_thread(started.wait, 20)  # its pass holds one model thread: this one needs the other
     second = await replica.encode("text", ["a second request, in a batch of its own"])
