@@ -4,6 +4,7 @@ batches respect their caps, and bad items fail alone (each result an ``EncodedIt
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import threading
 from collections.abc import Callable
@@ -21,10 +22,12 @@ from mmembed.serve import deployments
 from mmembed.serve.app import replica_cpus
 from mmembed.serve.config import BatchConfig, ModelConfig, ServeConfig
 from mmembed.serve.deployments import (
+    Entry,
     Pace,
     Queued,
     batch_slots,
     build_encoder,
+    cut,
     idle_wait,
     item_cost,
     sorted_batches,
@@ -83,9 +86,25 @@ async def test_batches_are_capped_by_tokens_as_well_as_count():
     short, long = Prepared(list(range(5))), Prepared(list(range(40)))
     assert item_cost(Modality.TEXT, short, batch) == 0.5
     assert item_cost(Modality.TEXT, long, batch) == 4.0
-    assert batch_slots([Queued(short, 0.5, 0)] * 8) == 8  # count decides
-    assert batch_slots([Queued(long, 4.0, 0)] * 2 + [Queued(short, 0.5, 0)]) == 9  # tokens decide: over 8
+    assert batch_slots([Entry.of([Queued(short, 0.5, 0)] * 8)]) == 8  # count decides
+    two_long, one_short = Entry.of([Queued(long, 4.0, 0)] * 2), Entry.of([Queued(short, 0.5, 0)])
+    assert batch_slots([two_long, one_short]) == 9  # tokens decide: over 8
     assert item_cost(Modality.TEXT, Prepared(list(range(1000))), batch) == 8.0  # alone, never refused
+
+
+@pytest.mark.asyncio
+async def test_a_call_joins_the_queue_as_entries_of_at_most_one_batch_in_order():
+    # Serve fails an entry bigger than max_batch_size; an entry per item cost its loop 2.8 ms a request.
+    batch = BatchConfig(max_batch_size=8, max_batch_tokens=80)
+    rng = np.random.default_rng(1)
+    texts = [Prepared(list(range(n))) for n in rng.integers(1, 60, 50)]
+    queued = [Queued(p, item_cost(Modality.TEXT, p, batch), 0) for p in texts]
+    runs = cut(queued, batch.max_batch_size)
+    assert [q for run in runs for q in run] == queued  # every item once, in the call's order
+    assert all(batch_slots([Entry.of(run)]) <= 8 for run in runs)
+    # each run is as long as the cap allows: the next item would not have fitted
+    assert all(batch_slots([Entry.of([*run, after[0]])]) > 8 for run, after in itertools.pairwise(runs))
+    assert [len(run) for run in cut([Queued(Prepared([1]), 1.0, 0)] * 20, 8)] == [8, 8, 4]
 
 
 @pytest.mark.asyncio
@@ -98,7 +117,7 @@ async def test_texts_taken_at_once_run_as_batches_of_similar_length_within_the_c
     assert sorted(map(id, queued)) == sorted(id(q) for b in batches for q in b)  # every text, once
     lengths = [len(q.prepared.data) for b in batches for q in b]
     assert lengths == sorted(lengths)
-    assert all(batch_slots(b) <= 8 for b in batches)
+    assert all(batch_slots([Entry.of(b)]) <= 8 for b in batches)
 
     def padded(parts: list[list[Queued]]) -> int:
         return sum(len(p) * max(len(q.prepared.data) for q in p) for p in parts)
