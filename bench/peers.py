@@ -215,6 +215,24 @@ def infinity_server(exe: Path, folder: Path, name: str, dtype: str, port: int, w
     return running(command, env, f"http://127.0.0.1:{port}/health", work / f"infinity-{name}-{dtype}.log")
 
 
+def machine() -> dict[str, Any]:
+    """Which CPU ran it: runs on CPUs with and without native bf16 differ in kind, not only in speed."""
+    from mmembed.encoders.device import cpu_has_native_bf16
+
+    names = [
+        line.split(":", 1)[1].strip()
+        for line in Path("/proc/cpuinfo").read_text().splitlines()
+        if line.startswith("model name")
+    ]
+    return {
+        "cpus": os.cpu_count(),
+        "cpu": names[0] if names else platform.processor(),
+        "native_bf16": cpu_has_native_bf16(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
+
+
 def mmembed_dtype() -> str:
     """What ``precision: auto`` picks here, which the server runs at."""
     import torch
@@ -328,7 +346,7 @@ def main() -> None:
     clip, minilm = clip_folder(args.work), minilm_folder()
     images, texts = [data_uri(j) for j in jpegs(args.images)], captions(args.texts)
     result: dict[str, Any] = {
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "machine": machine(),
         "setup": {"images": args.images, "texts": args.texts, "max_batch": BATCH, "peer": INFINITY[0]},
         "mmembed_dtype": mmembed_dtype(),
         "ceiling_items_per_s": ceilings(clip, minilm, [base64.b64decode(i.split(",")[1]) for i in images], texts),

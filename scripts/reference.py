@@ -103,6 +103,14 @@ def cli_reference() -> str:
     return "\n\n".join(blocks)
 
 
+def cpus(machine: dict[str, Any]) -> str:
+    """The cores and, where the run recorded them, the CPU and whether it has native bf16."""
+    if "cpu" not in machine:
+        return f"{machine['cpus']} CPU cores"
+    bf16 = "with" if machine["native_bf16"] else "without"
+    return f"{machine['cpus']} cores of an {machine['cpu']}, {bf16} native bf16"
+
+
 def peers_table() -> str:
     """Items/s at each concurrency, mmembed's ratio to the best of infinity's, and the ceilings, as measured."""
     results = json.loads(PEERS.read_text())
@@ -139,7 +147,7 @@ def peers_table() -> str:
         f"{p50s['infinity']} ms (the faster of its precisions), mmembed {p50s['mmembed']} ms. "
         f"infinity {version} applies a dtype to CLIP only on CUDA, so its CLIP runs fp32 here. "
         f"{results['setup']['images']} JPEGs of about 640x480 as data URIs and {results['setup']['texts']} "
-        f"captions, {results['machine']['cpus']} CPU cores.",
+        f"captions, {cpus(results['machine'])}.",
     ]
     return "\n".join(rows)
 

@@ -2,7 +2,8 @@
 
 A request's items go through the model's step of the one embedding step
 (``mmembed.embedding.ModelStep``: preprocess in a worker thread, the cache, the same for every
-path), and each miss joins its modality's batch queue, the step's forward pass here. Every
+path), and the misses join their modality's batch queue (a batch's worth per entry), the step's
+forward pass here. Every
 caller's items meet in those queues: HTTP requests, ``POST /items`` and server jobs. The batch
 handler only stacks ready items and runs the forward pass, also in a thread, so the event loop
 keeps admitting and preprocessing the next requests while the model runs: the accelerator
