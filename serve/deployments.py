@@ -3,8 +3,8 @@
 A request's items go through the model's step of the one embedding step
 (``mmembed.embedding.ModelStep``: preprocess in a worker thread, the cache, the same for every
 path), and the misses join their modality's batch queue (a batch's worth per entry), the step's
-forward pass here. Every
-caller's items meet in those queues: HTTP requests, ``POST /items`` and server jobs. The batch
+forward pass here. Every caller's items meet in those queues: HTTP requests, ``POST /items`` and
+server jobs. The batch
 handler only stacks ready items and runs the forward pass, also in a thread, so the event loop
 keeps admitting and preprocessing the next requests while the model runs: the accelerator
 never waits for a JPEG decoder, and preprocessing never waits for the accelerator.
@@ -90,7 +90,7 @@ class Entry:
     (py-spy, MiniLM at concurrency 8), paid once per request this way."""
 
     items: list[Queued]
-    slots: float  # the items' summed cost, weighed once: Serve weighs the forming batch at each arrival
+    slots: float  # the items' summed cost, computed once rather than at each weighing
 
     @classmethod
     def of(cls, items: list[Queued]) -> Entry:
