@@ -4,10 +4,9 @@ A request's items go through the model's step of the one embedding step
 (``mmembed.embedding.ModelStep``: preprocess in a worker thread, the cache, the same for every
 path), and the misses join their modality's batch queue (a batch's worth per entry), the step's
 forward pass here. Every caller's items meet in those queues: HTTP requests, ``POST /items`` and
-server jobs. The batch
-handler only stacks ready items and runs the forward pass, also in a thread, so the event loop
-keeps admitting and preprocessing the next requests while the model runs: the accelerator
-never waits for a JPEG decoder, and preprocessing never waits for the accelerator.
+server jobs. The batch handler only stacks ready items and runs the forward pass, also in a
+thread, so the event loop keeps admitting and preprocessing the next requests while the model
+runs: the accelerator never waits for a JPEG decoder, and preprocessing never waits for it.
 
 Batches are capped by count and by cost (tokens, seconds of audio) through
 ``batch_size_fn``. The text queue takes several batches' worth at once and runs them sorted by
