@@ -83,7 +83,7 @@ def idle_wait(pace: Pace, last_run: list[Queued], base_wait: float) -> float:
 
 @dataclass
 class Entry:
-    """A call's items, or a batch's worth of them, as one entry of a batch queue. Serve spends
+    """A call's texts, or a batch's worth of them, as one entry of a batch queue. Serve spends
     about 90 µs of the replica's event loop per entry it queues, and weighs the whole forming batch
     again at each arrival: with an entry per item, a 32-text request cost the loop about 2.8 ms
     (py-spy, MiniLM at concurrency 8), paid once per request this way."""
@@ -192,12 +192,17 @@ class EncoderDeployment:
 
     async def _queue(self, modality: Modality, prepared: list[Prepared]) -> list[EncodedItem]:
         """The step's forward pass: the call's items join its modality's batch queue, weighed by their
-        cost, as entries of at most a batch (``Entry``), and each is answered when its own forward pass
-        ends (a sorted text batch runs as several)."""
+        cost, texts as entries of at most a batch (``Entry``), and each is answered when its own
+        forward pass ends (a sorted text batch runs as several)."""
         handler, now, batch = self._handlers[modality], time.perf_counter(), self.config.batch
         call_id = next(self._calls)
         queued = [Queued(p, item_cost(modality, p, batch), now, call_id) for p in prepared]
-        runs = cut(queued, batch.max_batch_size)
+        # Only the text queue takes several batches' worth at once and cuts them itself, so only there
+        # does a call's batch-sized entry still share passes with other calls' items. Elsewhere a full
+        # entry would fill a pass alone and leave a single image that came after it a pass of its own,
+        # where a server job's images and requests used to share one; those items stay an entry each.
+        takes_several = modality == Modality.TEXT and batch.text_sort_batches > 1
+        runs = cut(queued, batch.max_batch_size) if takes_several else [[q] for q in queued]
         calls = [asyncio.ensure_future(handler(Entry.of(run))) for run in runs]
         for call in calls:  # its answers went through the items' futures; a failure is raised below
             call.add_done_callback(lambda c: c.cancelled() or c.exception())
