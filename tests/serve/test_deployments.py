@@ -92,13 +92,17 @@ async def test_batches_are_capped_by_tokens_as_well_as_count():
     assert item_cost(Modality.TEXT, Prepared(list(range(1000))), batch) == 8.0  # alone, never refused
 
 
+def _queued_texts(seed: int, longest: int, count: int, batch: BatchConfig) -> list[Queued]:
+    """Texts of random token counts, each weighed as the text queue weighs it."""
+    lengths = np.random.default_rng(seed).integers(1, longest, count)
+    return [Queued(p, item_cost(Modality.TEXT, p, batch), 0) for p in (Prepared(list(range(n))) for n in lengths)]
+
+
 @pytest.mark.asyncio
-async def test_a_call_joins_the_queue_as_entries_of_at_most_one_batch_in_order():
+async def test_a_calls_texts_join_the_queue_as_entries_of_at_most_one_batch_in_order():
     # Serve fails an entry bigger than max_batch_size; an entry per item cost its loop 2.8 ms a request.
     batch = BatchConfig(max_batch_size=8, max_batch_tokens=80)
-    rng = np.random.default_rng(1)
-    texts = [Prepared(list(range(n))) for n in rng.integers(1, 60, 50)]
-    queued = [Queued(p, item_cost(Modality.TEXT, p, batch), 0) for p in texts]
+    queued = _queued_texts(1, 60, 50, batch)
     runs = cut(queued, batch.max_batch_size)
     assert [q for run in runs for q in run] == queued  # every item once, in the call's order
     assert all(batch_slots([Entry.of(run)]) <= 8 for run in runs)
@@ -110,9 +114,7 @@ async def test_a_call_joins_the_queue_as_entries_of_at_most_one_batch_in_order()
 @pytest.mark.asyncio
 async def test_texts_taken_at_once_run_as_batches_of_similar_length_within_the_caps():
     batch = BatchConfig(max_batch_size=8, max_batch_tokens=80)
-    rng = np.random.default_rng(0)
-    texts = [Prepared(list(range(n))) for n in rng.integers(1, 30, 40)]
-    queued = [Queued(p, item_cost(Modality.TEXT, p, batch), 0) for p in texts]
+    queued = _queued_texts(0, 30, 40, batch)
     batches = sorted_batches(queued, batch.max_batch_size)
     assert sorted(map(id, queued)) == sorted(id(q) for b in batches for q in b)  # every text, once
     lengths = [len(q.prepared.data) for b in batches for q in b]
