@@ -7,7 +7,8 @@ spent per request (where the time outside the forward pass goes).
                                 [--points minilm1,minilm32,cliptext32,img1] [--out FILE]
 
 Points: ``minilm1`` (single MiniLM texts at concurrency 1, 8 and 32), ``cliptext1`` (single CLIP
-texts at 1), ``minilm32`` and ``cliptext32`` (32 texts per request at 8), ``img1`` (single images at 32).
+texts at 1), ``minilm32`` and ``cliptext32`` (32 texts per request at 8), ``img1`` (single images at
+32), ``imgc1`` (single images at 1).
 
 ``--env`` is the environment ``mmembed serve`` (and so the Ray cluster it starts) runs with;
 ``--model-args`` go into every model's entry of the Serve config. Figures are printed and, with
@@ -56,6 +57,7 @@ def main() -> None:
         "minilm32": ("all-MiniLM-L6-v2", texts, "text", 32, (8,)),
         "cliptext32": (f"hf-clip:{clip}", texts[:512], "text", 32, (8,)),
         "img1": (f"hf-clip:{clip}", images, "image", 1, (32,)),
+        "imgc1": (f"hf-clip:{clip}", images[:32], "image", 1, (1,)),
     }
     results: dict[str, Any] = {"env": json.loads(args.env), "model_args": model_args}
     port = peers.free_port()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -54,8 +55,11 @@ class ModelStep:
         version: str,
         cache: EmbeddingCache | None,
         image_limits: DecodeLimits = DecodeLimits(),
+        prepare_threads: Executor | None = None,
     ) -> None:
+        """``prepare_threads``: where preprocessing runs, by default the event loop's thread pool."""
         self.model, self.version, self.image_limits = model, version, image_limits
+        self.prepare_threads = prepare_threads
         self.info = replace(model.describe(), version=version)
         self.cache = cache if self.info.cacheable else None
 
@@ -70,7 +74,8 @@ class ModelStep:
         """Per-item results in input order; a bad item never fails the others. Preprocessing and the
         cache run in worker threads, so an event loop serving requests keeps admitting the next ones."""
         encoder = self.model.encoder(modality)
-        prepared = await asyncio.to_thread(prepare, encoder, items, self.image_limits)
+        loop = asyncio.get_running_loop()
+        prepared = await loop.run_in_executor(self.prepare_threads, prepare, encoder, items, self.image_limits)
         cache = self.cache
         keys = [
             self.key(i) if cache is not None and isinstance(p, Prepared) else None

@@ -46,7 +46,8 @@ def use_cpu_threads(threads: int | None = None, share: int = 1) -> int:
     """Torch's CPU threads for each thread of this process that runs forward passes: ``threads``, or
     the cores it may run on split ``share`` ways (one share per forward pass run at once). Ray starts
     a replica with OMP_NUM_THREADS set to its whole reserved CPUs (one for a 1-CPU replica), which
-    halves a batched CPU forward on two cores however idle the other core is."""
+    halves a batched CPU forward on two cores however idle the other core is. Set per thread (a thread
+    pool's initializer), since the value also becomes torch's default for threads that start later."""
     count = threads or max(1, len(os.sched_getaffinity(0)) // share)
     torch.set_num_threads(count)
     return count

@@ -33,7 +33,7 @@ from mmembed.config import Settings
 from mmembed.contracts import EncodedItem, ModelInfo
 from mmembed.embedding import ModelStep, encoded
 from mmembed.embedding.model import Input
-from mmembed.encoders import LoadedModel, Modality, Prepared, load, model_version
+from mmembed.encoders import Modality, Prepared, load, model_version
 from mmembed.encoders.device import use_cpu_threads
 from mmembed.serve.config import BatchConfig, ModelConfig, replica_settings
 from mmembed.store.cache import open_cache
@@ -148,14 +148,17 @@ class EncoderDeployment:
         # libgomp keeps a team of OpenMP threads per thread that starts parallel work; teams that add up
         # to more OpenMP threads than cores make libgomp stop spinning between ops: a single text's
         # forward took 8-9 ms on a pool thread beside the loader's team, 3.4 on the loader's own. So
-        # each worker's team gets its share of the cores (``use_cpu_threads``).
-        self._model_threads = ThreadPoolExecutor(workers, thread_name_prefix="model")
-        model = self._model_threads.submit(self._load, settings).result()
+        # each worker's team gets its share of the cores, and preprocessing (an image's resize runs
+        # torch ops) runs on threads of one torch thread, which start no team at all.
+        share = (self.config.cpu_threads, workers)
+        self._model_threads = ThreadPoolExecutor(workers, "model", initializer=use_cpu_threads, initargs=share)
+        prepare_threads = ThreadPoolExecutor(thread_name_prefix="prepare", initializer=use_cpu_threads, initargs=(1,))
+        model = self._model_threads.submit(load, self.config.name, settings.models_config()).result()
         image = model.encoders.get(Modality.IMAGE)
         image_limits = settings.decode_limits([image.limits.image_size] if image else [])
         # The same embedding cache bulk jobs use; the step decides what it may answer.
         version = model_version(model.spec, settings.models_config())
-        self.step = ModelStep(model, version, open_cache(settings.cache_config()), image_limits)
+        self.step = ModelStep(model, version, open_cache(settings.cache_config()), image_limits, prepare_threads)
         batch = self.config.batch
         self._pace = {modality: Pace() for modality in Modality}
         self._calls = itertools.count()
@@ -178,10 +181,6 @@ class EncoderDeployment:
             max_concurrent_batches=workers,
             batch_size_fn=batch_slots,
         )
-
-    def _load(self, settings: Settings) -> LoadedModel:
-        use_cpu_threads(self.config.cpu_threads, share=self.config.concurrent_batches)
-        return load(self.config.name, settings.models_config())
 
     def describe(self) -> ModelInfo:
         return self.step.info

@@ -250,6 +250,36 @@ async def test_every_forward_pass_runs_on_the_thread_that_loaded_the_model(
 
 
 @pytest.mark.asyncio
+async def test_preprocessing_runs_on_one_torch_thread_and_forwards_keep_their_share_of_the_cores(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A thread that runs torch ops with more than one torch thread starts an OpenMP team of its own:
+    an image's resize on the loop's pool threads added teams beside the model's, and a single image's
+    forward on 2 cores then ran 1.1-1.4x slower. Setting preprocessing threads to one torch thread
+    also sets torch's default for threads that start later, so the model's threads must set theirs."""
+    forwards: dict[int, int] = {}
+
+    def recorded(forward: Callable[[list[Prepared]], object], batch: list[Prepared]) -> object:
+        forwards[threading.get_ident()] = torch.get_num_threads()
+        return forward(batch)
+
+    replica, loader = replica_outside_ray(monkeypatch, settings, ModelConfig(name="all-MiniLM-L6-v2"), recorded)
+    encoder, prepared_on = replica.step.model.encoder(Modality.TEXT), {}
+    preprocess = encoder.preprocess
+
+    def recorded_preprocess(text: str) -> Prepared:
+        prepared_on[threading.get_ident()] = torch.get_num_threads()
+        return preprocess(text)
+
+    monkeypatch.setattr(encoder, "preprocess", recorded_preprocess)
+    texts = [f"a text no other test sends, number {i}" for i in range(6)]  # not a cache hit
+    results = await asyncio.gather(*(replica.encode("text", [text]) for text in texts))
+    assert all(item.vector is not None for result in results for item in result)
+    assert prepared_on and set(prepared_on.values()) == {1} and loader not in prepared_on, prepared_on
+    assert forwards == {loader: len(os.sched_getaffinity(0))}, forwards
+
+
+@pytest.mark.asyncio
 async def test_a_replica_runs_as_many_forward_passes_at_once_as_its_concurrent_batches(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
